@@ -1,0 +1,27 @@
+"""IBM Granite Speech native in IBM Foundation Model Stack.
+
+Importing this package registers the `granite_speech` architecture (variants `tiny`, `2b`, `8b`) with
+`fms.models`, its `hf` checkpoint adapter with `fms.utils.serialization`, and the HF architecture
+`GraniteSpeechForConditionalGeneration` with FMS's HF config registry, so that both
+`get_model("hf_pretrained", model_path=DIR)` and `get_model("granite_speech", "2b", model_path=DIR, source="hf")` work.
+"""
+
+from granite_speech.config import (
+    ConformerConfig,
+    GraniteSpeechConfig,
+    QFormerProjectorConfig,
+    from_hf_config,
+    from_pretrained_folder,
+)
+from granite_speech.model import GraniteSpeech
+from granite_speech import adapter as _adapter  # noqa: F401  (registers the checkpoint adapter)
+from granite_speech import hf_registry as _hf_registry  # noqa: F401  (registers the HF architecture)
+
+__all__ = [
+    "ConformerConfig",
+    "GraniteSpeech",
+    "GraniteSpeechConfig",
+    "QFormerProjectorConfig",
+    "from_hf_config",
+    "from_pretrained_folder",
+]

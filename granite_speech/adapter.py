@@ -1,0 +1,187 @@
+"""HF -> FMS checkpoint adapter for Granite Speech, and the weight-coverage audit.
+
+Steps registered for source "hf", in order:
+  hf_to_fms_names  both HF layouts (hub/4.57 `encoder.*`, `language_model.model.*`; transformers-5 in-memory
+                   `model.encoder.*`, `lm_head.*`) and PEFT keys (`base_model.model.` prefix) -> FMS names;
+                   `num_batches_tracked` is dropped (eval BatchNorm never reads it)
+  hf_to_fms_rope   HF rotates halves, FMS interleaved pairs: permute q/k rows (and the LoRA B rows feeding them)
+  weight_fusion    q/k/v and gate/up fusion of the decoder (FMS's own steps)
+  coverage_ledger  records every key handed to the model, for `audit_loaded_checkpoint`
+
+FMS hands each step a *partial* state dict (one layer's keys, grouped by substring), so every step here maps keys
+independently except fusion, whose inputs always share a layer prefix. The LoRA pairs are therefore loaded as
+parameters of `ModalityLoRA` and merged in `post_init`, never inside a step.
+"""
+
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from fms.models.granite import _hf_to_fms_names as _granite_hf_to_fms_names
+from fms.utils import serialization
+
+from granite_speech import conformer, projector
+from granite_speech.config import GraniteSpeechConfig
+
+_architecture_name = "granite_speech"
+
+# transformers >= 5.10.1 in-memory layout -> hub layout (the inverse of its conversion_mapping)
+_TF5_TO_HUB: List[Tuple[str, str]] = [
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.projector\.", "projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+_LORA_KEY = re.compile(
+    r"^language_model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(lora_A|lora_B)(?:\.default)?\.weight$"
+)
+_SKIPPED = re.compile(r"\.num_batches_tracked$")
+
+_LEDGER_ATTR = "_checkpoint_keys_loaded"
+
+
+def _to_hub_layout(key: str) -> str:
+    key = _PEFT_PREFIX.sub("", key)
+    for pattern, repl in _TF5_TO_HUB:
+        key, n = re.subn(pattern, repl, key)
+        if n:
+            break
+    return key
+
+
+def hf_to_fms_name(key: str) -> Optional[str]:
+    """FMS name of one HF checkpoint key; None for keys deliberately skipped. Unknown keys are kept verbatim so
+    the coverage audit names them."""
+    key = _to_hub_layout(key)
+    if _SKIPPED.search(key):
+        return None
+    lora = _LORA_KEY.match(key)
+    if lora:
+        layer, target, which = lora.groups()
+        return f"lora.layers.{layer}.{target}.{which}.weight"
+    if key.startswith("encoder."):
+        return "encoder." + conformer.hf_to_fms_name(key[len("encoder.") :])
+    if key.startswith("projector."):
+        return "projector." + projector.hf_to_fms_name(key[len("projector.") :])
+    if key.startswith("language_model."):
+        inner = key[len("language_model.") :]
+        inner = "lm_head." + inner[len("lm_head.") :] if inner.startswith("lm_head.") else inner
+        renamed = _granite_hf_to_fms_names({inner: None})
+        return "language_model." + next(iter(renamed))
+    return key
+
+
+def _hf_to_fms_names(input_sd: Mapping[str, Any], **kwargs) -> Mapping[str, Any]:
+    new_sd: Dict[str, Any] = {}
+    for key, value in input_sd.items():
+        name = hf_to_fms_name(key)
+        if name is None:
+            continue
+        if name in new_sd:
+            raise ValueError(f"checkpoint keys collide on {name!r} (one of them is {key!r}); is a layout mixed?")
+        new_sd[name] = value
+    return new_sd
+
+
+def _rope_permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """HF half-rotation row order -> FMS interleaved row order, per head (rows = output features)."""
+    heads = weight.size(0) // head_dim
+    return weight.view(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+_ROPE_KEY = re.compile(
+    r"^(language_model\.base_model\.layers\.\d+\.attn\.in_proj\.(query|key)\.(weight|bias)"
+    r"|lora\.layers\.\d+\.(q_proj|k_proj)\.lora_B\.weight)$"
+)
+
+
+def _hf_to_fms_rope(
+    input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    if model_config is None:
+        raise ValueError("the granite_speech rope step needs model_config (the text head_dim differs per variant)")
+    head_dim = model_config.text_config.head_dim
+    return {k: _rope_permute(v, head_dim) if _ROPE_KEY.match(k) else v for k, v in input_sd.items()}
+
+
+def _weight_fusion(
+    input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    if model_config is not None and not model_config.fused_weights:
+        return input_sd
+    return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
+
+
+def _coverage_ledger(
+    input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    if model_config is not None:
+        ledger = model_config.__dict__.setdefault(_LEDGER_ATTR, [])
+        ledger.extend(input_sd.keys())
+    return input_sd
+
+
+class CheckpointCoverageError(ValueError):
+    """The checkpoint does not cover the model exactly: missing, extra or duplicated tensors."""
+
+
+def _required_keys(model: torch.nn.Module) -> set:
+    keys = {k for k in model.state_dict().keys() if not _SKIPPED.search(k)}
+    if model.config.text_config.tie_heads:
+        # tied in post_init; checkpoints of tied models carry only the embedding
+        keys.discard("language_model.head.weight")
+    return keys
+
+
+def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
+    """Every checkpoint tensor consumed exactly once and every model tensor loaded; else raise listing the keys.
+
+    Runs from `GraniteSpeech.post_init` when the model was loaded through FMS's serialization (the ledger exists);
+    a randomly initialised model has nothing to audit.
+    """
+    ledger = model.config.__dict__.pop(_LEDGER_ATTR, None)
+    if ledger is None:
+        return
+    seen: Dict[str, int] = {}
+    for key in ledger:
+        seen[key] = seen.get(key, 0) + 1
+    required = _required_keys(model)
+    loaded = set(seen)
+    if model.config.text_config.tie_heads:
+        loaded.discard("language_model.head.weight")  # an explicit copy of a tied head is allowed
+    problems = []
+    missing = sorted(required - loaded)
+    extra = sorted(loaded - required)
+    duplicated = sorted(k for k, n in seen.items() if n > 1)
+    if missing:
+        problems.append(f"{len(missing)} model tensors missing from the checkpoint: {missing}")
+    if extra:
+        orphans = [k for k in extra if k.startswith("lora.")]
+        hint = (
+            f" ({len(orphans)} are LoRA tensors with no matching decoder projection or adapter_config target)"
+            if orphans
+            else ""
+        )
+        problems.append(f"{len(extra)} checkpoint tensors the model has no place for{hint}: {extra}")
+    if duplicated:
+        problems.append(f"checkpoint tensors consumed more than once: {duplicated}")
+    if model.lora is not None:
+        expected = model.lora.pair_count()
+        pairs = len({k.rsplit(".", 3)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
+        if pairs != expected:
+            problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
+    if problems:
+        raise CheckpointCoverageError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
+
+
+serialization.register_adapter_step(_architecture_name, "hf_to_fms_names", _hf_to_fms_names)
+serialization.register_adapter_step(_architecture_name, "hf_to_fms_rope", _hf_to_fms_rope)
+serialization.register_adapter_step(_architecture_name, "weight_fusion", _weight_fusion)
+serialization.register_adapter_step(_architecture_name, "coverage_ledger", _coverage_ledger)
+serialization.register_adapter(
+    _architecture_name,
+    "hf",
+    ["hf_to_fms_names", "hf_to_fms_rope", "weight_fusion", "coverage_ledger"],
+)

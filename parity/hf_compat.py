@@ -1,0 +1,55 @@
+"""What differs between the transformers lines the harness serves (4.57.x hub layout, 5.x in-memory layout).
+
+Everything version-dependent about the HF reference lives here, so tests and the CLI never branch on versions.
+"""
+
+from pathlib import Path
+from typing import Union
+
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+# 5.10.1 split GraniteSpeechModel out and stopped dividing the logits by text_config.logits_scaling
+LOGITS_DIVIDED_BY_SCALING = TRANSFORMERS_VERSION < Version("5.10")
+
+
+def load_hf_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The HF reference in eval mode, with the checkpoint's LoRA adapter attached (peft must be installed)."""
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    dtype_kw = {"torch_dtype": dtype} if TRANSFORMERS_VERSION.major < 5 else {"dtype": dtype}
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(folder), **dtype_kw)
+    if (Path(folder) / "adapter_config.json").is_file() and not getattr(model, "_hf_peft_config_loaded", False):
+        raise RuntimeError(f"{folder} has an adapter_config.json but transformers did not attach the adapter")
+    return model.to(device).eval()
+
+
+def set_hf_adapter(model, enabled: bool) -> None:
+    """HF's forward() never toggles the modality LoRA (only generate() does): parity runs must set it."""
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        if enabled:
+            raise RuntimeError("the HF reference has no LoRA adapter loaded")
+        return
+    from peft.tuners.lora import LoraLayer
+
+    # per-layer toggle: works across transformers/peft versions (5.24's model-level call demands peft >= 0.22)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.enable_adapters(enabled)
+
+
+def hf_audio_features(model, input_features: torch.Tensor) -> torch.Tensor:
+    """Projected audio embeddings [B, tokens, D]; 4.57 returns a tensor, 5.x a ModelOutput (`pooler_output`)."""
+    out = model.get_audio_features(input_features)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def hf_encoder(model):
+    return model.encoder if hasattr(model, "encoder") and not hasattr(model, "model") else model.model.encoder
+
+
+def hf_logits_to_fms(hf_logits: torch.Tensor, logits_scaling: float) -> torch.Tensor:
+    """FMS Granite divides by logits_scaling (as 4.57 did); 5.10.1+ HF does not."""
+    return hf_logits if LOGITS_DIVIDED_BY_SCALING else hf_logits / logits_scaling

@@ -1,0 +1,126 @@
+"""pytest plugin: options, markers and session-scoped model fixtures shared by every suite.
+
+The same test file runs at `--model tiny` on a laptop and at `--model 2b`/`8b` on a GPU runner: tests read the
+variant, device, dtype and checkpoint from the fixtures below, never from constants.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+MODEL_CHOICES = ("tiny", "2b", "8b")
+MODES = ("propagated", "teacher-forced", "two-phase")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("granite-speech parity")
+    group.addoption("--model", choices=MODEL_CHOICES, default="tiny", help="variant whose dimensions are tested")
+    group.addoption(
+        "--checkpoint",
+        default=None,
+        help="a real local HF checkpoint folder (config.json, safetensors, adapter); default: seeded random weights "
+        "of --model in the hub layout, built once and cached",
+    )
+    group.addoption("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    group.addoption("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    group.addoption("--parity-report", default=None, help="write the layer-diff HTML report here")
+    group.addoption("--parity-json", default=None, help="write the layer-diff JSON report here")
+    group.addoption("--parity-mode", default="propagated", choices=MODES)
+    group.addoption("--atol", type=float, default=None, help="override the tolerance table's atol")
+    group.addoption("--rtol", type=float, default=None, help="override the tolerance table's rtol")
+    group.addoption("--seed", type=int, default=0, help="seed of the random fixture weights and inputs")
+
+
+def pytest_configure(config):
+    # markers are declared in pyproject.toml; repeated here so the plugin works from any rootdir
+    for line in (
+        "gpu: needs a CUDA device",
+        "slow: long-running at real dimensions",
+        "benchmark: pytest-benchmark measurements",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (marked gpu); run on a GPU runner")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def model_variant(pytestconfig) -> str:
+    return pytestconfig.getoption("--model")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    name = pytestconfig.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def dtype(pytestconfig) -> torch.dtype:
+    return getattr(torch, pytestconfig.getoption("--dtype"))
+
+
+@pytest.fixture(scope="session")
+def seed(pytestconfig) -> int:
+    return pytestconfig.getoption("--seed")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _exact_fp32_matmuls():
+    # TF32 would make fp32 parity at 1e-3 meaningless on Ampere+ GPUs
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(pytestconfig, model_variant, seed) -> Path:
+    given = pytestconfig.getoption("--checkpoint")
+    if given:
+        folder = Path(given).expanduser()
+        if not (folder / "config.json").is_file():
+            raise pytest.UsageError(f"--checkpoint {folder} has no config.json; pass a Hugging Face checkpoint folder")
+        return folder
+    from parity.fixtures import build_checkpoint
+
+    return build_checkpoint(model_variant, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def hf_model(checkpoint_dir, device, dtype):
+    from parity.hf_compat import load_hf_model
+
+    return load_hf_model(checkpoint_dir, dtype=dtype, device=str(device))
+
+
+@pytest.fixture(scope="session")
+def fms_model(checkpoint_dir, device, dtype):
+    from parity.models import load_fms_model
+
+    return load_fms_model(checkpoint_dir, dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def speech_dataset():
+    from parity.fixtures import load_speech_dataset
+
+    return load_speech_dataset()
+
+
+@pytest.fixture(scope="session")
+def hf_processor(checkpoint_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(checkpoint_dir))
+
+
+@pytest.fixture(scope="session")
+def tolerance_overrides(pytestconfig) -> dict:
+    return {k: v for k in ("atol", "rtol") if (v := pytestconfig.getoption(f"--{k}")) is not None}
