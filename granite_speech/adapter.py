@@ -169,7 +169,7 @@ def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
         problems.append(f"checkpoint tensors consumed more than once: {duplicated}")
     if model.lora is not None:
         expected = model.lora.pair_count()
-        pairs = len({k.rsplit(".", 3)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
+        pairs = len({k.rsplit(".", 2)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
         if pairs != expected:
             problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
     if problems:
