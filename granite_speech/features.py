@@ -21,7 +21,7 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"  # HF 5.x save_pretrained nests 
 _NESTED_CONFIG_KEYS = ("audio_processor", "feature_extractor")
 
 # json keys HF writes that carry no information for this extractor
-_METADATA_KEYS = ("feature_extractor_type", "processor_class", "return_attention_mask")
+_METADATA_KEYS = ("feature_extractor_type", "processor_class", "_processor_class", "return_attention_mask")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class GraniteSpeechProcessor:
 
     def expand_audio_placeholders(self, prompts: Sequence[str], audio_embed_sizes: Sequence[int]) -> list[str]:
         """Replace the k-th placeholder (over all prompts, in order) by audio_embed_sizes[k] copies of it."""
-        sizes = iter(list(audio_embed_sizes)[::-1])
+        sizes = iter(audio_embed_sizes)
         expanded = []
         for prompt in prompts:
             pieces = prompt.split(self.audio_token)

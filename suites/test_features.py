@@ -182,4 +182,6 @@ def test_config_defaults_are_hfs():
     hf_json = transformers.GraniteSpeechFeatureExtractor().to_dict()
     assert GraniteSpeechFeatureConfig.from_dict(hf_json) == GraniteSpeechFeatureConfig()
     ours_json = GraniteSpeechFeatureConfig().to_dict()
-    assert {k: hf_json[k] for k in ours_json} == ours_json
+    shared_keys = set(ours_json) & set(hf_json)  # 4.57 writes fewer keys than 5.x
+    assert {"melspec_kwargs", "projector_window_size", "projector_downsample_rate", "sampling_rate"} <= shared_keys
+    assert {k: hf_json[k] for k in shared_keys} == {k: ours_json[k] for k in shared_keys}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from packaging.version import Version
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
 from granite_speech.processor import GraniteSpeechProcessor
@@ -126,8 +127,9 @@ def test_placeholder_and_clip_counts_must_match(processor, hf_processor, texts, 
     audio = [_noise(5_000, i) for i in range(num_clips)] or None
     with pytest.raises(ValueError, match=message):
         processor(texts, audio)
-    with pytest.raises(ValueError):  # HF rejects the same inputs
-        hf_processor(texts, audio, return_tensors="pt")
+    if Version(transformers.__version__) >= Version("5.15"):  # HF 4.57-5.14 do not validate (silent or IndexError)
+        with pytest.raises(ValueError):
+            hf_processor(texts, audio, return_tensors="pt")
 
 
 def test_truncation_that_cuts_audio_tokens_raises(processor):

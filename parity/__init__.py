@@ -1,0 +1,1 @@
+"""Parity harness between the FMS Granite Speech implementation and Hugging Face transformers."""

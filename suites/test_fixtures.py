@@ -1,0 +1,363 @@
+"""The fixtures themselves: configs, tokenizer, seeded checkpoints (hub and tf5 layouts), speech clips, cache.
+
+HF transformers is the oracle: every fixture must load through its public API with nothing missing or re-initialised.
+"""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from parity.fixtures import (
+    CONFIG_VARIANTS,
+    FIXTURES_DIR,
+    build_checkpoint,
+    build_tokenizer,
+    hf_config_path,
+    load_hf_config,
+    load_speech_dataset,
+    speech_clip_table,
+)
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+TF5_MODULE_PATHS = hasattr(transformers, "GraniteSpeechModel") and TF_MAJOR >= 5
+ENGLISH = 'mister quilter is the apostle of the middle classes, and we are glad to welcome his gospel! "yes"; no? 42.'
+
+
+def _lora_modules(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _read_safetensors(folder, pattern):
+    tensors = {}
+    for path in sorted(folder.glob(pattern)):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def _legacy_state_dict(model):
+    from parity._checkpoint import legacy_key
+
+    return {legacy_key(k): v for k, v in model.state_dict().items() if ".lora_" not in k and ".base_layer." not in k}
+
+
+def _load_hf(folder):
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.float32, output_loading_info=True
+    )
+    return model.eval(), info
+
+
+def _set_adapters(model, enabled: bool):
+    if enabled:
+        model.enable_adapters()
+    else:
+        model.disable_adapters()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return load_hf_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def hub_folder():
+    return build_checkpoint("tiny")
+
+
+@pytest.fixture(scope="module")
+def tf5_folder():
+    if TF_MAJOR < 5:
+        pytest.skip(f"layout tf5 is written by transformers 5.x; this is {transformers.__version__}")
+    return build_checkpoint("tiny", layout="tf5")
+
+
+@pytest.fixture(scope="module")
+def hub_model(hub_folder):
+    return _load_hf(hub_folder)
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_loads_with_explicit_dimensions(variant, tmp_path):
+    from transformers import AutoConfig, GraniteSpeechConfig
+
+    raw = load_hf_config(variant)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    for config in (GraniteSpeechConfig.from_dict(raw), AutoConfig.from_pretrained(tmp_path)):
+        assert type(config).__name__ == "GraniteSpeechConfig"
+        enc, proj, text = config.encoder_config, config.projector_config, config.text_config
+        assert enc.dim_head == raw["encoder_config"]["dim_head"]
+        assert enc.num_layers % 2 == 0 and enc.num_layers == raw["encoder_config"]["num_layers"]
+        assert enc.context_size == raw["encoder_config"]["context_size"] <= enc.max_pos_emb
+        assert proj.cross_attention_frequency == raw["projector_config"]["cross_attention_frequency"]
+        assert proj.encoder_hidden_size == enc.hidden_dim
+        assert text.vocab_size == raw["audio_token_index"] + 1
+        assert config.audio_token_index == raw["audio_token_index"]
+        assert text.tie_word_embeddings == raw["text_config"]["tie_word_embeddings"]
+        if hasattr(config, "tie_word_embeddings"):  # top-level field exists from 5.10
+            assert config.tie_word_embeddings == raw["tie_word_embeddings"]
+
+
+def test_real_configs_match_published_dimensions():
+    for variant, hidden, inter, att_mult, scaling in (("2b", 2048, 8192, 1 / 64, 8.0), ("8b", 4096, 12800, 1 / 128, 16.0)):
+        raw = load_hf_config(variant)
+        enc, text = raw["encoder_config"], raw["text_config"]
+        assert (enc["num_layers"], enc["output_dim"], enc["hidden_dim"], enc["dim_head"]) == (16, 256, 1024, 128)
+        assert raw["projector_config"]["cross_attention_frequency"] == 1
+        assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]) == (hidden, inter, 40)
+        assert text["attention_multiplier"] == att_mult and text["logits_scaling"] == scaling
+        assert (raw["audio_token_index"], text["vocab_size"]) == (49159, 49160)
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(ValueError, match="unknown variant"):
+        hf_config_path("3b")
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize("variant", ["tiny", "2b"])
+def test_tokenizer_round_trips_and_places_audio_token(variant, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = load_hf_config(variant)
+    build_tokenizer(tmp_path, config)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    audio_id = config["audio_token_index"]
+    assert len(tokenizer) == config["text_config"]["vocab_size"]
+    assert tokenizer.convert_tokens_to_ids("<|audio|>") == audio_id
+    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 0 == tokenizer.eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|start_of_role|>") == audio_id - 7
+
+    text = f"<|audio|>{ENGLISH} <|audio|>"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == audio_id and ids.count(audio_id) == 2
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(tokenizer(ENGLISH)["input_ids"]) == ENGLISH
+    assert len(tokenizer(" the old house")["input_ids"]) < len(" the old house")  # learned merges, not bytes
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|audio|>can you transcribe the speech into a written format?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert prompt.endswith("<|start_of_role|>assistant<|end_of_role|>")
+    assert tokenizer(prompt)["input_ids"].count(audio_id) == 1
+
+
+def test_tokenizer_rejects_audio_token_not_last(tmp_path, tiny_config):
+    bad = dict(tiny_config, audio_token_index=5)
+    with pytest.raises(ValueError, match="audio_token_index must be the last id"):
+        build_tokenizer(tmp_path, bad)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def test_hub_layout_files(hub_folder, tiny_config):
+    shards = sorted(hub_folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2
+    assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((hub_folder / "model.safetensors.index.json").read_text())
+    weights = _read_safetensors(hub_folder, "model-*-of-*.safetensors")
+    assert set(index["weight_map"]) == set(weights)
+    assert {k.split(".")[0] for k in weights} == {"encoder", "projector", "language_model"}
+    assert "language_model.lm_head.weight" not in weights  # tied
+    n_layers = tiny_config["encoder_config"]["num_layers"]
+    assert sum(k.endswith("batch_norm.num_batches_tracked") for k in weights) == n_layers
+
+    adapter_config = json.loads((hub_folder / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 16)
+    assert adapter_config["target_modules"] == ["q_proj", "v_proj"]
+    assert adapter_config["base_model_name_or_path"] == str(hub_folder)
+    adapter = _read_safetensors(hub_folder, "adapter_model.safetensors")
+    expected = {
+        f"base_model.model.language_model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.weight"
+        for i in range(tiny_config["text_config"]["num_hidden_layers"])
+        for p in "qv"
+        for ab in "AB"
+    }
+    assert set(adapter) == expected
+
+
+def test_hub_weights_are_non_degenerate(hub_folder):
+    weights = _read_safetensors(hub_folder, "model-*-of-*.safetensors")
+    for key, tensor in weights.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert tensor.dtype == torch.float32, key
+        assert tensor.numel() == 1 or float(tensor.std()) > 1e-3, f"{key} is constant"
+        if tensor.ndim == 2:
+            assert bool((tensor.abs().sum(dim=1) > 0).all()), f"{key} has an all-zero row"
+    running_var = weights["encoder.layers.0.conv.batch_norm.running_var"]
+    assert 0.5 <= float(running_var.min()) and float(running_var.max()) <= 2.0 and float(running_var.std()) > 0.2
+    assert float(weights["encoder.layers.0.conv.batch_norm.running_mean"].abs().mean()) > 0.1
+    assert abs(float(weights["encoder.layers.0.conv.batch_norm.weight"].mean()) - 1.0) < 0.2
+    assert 0.5 < float(weights["projector.query"].std()) < 2.0  # transformers init: N(0, 1)
+    assert 0.01 < float(weights["encoder.layers.0.ff1.up_proj.weight"].std()) < 0.03  # initializer_range 0.02
+    adapter = _read_safetensors(hub_folder, "adapter_model.safetensors")
+    for key, tensor in adapter.items():
+        assert float(tensor.abs().mean()) > 1e-3, f"{key} is (near) zero"
+
+
+def _check_loaded(model, info, folder, n_text_layers):
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    # the weights in the model are the file's, not a fresh init
+    files = _read_safetensors(folder, "model-*-of-*.safetensors")
+    state = _legacy_state_dict(model)
+    for key, tensor in files.items():
+        assert torch.equal(state[key], tensor), key
+
+    lora = _lora_modules(model)
+    assert len(lora) == 2 * n_text_layers
+    adapter = _read_safetensors(folder, "adapter_model.safetensors")
+    for name, module in lora.items():
+        layer = name.split(".layers.")[1]
+        file_prefix = f"base_model.model.language_model.model.layers.{layer}"
+        assert module.scaling["default"] == 2.0
+        assert torch.equal(module.lora_A["default"].weight, adapter[f"{file_prefix}.lora_A.weight"])
+        assert torch.equal(module.lora_B["default"].weight, adapter[f"{file_prefix}.lora_B.weight"])
+        assert float(module.lora_B["default"].weight.abs().max()) > 0
+
+
+def _text_logits(model, adapters: bool):
+    _set_adapters(model, adapters)
+    input_ids = torch.tensor([[5, 17, 42, 300, 7, 99, 12]])
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_hub_layout_loads_with_adapter(hub_model, hub_folder, tiny_config):
+    model, info = hub_model
+    _check_loaded(model, info, hub_folder, tiny_config["text_config"]["num_hidden_layers"])
+    on, off = _text_logits(model, True), _text_logits(model, False)
+    assert float((on - off).abs().max()) > 1e-3
+    _set_adapters(model, True)
+
+
+def test_tf5_layout_loads_with_adapter(tf5_folder, tiny_config):
+    assert len(list(tf5_folder.glob("model-*-of-*.safetensors"))) >= 2
+    adapter_config = json.loads((tf5_folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tf5_folder)
+    model, info = _load_hf(tf5_folder)
+    _check_loaded(model, info, tf5_folder, tiny_config["text_config"]["num_hidden_layers"])
+    reference, _ = _load_hf(build_checkpoint("tiny"))
+    for adapters in (True, False):
+        assert torch.equal(_text_logits(model, adapters), _text_logits(reference, adapters))
+
+
+def test_untied_variant_keeps_a_separate_head():
+    folder = build_checkpoint("tiny-untied")
+    weights = _read_safetensors(folder, "model-*-of-*.safetensors")
+    head, embed = weights["language_model.lm_head.weight"], weights["language_model.model.embed_tokens.weight"]
+    assert not torch.equal(head, embed)
+    model, info = _load_hf(folder)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    lm_head = model.lm_head if TF5_MODULE_PATHS else model.language_model.lm_head
+    assert torch.equal(lm_head.weight, head)
+
+
+def test_tiny_model_forward_and_generate_with_audio(hub_model, hub_folder, tiny_config):
+    from transformers import AutoProcessor
+
+    model, _ = hub_model
+    processor = AutoProcessor.from_pretrained(str(hub_folder))
+    clip = load_speech_dataset()[2]  # 45 encoder frames -> 3 windows -> 9 audio tokens
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|audio|>can you transcribe the speech into a written format?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = processor(prompt, clip["audio"]["array"], return_tensors="pt")
+    audio_id = tiny_config["audio_token_index"]
+    assert int((inputs["input_ids"] == audio_id).sum()) == 9
+    assert tuple(inputs["input_features"].shape) == (1, 45, 160)
+
+    _set_adapters(model, True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        text_only_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == audio_id, 0)
+        logits_without_audio = model(input_ids=text_only_ids, attention_mask=inputs["attention_mask"]).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], tiny_config["text_config"]["vocab_size"])
+    assert torch.isfinite(logits).all()
+    assert float((logits - logits_without_audio).abs().max()) > 1e-3  # the audio reaches the language model
+
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+    assert len(new_tokens) >= 1
+    assert int(new_tokens[0]) == int(logits[0, -1].argmax())
+
+
+# ------------------------------------------------------------------------------------------------------- cache
+def test_cache_returns_the_same_folder(hub_folder):
+    shard = next(hub_folder.glob("model-00001-*.safetensors"))
+    mtime = shard.stat().st_mtime_ns
+    assert build_checkpoint("tiny") == hub_folder
+    assert shard.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def test_build_is_seeded(hub_folder, tmp_path):
+    again = build_checkpoint("tiny", cache_dir=tmp_path / "a")
+    other_seed = build_checkpoint("tiny", seed=1, cache_dir=tmp_path / "b")
+    assert again != hub_folder and again.name == hub_folder.name
+    ours, same, different = (
+        _read_safetensors(f, "model-*-of-*.safetensors") for f in (hub_folder, again, other_seed)
+    )
+    assert all(torch.equal(ours[k], same[k]) for k in ours)
+    assert not torch.equal(ours["encoder.input_linear.weight"], different["encoder.input_linear.weight"])
+    assert not any(tmp.name.startswith(".tmp-") for tmp in (tmp_path / "a").iterdir())
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="unknown layout"):
+        build_checkpoint("tiny", layout="gguf")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        build_checkpoint("tiny", dtype="int8")
+    with pytest.raises(ValueError, match="neither a variant"):
+        build_checkpoint("no-such-variant")
+
+
+# ----------------------------------------------------------------------------------------------------- speech
+def test_speech_dataset_matches_the_clip_table():
+    dataset = load_speech_dataset()
+    table = speech_clip_table()
+    assert dataset.column_names == ["file", "audio", "text", "speaker_id", "chapter_id", "id"]
+    assert len(dataset) == len(table) >= 6
+    for row, clip in zip(dataset, table):
+        audio = row["audio"]
+        assert row["id"] == clip["id"]
+        assert audio["sampling_rate"] == 16000
+        assert audio["array"].dtype.name == "float32" and audio["array"].ndim == 1
+        assert len(audio["array"]) == clip["num_samples"]
+        assert (clip["num_samples"] // 160 + 1) // 2 == clip["encoder_frames"]
+        assert 0.1 < float(abs(audio["array"]).max()) <= 1.0  # speech, not silence
+        assert row["text"] and row["text"] == row["text"].upper()
+        assert row["speaker_id"] == int(row["id"].split("-")[0])
+    frames = [clip["encoder_frames"] for clip in table]
+    for period in (15, 40, 200):
+        assert any(f % period == 0 for f in frames), f"no clip ends on a {period}-frame boundary"
+        assert any(f % period == 1 for f in frames), f"no clip ends one frame past a {period}-frame boundary"
+    seconds = [clip["num_samples"] / 16000 for clip in table]
+    assert min(seconds) < 1.0 and max(seconds) > 30.0
+
+
+def test_speech_fixtures_are_small():
+    total = sum(p.stat().st_size for p in (FIXTURES_DIR / "speech").iterdir())
+    assert total < 3 * 2**20
