@@ -162,7 +162,9 @@ class GraniteSpeechFeatureExtractor:
             num_samples, c.hop_length, c.projector_window_size, c.projector_downsample_rate
         )
 
-    def __call__(self, audio, sampling_rate: Optional[int] = None, device: Optional[Union[str, torch.device]] = "cpu") -> dict:
+    def __call__(
+        self, audio, sampling_rate: Optional[int] = None, device: Optional[Union[str, torch.device]] = "cpu"
+    ) -> dict:
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
                 f"audio sampled at {sampling_rate} Hz, but this extractor expects {self.sampling_rate} Hz; "
@@ -230,7 +232,10 @@ def _to_float_tensor(audio, what: str) -> torch.Tensor:
                 f"{what} has numpy dtype {audio.dtype}; expected floating point samples in [-1, 1] "
                 "(scale integer PCM first, e.g. int16 / 32768)"
             )
-        audio = torch.from_numpy(np.ascontiguousarray(audio))
+        try:
+            audio = torch.from_numpy(np.ascontiguousarray(audio))
+        except TypeError as err:  # e.g. float128, which torch has no dtype for
+            raise TypeError(f"{what} has numpy dtype {audio.dtype}, which torch cannot hold; use float32") from err
     if not torch.is_floating_point(audio):
         raise ValueError(
             f"{what} has dtype {audio.dtype}; expected floating point samples in [-1, 1] "

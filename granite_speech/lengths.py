@@ -14,7 +14,7 @@ can call them under torch.compile. Value checks run eagerly; while compiling, th
 values are skipped (they would need a host sync) and only the static checks remain.
 """
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -111,7 +111,9 @@ def audio_tokens_from_samples(
     return audio_tokens_from_encoder_frames(num_encoder_frames, window_size, downsample_rate)
 
 
-def input_features_mask(token_counts: Union[Sequence[int], torch.Tensor], max_tokens: IntOrTensor = None) -> torch.Tensor:
+def input_features_mask(
+    token_counts: Union[Sequence[int], torch.Tensor], max_tokens: Optional[IntOrTensor] = None
+) -> torch.Tensor:
     """Bool mask [B, max_tokens] over projector outputs, True where j < token_counts[b].
 
     max_tokens defaults to max(token_counts). Under torch.compile pass it from a shape (e.g.
@@ -121,7 +123,9 @@ def input_features_mask(token_counts: Union[Sequence[int], torch.Tensor], max_to
         counts = token_counts
     else:
         if isinstance(token_counts, (str, bytes)) or not isinstance(token_counts, Sequence):
-            raise TypeError(f"token_counts must be a sequence of ints or a 1-D integer tensor, got {type(token_counts).__name__}")
+            raise TypeError(
+                f"token_counts must be a sequence of ints or a 1-D integer tensor, got {type(token_counts).__name__}"
+            )
         for count in token_counts:
             _check_lengths("token_counts[i]", count)
         counts = torch.tensor(list(token_counts), dtype=torch.long)
@@ -133,6 +137,8 @@ def input_features_mask(token_counts: Union[Sequence[int], torch.Tensor], max_to
     else:
         _check_lengths("max_tokens", max_tokens)
         if not torch.compiler.is_compiling() and bool((counts > max_tokens).any()):
-            raise ValueError(f"max_tokens ({max_tokens}) is smaller than the largest token count ({counts.max().tolist()})")
+            raise ValueError(
+                f"max_tokens ({max_tokens}) is smaller than the largest token count ({counts.max().tolist()})"
+            )
     positions = torch.arange(max_tokens, device=counts.device)
     return positions.view(1, -1) < counts.view(-1, 1)

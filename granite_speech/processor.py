@@ -105,9 +105,7 @@ class GraniteSpeechProcessor:
     def _check_audio_token_counts(self, expanded: Sequence[str], input_ids) -> None:
         # catches truncation cutting audio tokens, which would misalign features and placeholders in the model
         expected = [prompt.count(self.audio_token) for prompt in expanded]
-        found = [
-            int((torch.as_tensor(ids) == self.audio_token_id).sum()) for ids in input_ids
-        ]
+        found = [int((torch.as_tensor(ids) == self.audio_token_id).sum()) for ids in input_ids]
         if found != expected:
             raise ValueError(
                 f"audio tokens per prompt after tokenization {found} differ from the expanded placeholders "

@@ -7,6 +7,7 @@ streamed into shards, so the 8b model never has to be in memory at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -126,6 +127,25 @@ def _make_non_degenerate(module: nn.Module, generator: torch.Generator) -> None:
                 param[zero_rows] = noise_like(param[zero_rows], std)
 
 
+def _natural_order(key: str) -> tuple:
+    """'layers.10' after 'layers.9'."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split("."))
+
+
+def _derived_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+def _check_informative(prefix: str, module: nn.Module, names: list[str]) -> None:
+    for name in names:
+        tensor = getattr(module, name)
+        if tensor.is_floating_point() and tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all()):
+            raise RuntimeError(
+                f"{prefix}{name} ({type(module).__name__}) is constant after init; the builder must randomise it"
+            )
+
+
 class _ShardWriter:
     """Greedy sharding into at least `min_shards` files of about equal size, then hub-style names + index."""
 
@@ -190,16 +210,24 @@ def write_base_weights(model: nn.Module, folder: Path, *, seed: int, dtype: torc
 
     total = sum(nbytes(n, d) for n, d in wanted.values())
     writer = _ShardWriter(folder, total, max_shard_bytes)
-    generator = torch.Generator().manual_seed(seed + 1)
+    # Visit modules in legacy-key order and seed each from (seed, legacy path): the values and the shard contents
+    # then do not depend on the module tree of the installed transformers version (4.57 and 5.x agree).
+    visits = []
+    for prefix, module, owner in _modules_with_owner(model):
+        names = [n for n in _persistent_direct_tensors(module) if legacy_key(prefix + n) in wanted]
+        if names:
+            visits.append((_natural_order(legacy_key(prefix)), prefix, module, owner, names))
+    visits.sort(key=lambda visit: visit[0])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # transformers' init functions draw from the global generator
-        for prefix, module, owner in _modules_with_owner(model):
-            names = [n for n in _persistent_direct_tensors(module) if legacy_key(prefix + n) in wanted]
-            if not names:
-                continue
+        for _, prefix, module, owner, names in visits:
+            module_seed = _derived_seed(seed, legacy_key(prefix))
             module.to_empty(device="cpu", recurse=False)
+            for name in names:  # deterministic start: some inits skip tensors (4.57 leaves num_batches_tracked)
+                getattr(module, name).detach().zero_()
+            torch.manual_seed(module_seed)  # transformers' init functions draw from the global generator
             owner._init_weights(module)
-            _make_non_degenerate(module, generator)
+            _make_non_degenerate(module, torch.Generator().manual_seed(module_seed + 1))
+            _check_informative(prefix, module, names)
             for name in names:
                 tensor = getattr(module, name).detach()
                 writer.add(legacy_key(prefix + name), tensor.to(dtype) if tensor.is_floating_point() else tensor)
@@ -227,7 +255,7 @@ def write_lora_adapter(
     """
     from peft import LoraConfig
 
-    generator = torch.Generator().manual_seed(seed + 2)
+    generator = torch.Generator().manual_seed(_derived_seed(seed, "lora"))
     shapes = _lora_layer_shapes(hf_config)
     tensors = {}
     for layer in range(hf_config["text_config"]["num_hidden_layers"]):

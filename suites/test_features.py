@@ -185,3 +185,10 @@ def test_config_defaults_are_hfs():
     shared_keys = set(ours_json) & set(hf_json)  # 4.57 writes fewer keys than 5.x
     assert {"melspec_kwargs", "projector_window_size", "projector_downsample_rate", "sampling_rate"} <= shared_keys
     assert {k: hf_json[k] for k in shared_keys} == {k: ours_json[k] for k in shared_keys}
+
+
+def test_rejects_numpy_dtype_torch_cannot_hold(extractor):
+    if not hasattr(np, "float128"):
+        pytest.skip("this numpy build has no float128")
+    with pytest.raises(TypeError, match=r"audio has numpy dtype float128, which torch cannot hold"):
+        extractor(np.zeros(4_000, dtype=np.float128))

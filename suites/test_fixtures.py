@@ -46,7 +46,8 @@ def _read_safetensors(folder, pattern):
 def _legacy_state_dict(model):
     from parity._checkpoint import legacy_key
 
-    return {legacy_key(k): v for k, v in model.state_dict().items() if ".lora_" not in k and ".base_layer." not in k}
+    state = model.state_dict()  # with LoRA attached the base weight lives at `<proj>.base_layer.weight`
+    return {legacy_key(k.replace(".base_layer.", ".")): v for k, v in state.items() if ".lora_" not in k}
 
 
 def _load_hf(folder):
@@ -248,7 +249,8 @@ def test_hub_layout_loads_with_adapter(hub_model, hub_folder, tiny_config):
     model, info = hub_model
     _check_loaded(model, info, hub_folder, tiny_config["text_config"]["num_hidden_layers"])
     on, off = _text_logits(model, True), _text_logits(model, False)
-    assert float((on - off).abs().max()) > 1e-3
+    # relative: 4.x logits are divided by logits_scaling; fp32 noise is ~1e-7 of the range
+    assert float((on - off).abs().max()) > 1e-3 * float(on.abs().max())
     _set_adapters(model, True)
 
 
@@ -297,7 +299,8 @@ def test_tiny_model_forward_and_generate_with_audio(hub_model, hub_folder, tiny_
         logits_without_audio = model(input_ids=text_only_ids, attention_mask=inputs["attention_mask"]).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], tiny_config["text_config"]["vocab_size"])
     assert torch.isfinite(logits).all()
-    assert float((logits - logits_without_audio).abs().max()) > 1e-3  # the audio reaches the language model
+    # the audio reaches the language model
+    assert float((logits - logits_without_audio).abs().max()) > 1e-2 * float(logits.abs().max())
 
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     new_tokens = generated[0, inputs["input_ids"].shape[1] :]

@@ -1,0 +1,567 @@
+"""Greedy generation for `GraniteSpeech` over a preallocated KV cache, one decode step per token, replayed from a
+CUDA graph.
+
+FMS's `fms.utils.generation.generate` grows the KV cache by concatenation, so every token has new shapes and runs
+~1000 small kernels from Python. Here:
+
+- the audio is encoded once (per clip shape captured as a CUDA graph on GPU);
+- the prompt is prefilled by the model's own `forward` (use_cache=True), and its K/V copied into a static cache
+  `[layers] x [B, kvheads, max_len, head_dim]`;
+- a decode step over FMS Granite's weights (`ln`, `attn.in_proj`, `attn.dense`, `ff_ln`, `ff_sub_layer`, `rot_emb`,
+  `dec_norm`, `head`) reads the token at cache column `slot`, writes its K/V at `slot`, attends over the valid
+  columns (left padding masked), writes the greedy token at `slot + 1` and advances `slot`, all in place on static
+  tensors, so it is captured once per batch size as a `torch.cuda.CUDAGraph` and replayed per token. On CPU (or
+  with use_cuda_graph=False) the same step runs eagerly.
+
+The decode math is FMS Granite's: RMSNorm as `LayerNormParameterized` (fp32 statistics, rounded before the weight),
+embedding_multiplier on the token embedding, attention_multiplier as the attention scale, GQA, FMS's interleaved-pair
+RoPE table, residual_multiplier, logits / logits_scaling; the modality LoRA (lora_mode "audio_only") is added to the
+q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exactly when the prompt had audio (as
+`GraniteSpeech.forward` sets it). `compile_layers=True` additionally fuses each layer's small ops with
+`torch.compile` (one compiled function shared by every layer).
+
+    generator = StaticGenerator(model, max_len=512)
+    tokens = generator.generate(input_ids, input_features, input_features_mask, attention_mask, max_new_tokens=128)
+    # or in one call:
+    tokens = generate_static(model, input_ids, input_features, ..., max_new_tokens=128)
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fms.modules.layernorm import LayerNormParameterized
+
+from granite_speech.model import GraniteSpeech, padding_attn_kwargs
+
+# The cache length is rounded up to this so the attention bias rows are 16-byte aligned (CUDA's fused SDPA kernels
+# otherwise pad the bias on every call).
+_CACHE_LEN_MULTIPLE = 16
+# With an eos token, "have all rows finished?" costs a device sync: asked once per this many tokens.
+_EOS_CHECK_EVERY = 16
+_WARMUP_STEPS = 2
+
+
+@dataclass(frozen=True)
+class _DecoderSpec:
+    """The Python constants of one decode step (baked into the compiled function and the CUDA graph)."""
+
+    nheads: int
+    kvheads: int
+    head_dim: int
+    hidden_dim: int  # GLU width
+    norm_eps: float
+    residual_multiplier: float
+    attention_multiplier: float
+    embedding_multiplier: float
+    logits_scaling: float
+    lora_slots: Tuple[int, ...]  # q/k/v index of each LoRA pair, in ModalityLoRA's order
+    lora_scaling: float
+
+
+class StaticKVCache:
+    """Per layer a key and a value tensor [batch, kvheads, max_len, head_dim], allocated once."""
+
+    def __init__(self, nlayers: int, batch: int, kvheads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kvheads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(nlayers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(nlayers)]
+
+    def load_prefix(self, cache: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy FMS's prefill cache (per layer (k, v), each [B, kvheads, L, head_dim]) into columns [0, L)."""
+        for key, value, (k, v) in zip(self.keys, self.values, cache):
+            length = k.size(2)
+            key[:, :, :length].copy_(k)
+            value[:, :, :length].copy_(v)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class _DecodeState:
+    """The static tensors one decode step reads and updates in place (so a captured graph can replay it)."""
+
+    def __init__(self, batch: int, max_len: int, vocab: int, device):
+        self.seq = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # prompt + generated tokens
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the token being decoded
+        self.rope_pos = torch.zeros(batch, dtype=torch.long, device=device)  # its RoPE position per row
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # columns a query may attend
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: never matches
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._tensors().items()}
+
+    def restore(self, saved: Dict[str, torch.Tensor]) -> None:
+        for name, tensor in self._tensors().items():
+            tensor.copy_(saved[name])
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # LayerNormParameterized(use_mean=False, elementwise_shift=False, use_high_precision_pow=True)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.type_as(x)
+
+
+def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """FMS RotaryEmbedding on [B, heads, head_dim] with per-row rotation matrices rot [B, head_dim/2, 2, 2]."""
+    pairs = x.float().view(*x.shape[:-1], -1, 2)  # B H D/2 2
+    return (rot.unsqueeze(1) * pairs.unsqueeze(-2)).sum(-1).flatten(-2).type_as(x)
+
+
+def _decode_layer(
+    spec: _DecoderSpec,
+    activation: nn.Module,
+    x: torch.Tensor,  # [B, D]
+    ln_w: torch.Tensor,
+    qkv_w: torch.Tensor,
+    qkv_b: Optional[torch.Tensor],
+    dense_w: torch.Tensor,
+    dense_b: Optional[torch.Tensor],
+    ff_ln_w: torch.Tensor,
+    wg1_w: torch.Tensor,
+    wg1_b: Optional[torch.Tensor],
+    w2_w: torch.Tensor,
+    w2_b: Optional[torch.Tensor],
+    lora: Tuple[torch.Tensor, ...],  # (A, B) per adapted projection when the adapter is on, else ()
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    rot: torch.Tensor,
+    slot: torch.Tensor,
+    attn_bias: torch.Tensor,  # [B, 1, 1, max_len] additive
+) -> torch.Tensor:
+    """One GraniteBlock for one new token per row, reading/writing the static cache at column `slot`."""
+    batch = x.size(0)
+    q_dim, kv_dim = spec.nheads * spec.head_dim, spec.kvheads * spec.head_dim
+
+    # attention: x = dense(attn(ln(x))) * residual_multiplier + x
+    h = _rms_norm(x, ln_w, spec.norm_eps)
+    q, k, v = F.linear(h, qkv_w, qkv_b).split([q_dim, kv_dim, kv_dim], dim=-1)
+    if lora:
+        qkv = [q, k, v]
+        for i, slot_index in enumerate(spec.lora_slots):  # ModalityLoRA hook: out + scaling * B(A(x))
+            qkv[slot_index] = qkv[slot_index] + spec.lora_scaling * F.linear(F.linear(h, lora[2 * i]), lora[2 * i + 1])
+        q, k, v = qkv
+    q = _rope(q.reshape(batch, spec.nheads, spec.head_dim), rot)
+    k = _rope(k.reshape(batch, spec.kvheads, spec.head_dim), rot)
+    key_cache.index_copy_(2, slot, k.unsqueeze(2))
+    value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))
+    # GQA without expanding the cache: the nheads // kvheads query heads of one kv head become its query rows
+    q = q.view(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
+    attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier)
+    x = F.linear(attn.reshape(batch, q_dim), dense_w, dense_b) * spec.residual_multiplier + x
+
+    # gated MLP: x = w2(act(wg(ln(x))) * w1(ln(x))) * residual_multiplier + x
+    h = _rms_norm(x, ff_ln_w, spec.norm_eps)
+    gate, up = F.linear(h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
+    return F.linear(activation(gate) * up, w2_w, w2_b) * spec.residual_multiplier + x
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"fast generation does not support this model: {message}")
+
+
+def _check_rms_norm(module: nn.Module, where: str) -> None:
+    _require(
+        isinstance(module, LayerNormParameterized)
+        and not module.use_mean
+        and module.elementwise_scale
+        and not module.elementwise_shift
+        and module.use_high_precision_pow,
+        f"{where} must be FMS Granite's RMSNorm (LayerNormParameterized, use_mean=False, scale only, fp32 pow)",
+    )
+
+
+def _check_linear(module: nn.Module, where: str) -> None:
+    _require(type(module) is nn.Linear, f"{where} must be a plain nn.Linear (got {type(module).__name__})")
+
+
+class _Session:
+    """Cache, state and captured graphs for one batch size."""
+
+    def __init__(self, batch: int, cache: StaticKVCache, state: _DecodeState):
+        self.batch = batch
+        self.cache = cache
+        self.state = state
+        self.graphs: Dict[bool, torch.cuda.CUDAGraph] = {}  # keyed by "LoRA adapter on"
+
+
+class StaticGenerator:
+    """Greedy generation for one `GraniteSpeech` with a static KV cache of `max_len` columns (prompt + new tokens).
+
+    Caches and captured graphs are kept per batch size and reused across `generate` calls.
+    """
+
+    def __init__(
+        self,
+        model: GraniteSpeech,
+        max_len: int,
+        use_cuda_graph: bool = True,
+        compile_layers: bool = False,
+    ):
+        if not isinstance(model, GraniteSpeech):
+            raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (one prompt token, one new token), got {max_len}")
+        if model.training:
+            raise ValueError("call model.eval() first: the fast path has no dropout")
+        self.model = model
+        self.lm = model.language_model
+        self.device = self.lm.head.weight.device
+        self.dtype = self.lm.head.weight.dtype
+        self.max_len = -(-max_len // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.spec = self._build_spec()
+        self._layers = self._collect_layer_weights()
+        self._activation = self.lm.base_model.layers[0].ff_sub_layer.a
+        self._rope_table = self._build_rope_table()
+        self._layer_step = _decode_layer
+        if compile_layers:
+            # one function for every layer (weights are arguments); static shapes, no graph breaks
+            self._layer_step = torch.compile(_decode_layer, fullgraph=True, dynamic=False)
+        self._sessions: Dict[int, _Session] = {}
+        self._audio_graphs: Dict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._active: Optional[_Session] = None
+
+    # ------------------------------------------------------------------ setup
+    def _build_spec(self) -> _DecoderSpec:
+        cfg = self.lm.config
+        _require(cfg.p_dropout == 0.0, f"text p_dropout must be 0 at inference, got {cfg.p_dropout}")
+        kvheads = cfg.kvheads or cfg.nheads
+        _require(cfg.nheads % kvheads == 0, f"nheads {cfg.nheads} is not a multiple of kvheads {kvheads}")
+        block = self.lm.base_model.layers[0]
+        lora = self.model.lora
+        slots: Tuple[int, ...] = ()
+        if lora is not None:
+            slots = tuple({"q_proj": 0, "k_proj": 1, "v_proj": 2}[t] for t in lora.targets)
+        return _DecoderSpec(
+            nheads=cfg.nheads,
+            kvheads=kvheads,
+            head_dim=cfg.head_dim,
+            hidden_dim=block.ff_sub_layer.hidden_dim,
+            norm_eps=block.ln.eps,
+            residual_multiplier=float(cfg.residual_multiplier),
+            attention_multiplier=float(cfg.attention_multiplier),
+            embedding_multiplier=float(cfg.embedding_multiplier),
+            logits_scaling=float(cfg.logits_scaling),
+            lora_slots=slots,
+            lora_scaling=float(lora.scaling) if lora is not None else 0.0,
+        )
+
+    def _collect_layer_weights(self) -> List[dict]:
+        layers = []
+        base = self.lm.base_model
+        _check_rms_norm(base.dec_norm, "dec_norm")
+        _check_linear(self.lm.head, "head")
+        for i, block in enumerate(base.layers):
+            where = f"language_model.base_model.layers[{i}]"
+            _check_rms_norm(block.ln, f"{where}.ln")
+            _check_rms_norm(block.ff_ln, f"{where}.ff_ln")
+            _require(hasattr(block.attn.in_proj, "qkv_fused"), f"{where}.attn.in_proj must be fused (fused_weights=True)")
+            _require(block.ff_sub_layer.fused, f"{where}.ff_sub_layer must be fused (fused_weights=True)")
+            _require(block.attn.scale_factor is not None, f"{where}.attn has no scale_factor (attention_multiplier)")
+            for name, linear in (
+                ("attn.in_proj.qkv_fused", block.attn.in_proj.qkv_fused),
+                ("attn.dense", block.attn.dense),
+                ("ff_sub_layer.wg1_fused", block.ff_sub_layer.wg1_fused),
+                ("ff_sub_layer.w2", block.ff_sub_layer.w2),
+            ):
+                _check_linear(linear, f"{where}.{name}")
+            lora: Tuple[torch.Tensor, ...] = ()
+            if self.model.lora is not None:
+                pairs = self.model.lora.layers[i]
+                lora = tuple(w for t in self.model.lora.targets for w in (pairs[t].lora_A.weight, pairs[t].lora_B.weight))
+            layers.append(
+                dict(
+                    ln_w=block.ln.weight,
+                    qkv_w=block.attn.in_proj.qkv_fused.weight,
+                    qkv_b=block.attn.in_proj.qkv_fused.bias,
+                    dense_w=block.attn.dense.weight,
+                    dense_b=block.attn.dense.bias,
+                    ff_ln_w=block.ff_ln.weight,
+                    wg1_w=block.ff_sub_layer.wg1_fused.weight,
+                    wg1_b=block.ff_sub_layer.wg1_fused.bias,
+                    w2_w=block.ff_sub_layer.w2.weight,
+                    w2_b=block.ff_sub_layer.w2.bias,
+                    lora=lora,
+                )
+            )
+        return layers
+
+    def _build_rope_table(self) -> torch.Tensor:
+        rot_emb = self.lm.base_model.rot_emb
+        _require(rot_emb.rope_type == "regular" and rot_emb.partial_rope == 1.0, "only regular, full RoPE")
+        alpha = rot_emb.compute_freqs_cis(self.device, self.max_len)
+        table = rot_emb.cached_freqs[self.device.index][alpha]  # [positions, head_dim/2, 2, 2] fp32
+        if table.size(0) < self.max_len:
+            raise ValueError(f"the RoPE table holds {table.size(0)} positions, fewer than max_len {self.max_len}")
+        return table
+
+    def _session(self, batch: int) -> _Session:
+        if batch not in self._sessions:
+            cfg = self.lm.config
+            cache = StaticKVCache(
+                cfg.nlayers, batch, self.spec.kvheads, self.max_len, self.spec.head_dim, self.dtype, self.device
+            )
+            state = _DecodeState(batch, self.max_len, self.lm.head.weight.size(0), self.device)
+            self._sessions[batch] = _Session(batch, cache, state)
+        return self._sessions[batch]
+
+    # ------------------------------------------------------------------ audio
+    @torch.no_grad()
+    def encode_audio(self, input_features: torch.Tensor) -> torch.Tensor:
+        """`model.get_audio_features`, replayed from a CUDA graph captured once per feature shape on GPU."""
+        if not self.use_cuda_graph:
+            return self.model.get_audio_features(input_features)
+        key = tuple(input_features.shape)
+        if key not in self._audio_graphs:
+            static_in = input_features.to(self.device, self.dtype).clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(_WARMUP_STEPS):
+                    self.model.get_audio_features(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model.get_audio_features(static_in)
+            self._audio_graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._audio_graphs[key]
+        static_in.copy_(input_features)
+        graph.replay()
+        return static_out.clone()
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        audio_embeds: Optional[torch.Tensor] = None,
+        input_features_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Run the prompt through `model.forward` (use_cache), fill the static cache and pick the first new token.
+
+        Returns the last-position logits [B, vocab] (fp32, FMS scale: head / logits_scaling).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a LongTensor [batch, seq_len], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if length + 1 > self.max_len:
+            raise ValueError(f"prompt of {length} tokens leaves no room in a cache of max_len {self.max_len}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        real = attention_mask.to(self.device).bool()
+        if not bool(real[:, -1].all()):
+            raise ValueError("attention_mask must be left-padded: the last column must be a real token in every row")
+        eos = -1 if eos_token_id is None else int(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (self.lm.config.pad_id if self.lm.config.pad_id >= 0 else 0)
+
+        attn = padding_attn_kwargs(real.long(), dtype=self.dtype)
+        logits, cache = self.model(
+            input_ids,
+            input_features_mask=input_features_mask,
+            audio_embeds=audio_embeds,
+            use_cache=True,
+            last_n_tokens=1,
+            **attn,
+        )
+        session = self._session(batch)
+        session.cache.load_prefix(cache)
+        state = session.state
+        state.seq.zero_()
+        state.seq[:, :length].copy_(input_ids)
+        state.valid.zero_()
+        state.valid[:, :length].copy_(real)
+        state.rope_pos.copy_(real.sum(-1))  # real tokens so far = position of the next one
+        state.slot.fill_(length)
+        state.eos.fill_(eos)
+        state.pad.fill_(int(pad))
+        state.finished.zero_()
+        logits = logits[:, -1].float()
+        state.logits.copy_(logits)
+        self._pick_next(state, logits, state.slot)
+        self._active = session
+        return state.logits
+
+    @staticmethod
+    def _pick_next(state: _DecodeState, logits: torch.Tensor, column: torch.Tensor) -> None:
+        """Greedy token into seq[:, column]; rows that already emitted eos get pad (as HF generate does)."""
+        next_token = logits.argmax(-1)
+        next_token = torch.where(state.finished, state.pad, next_token)
+        state.finished.logical_or_(next_token == state.eos)
+        state.seq.index_copy_(1, column, next_token.unsqueeze(1))
+
+    # ------------------------------------------------------------------ decode
+    def _step(self, session: _Session, lora_on: bool) -> None:
+        """One token for the whole batch; every tensor op is in place on `session` (capturable)."""
+        spec, state, cache = self.spec, session.state, session.cache
+        base = self.lm.base_model
+        batch = session.batch
+        token = state.seq.gather(1, state.slot.expand(batch).unsqueeze(1)).squeeze(1)
+        state.valid.index_fill_(1, state.slot, True)
+        attn_bias = torch.zeros(state.valid.shape, dtype=self.dtype, device=self.device)
+        attn_bias = attn_bias.masked_fill(~state.valid, float("-inf")).view(batch, 1, 1, self.max_len)
+        rot = self._rope_table.index_select(0, state.rope_pos)
+        x = base.embedding(token) * spec.embedding_multiplier
+        for weights, key_cache, value_cache in zip(self._layers, cache.keys, cache.values):
+            x = self._layer_step(
+                spec,
+                self._activation,
+                x,
+                weights["ln_w"],
+                weights["qkv_w"],
+                weights["qkv_b"],
+                weights["dense_w"],
+                weights["dense_b"],
+                weights["ff_ln_w"],
+                weights["wg1_w"],
+                weights["wg1_b"],
+                weights["w2_w"],
+                weights["w2_b"],
+                weights["lora"] if lora_on else (),
+                key_cache,
+                value_cache,
+                rot,
+                state.slot,
+                attn_bias,
+            )
+        x = _rms_norm(x, base.dec_norm.weight, base.dec_norm.eps)
+        logits = (self.lm.head(x) / spec.logits_scaling).float()
+        state.logits.copy_(logits)
+        self._pick_next(state, logits, state.slot + 1)
+        state.slot.add_(1)
+        state.rope_pos.add_(1)
+
+    def _capture(self, session: _Session, lora_on: bool) -> torch.cuda.CUDAGraph:
+        # Warm-up steps run for real (cuBLAS handles, compile); the state is restored afterwards. Their K/V land in
+        # columns >= slot, which are masked until a real step overwrites them.
+        saved = session.state.snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(_WARMUP_STEPS):
+                self._step(session, lora_on)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(session, lora_on)
+        session.state.restore(saved)
+        return graph
+
+    @torch.no_grad()
+    def decode_step(self) -> torch.Tensor:
+        """Decode one token for every row of the last prefilled batch; returns the step's logits [B, vocab]
+        (a static buffer, overwritten by the next step)."""
+        session = self._active
+        if session is None:
+            raise RuntimeError("call prefill() before decode_step()")
+        if int(session.state.slot) + 1 >= self.max_len:  # host read: only on this per-call API, not in generate
+            raise ValueError(f"the static cache of max_len {self.max_len} is full")
+        self._run_step(session)
+        return session.state.logits
+
+    def _lora_on(self) -> bool:
+        return self.model.lora is not None and bool(self.model.lora.enabled)
+
+    def _run_step(self, session: _Session) -> None:
+        lora_on = self._lora_on()
+        if not self.use_cuda_graph:
+            self._step(session, lora_on)
+            return
+        if lora_on not in session.graphs:
+            session.graphs[lora_on] = self._capture(session, lora_on)
+        session.graphs[lora_on].replay()
+
+    def tokens(self, length: int) -> torch.Tensor:
+        """The first `length` columns of the active batch's token buffer (prompt + generated)."""
+        if self._active is None:
+            raise RuntimeError("nothing generated yet")
+        return self._active.state.seq[:, :length]
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        input_features: Optional[torch.Tensor] = None,
+        input_features_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 128,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Greedy tokens [B, L + new] (prompt included, as HF/FMS generate return). With `eos_token_id`, rows that
+        finished get `pad_token_id` and generation stops once every row has finished (HF semantics)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        length = input_ids.size(-1)
+        if length + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the cache's max_len {self.max_len}"
+            )
+        audio_embeds = self.encode_audio(input_features) if input_features is not None else None
+        self.prefill(input_ids, audio_embeds, input_features_mask, attention_mask, eos_token_id, pad_token_id)
+        session = self._active
+        for step in range(1, max_new_tokens):
+            if eos_token_id is not None and step % _EOS_CHECK_EVERY == 0 and bool(session.state.finished.all()):
+                break
+            self._run_step(session)
+        out = session.state.seq[:, : length + max_new_tokens].clone()
+        if eos_token_id is not None:
+            out = out[:, : length + _new_tokens_until_all_finished(out[:, length:], eos_token_id)]
+        return out
+
+
+def _new_tokens_until_all_finished(new_tokens: torch.Tensor, eos_token_id: int) -> int:
+    """HF stops after the step at which the last row emitted eos; all steps when some row never did."""
+    is_eos = new_tokens == eos_token_id
+    if not bool(is_eos.any(-1).all()):
+        return new_tokens.size(1)
+    return int(is_eos.int().argmax(-1).max()) + 1
+
+
+def generate_static(
+    model: GraniteSpeech,
+    input_ids: torch.Tensor,
+    input_features: Optional[torch.Tensor] = None,
+    input_features_mask: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 128,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    use_cuda_graph: bool = True,
+    compile_layers: bool = False,
+) -> torch.Tensor:
+    """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
+
+    To amortise the graph capture over several calls, keep a `StaticGenerator` instead.
+    """
+    generator = StaticGenerator(
+        model, input_ids.size(-1) + max_new_tokens, use_cuda_graph=use_cuda_graph, compile_layers=compile_layers
+    )
+    return generator.generate(
+        input_ids,
+        input_features=input_features,
+        input_features_mask=input_features_mask,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )

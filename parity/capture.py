@@ -1,0 +1,609 @@
+"""Record probe values from both models: the `Captures` store and the runner (propagated, teacher-forced, two-phase).
+
+The runner knows nothing about Granite: it takes a probe list, and for each side a model (or a factory that builds
+one) plus its inputs (a kwargs dict or a callable model -> output). It records; judging is `parity.diff`'s job.
+
+- propagated: both models run on the same inputs; each probe records the value its hook sees.
+- teacher-forced: additionally, each probed FMS module is re-run inside its forward hook with its inputs replaced by
+  the HF module's captured inputs (hooks suppressed), so a module's own error is told apart from inherited error.
+  When an input cannot be substituted (shape differs, not passed, HF never ran) the record says so.
+- two-phase: HF runs first and its captures go to a safetensors file; the HF model is freed; then the FMS model is
+  built and run, reading HF teacher inputs lazily from disk. One model in memory at a time. `phases="auto"` picks it
+  when parameter bytes of both (with headroom) exceed the free memory of the run device.
+
+Values are detached, copied to CPU contiguous, in their own dtype (no upcast: a dtype mismatch is reported, not hidden).
+Only the first call of a module is recorded; later calls are counted (the report shows call counts).
+"""
+
+import gc
+import hashlib
+import inspect
+import json
+import tempfile
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from parity.hooks import attached_hooks
+from parity.probes import HF_LAYOUT_ALIASES, Probe, ProbeResolutionError, Take, resolve_module
+
+MODES = ("propagated", "teacher_forced")
+PHASES = ("auto", "one", "two")
+# one-phase needs both models plus activations and captures: parameter bytes times this factor must fit
+MEMORY_HEADROOM = 1.25
+
+
+class CaptureError(ValueError):
+    """A take spec could not be applied to what the module received or returned."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys
+
+
+def value_key(name: str) -> str:
+    return name
+
+
+def teacher_input_key(name: str, spec: str) -> str:
+    return f"{name}#tf_input:{spec}"
+
+
+def teacher_output_key(name: str) -> str:
+    return f"{name}#tf_output"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selecting from module inputs / outputs
+
+
+def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """One copy: detached, CPU, contiguous, same dtype (a later in-place op on the original cannot change it)."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return out.copy_(tensor.detach())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value[:4])})"
+    return type(value).__name__
+
+
+def select_output(take: Take, output: Any) -> torch.Tensor:
+    if take.kind != "output":
+        raise CaptureError(f"take {take} is not an output spec")
+    value = output
+    if isinstance(take.key, int):
+        if isinstance(output, (tuple, list)):
+            if take.key >= len(output):
+                raise CaptureError(f"output[{take.key}] requested but the output is a {_describe(output)}")
+            value = output[take.key]
+        elif not (take.optional_index and isinstance(output, torch.Tensor)):
+            raise CaptureError(f"output[{take.key}] requested but the output is a {_describe(output)}")
+    elif isinstance(take.key, str):
+        if isinstance(output, Mapping) and take.key in output:
+            value = output[take.key]
+        elif hasattr(output, take.key):
+            value = getattr(output, take.key)
+        else:
+            raise CaptureError(f"output.{take.key} requested but the output ({_describe(output)}) has no such field")
+    if not isinstance(value, torch.Tensor):
+        hint = "; use output[0] or output.<field>" if take.key is None else ""
+        raise CaptureError(f"the selected output is a {_describe(value)}, not a tensor{hint}")
+    return value
+
+
+_SIGNATURES: Dict[type, List[str]] = {}
+
+
+def _parameter_names(module: torch.nn.Module) -> List[str]:
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        try:
+            params = inspect.signature(module.forward).parameters.values()
+            _SIGNATURES[cls] = [
+                p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+        except (TypeError, ValueError):
+            _SIGNATURES[cls] = []
+    return _SIGNATURES[cls]
+
+
+def _locate_input(take: Take, module: torch.nn.Module, args: tuple, kwargs: dict) -> Tuple[str, Union[int, str]]:
+    """('arg', position) or ('kwarg', name) where the requested input was passed."""
+    if take.kind != "input":
+        raise CaptureError(f"take {take} is not an input spec")
+    names = _parameter_names(module)
+    if isinstance(take.key, int):
+        if take.key < len(args):
+            return "arg", take.key
+        if take.key < len(names) and names[take.key] in kwargs:
+            return "kwarg", names[take.key]
+        label = f"input[{take.key}]" + (f" ({names[take.key]})" if take.key < len(names) else "")
+    else:
+        if take.key in kwargs:
+            return "kwarg", take.key
+        if take.key in names and names.index(take.key) < len(args):
+            return "arg", names.index(take.key)
+        label = f"input.{take.key}"
+    raise CaptureError(
+        f"{label} was not passed to {type(module).__name__}.forward (got {len(args)} positional, "
+        f"keywords {sorted(kwargs)}; defaults are not captured)"
+    )
+
+
+def select_input(take: Take, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    where, key = _locate_input(take, module, args, kwargs)
+    value = args[key] if where == "arg" else kwargs[key]
+    if not isinstance(value, torch.Tensor):
+        raise CaptureError(f"input {key!r} of {type(module).__name__} is a {_describe(value)}, not a tensor")
+    return value
+
+
+def substitute_input(take: Take, module: torch.nn.Module, args: tuple, kwargs: dict, value: Any) -> Tuple[tuple, dict]:
+    where, key = _locate_input(take, module, args, kwargs)
+    if where == "arg":
+        return args[:key] + (value,) + args[key + 1 :], kwargs
+    return args, {**kwargs, key: value}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the store
+
+
+class Captures:
+    """key -> CPU tensor, plus per-key records (execution order, call count, error). In memory, or backed lazily by
+    a safetensors file (`save` / `load`). Value keys are probe names; teacher keys add '#tf_input:spec' / '#tf_output'."""
+
+    def __init__(self, side: str = ""):
+        self.side = side
+        self.resolved: Dict[str, str] = {}  # probe name -> module path actually hooked
+        self._tensors: Dict[str, torch.Tensor] = {}
+        self._records: Dict[str, dict] = {}
+        self._next_order = 0
+        self._file: Optional[Path] = None
+        self._reader = None
+        self._stored_keys: set = set()
+
+    # recording
+    def _record(self, key: str, ordered: bool) -> Tuple[dict, bool]:
+        record = self._records.get(key)
+        if record is not None:
+            record["calls"] += 1
+            return record, False
+        record = {"calls": 1, "order": None, "error": None, "error_kind": None}
+        if ordered:
+            record["order"] = self._next_order
+            self._next_order += 1
+        self._records[key] = record
+        return record, True
+
+    def seen(self, key: str) -> bool:
+        return key in self._records
+
+    def count_call(self, key: str) -> None:
+        self._records[key]["calls"] += 1
+
+    def put(self, key: str, tensor: torch.Tensor, *, ordered: bool = True, note: str = "") -> None:
+        """Store the first value of `key` (copied to CPU); later calls only count."""
+        record, first = self._record(key, ordered)
+        if first:
+            self._tensors[key] = _to_cpu(tensor)
+            if note:
+                record["note"] = note
+
+    def put_error(self, key: str, message: str, *, kind: str = "capture", ordered: bool = True) -> None:
+        record, first = self._record(key, ordered)
+        if first:
+            record["error"], record["error_kind"] = str(message), kind
+
+    # reading
+    def keys(self) -> List[str]:
+        return list(self._records)
+
+    def has_tensor(self, key: str) -> bool:
+        return key in self._tensors or (self._reader is not None and key in self._stored_keys)
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        if key in self._tensors:
+            return self._tensors[key]
+        if self._reader is not None and key in self._stored_keys:
+            return self._reader.get_tensor(key)
+        return None
+
+    def error(self, key: str) -> Optional[str]:
+        record = self._records.get(key)
+        return None if record is None else record["error"]
+
+    def error_kind(self, key: str) -> Optional[str]:
+        record = self._records.get(key)
+        return None if record is None else record["error_kind"]
+
+    def note(self, key: str) -> str:
+        record = self._records.get(key)
+        return "" if record is None else record.get("note", "")
+
+    def calls(self, key: str) -> int:
+        record = self._records.get(key)
+        return 0 if record is None else record["calls"]
+
+    def order(self, key: str) -> Optional[int]:
+        record = self._records.get(key)
+        return None if record is None else record["order"]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def digest(self) -> str:
+        """sha256 over (key, dtype, shape, bytes) of every stored tensor in sorted key order, and every error."""
+        sha = hashlib.sha256()
+        for key in sorted(self._records):
+            tensor = self.get(key)
+            sha.update(key.encode())
+            if tensor is not None:
+                sha.update(f"|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                sha.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                sha.update(f"|error:{self._records[key]['error']}".encode())
+        return sha.hexdigest()
+
+    # disk
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {key: self.get(key) for key in self._records if self.has_tensor(key)}
+        meta = {"side": self.side, "records": self._records, "resolved": self.resolved, "next_order": self._next_order}
+        save_file(tensors, str(path), metadata={"parity_captures": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Captures":
+        """Open a saved store; tensors are read from disk on `get`, one at a time."""
+        path = Path(path)
+        reader = safe_open(str(path), framework="pt", device="cpu")
+        raw = (reader.metadata() or {}).get("parity_captures")
+        if raw is None:
+            raise ValueError(f"{path} is not a parity capture file (no 'parity_captures' metadata)")
+        meta = json.loads(raw)
+        store = cls(meta["side"])
+        store._records, store.resolved, store._next_order = meta["records"], meta["resolved"], meta["next_order"]
+        store._file, store._reader, store._stored_keys = path, reader, set(reader.keys())
+        return store
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hooks for one side
+
+
+class _Suppress:
+    """While active (a teacher re-run is in progress), every capture hook of the side does nothing."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+def _capture_value(captures: Captures, key: str, take: Take, select: Callable[[], torch.Tensor]) -> None:
+    if captures.seen(key):
+        captures.count_call(key)
+        return
+    try:
+        captures.put(key, select())
+    except CaptureError as err:
+        captures.put_error(key, f"{take.kind} take failed: {err}")
+
+
+def _install_reference(hooks, model, probes, captures: Captures, *, teacher: bool, aliases) -> None:
+    for probe in probes:
+        try:
+            path, module = resolve_module(model, probe.hf, aliases)
+        except ProbeResolutionError as err:
+            captures.put_error(value_key(probe.name), str(err), kind="unresolved")
+            continue
+        captures.resolved[probe.name] = path
+        _hook_value(hooks, module, probe.name, Take.parse(probe.hf_take), captures, suppress=None)
+        if teacher:
+            for hf_spec, _ in probe.teacher:
+                _hook_teacher_input(hooks, module, probe.name, hf_spec, captures)
+
+
+def _hook_value(hooks, module, name: str, take: Take, captures: Captures, suppress: Optional[_Suppress]) -> None:
+    key = value_key(name)
+    if take.kind == "output":
+
+        def on_output(mod, args, kwargs, output):
+            if suppress is None or not suppress.depth:
+                _capture_value(captures, key, take, lambda: select_output(take, output))
+
+        hooks.forward(module, on_output)
+    else:
+
+        def on_input(mod, args, kwargs):
+            if suppress is None or not suppress.depth:
+                _capture_value(captures, key, take, lambda: select_input(take, mod, args, kwargs))
+
+        hooks.pre_forward(module, on_input)
+
+
+def _hook_teacher_input(hooks, module, name: str, spec: str, captures: Captures) -> None:
+    key, take = teacher_input_key(name, spec), Take.parse(spec)
+
+    def on_input(mod, args, kwargs):
+        if captures.seen(key):
+            captures.count_call(key)
+            return
+        try:
+            captures.put(key, select_input(take, mod, args, kwargs), ordered=False)
+        except CaptureError as err:
+            captures.put_error(key, str(err), ordered=False)
+
+    hooks.pre_forward(module, on_input)
+
+
+class _TeacherError(Exception):
+    pass
+
+
+def _teacher_rerun(probe: Probe, mod, args, kwargs, reference: Captures, suppress: _Suppress) -> Tuple[torch.Tensor, str]:
+    """Re-run `mod` with the HF inputs substituted; returns (selected output, notes)."""
+    notes = []
+    for hf_spec, fms_spec in probe.teacher:
+        hf_key = teacher_input_key(probe.name, hf_spec)
+        if reference.error(hf_key):
+            raise _TeacherError(f"HF {hf_spec} was not captured: {reference.error(hf_key)}")
+        hf_value = reference.get(hf_key)
+        if hf_value is None:
+            raise _TeacherError(f"HF {hf_spec} was never captured (the HF module did not run, or its path did not resolve)")
+        fms_take = Take.parse(fms_spec)
+        try:
+            fms_value = select_input(fms_take, mod, args, kwargs)
+        except CaptureError as err:
+            raise _TeacherError(f"cannot substitute FMS {fms_spec}: {err}") from None
+        if hf_value.shape != fms_value.shape:
+            raise _TeacherError(
+                f"cannot substitute: HF {hf_spec} has shape {list(hf_value.shape)}, FMS {fms_spec} has shape "
+                f"{list(fms_value.shape)}"
+            )
+        if hf_value.dtype != fms_value.dtype:
+            notes.append(f"HF {hf_spec} cast {hf_value.dtype} -> {fms_value.dtype}")
+        # always a fresh copy: an in-place op inside the module must not alter the stored HF capture
+        fed = hf_value.to(device=fms_value.device, dtype=fms_value.dtype, copy=True)
+        args, kwargs = substitute_input(fms_take, mod, args, kwargs, fed)
+    with suppress, torch.no_grad():
+        output = mod.forward(*args, **kwargs)
+    try:
+        return select_output(Take.parse(probe.fms_take), output), "; ".join(notes)
+    except CaptureError as err:
+        raise _TeacherError(f"teacher-forced output: {err}") from None
+
+
+def _install_candidate(hooks, model, probes, captures: Captures, *, reference: Optional[Captures], aliases) -> None:
+    suppress = _Suppress()
+    for probe in probes:
+        try:
+            path, module = resolve_module(model, probe.fms, aliases)
+        except ProbeResolutionError as err:
+            captures.put_error(value_key(probe.name), str(err), kind="unresolved")
+            continue
+        captures.resolved[probe.name] = path
+        take = Take.parse(probe.fms_take)
+        _hook_value(hooks, module, probe.name, take, captures, suppress)
+        if reference is not None and probe.teacher and take.kind == "output":
+            _hook_teacher_rerun(hooks, module, probe, captures, reference, suppress)
+
+
+def _hook_teacher_rerun(hooks, module, probe: Probe, captures: Captures, reference: Captures, suppress: _Suppress):
+    key = teacher_output_key(probe.name)
+
+    def on_output(mod, args, kwargs, output):
+        if suppress.depth:
+            return
+        if captures.seen(key):
+            captures.count_call(key)
+            return
+        try:
+            value, notes = _teacher_rerun(probe, mod, args, kwargs, reference, suppress)
+            captures.put(key, value, ordered=False, note=notes)
+        except _TeacherError as err:
+            captures.put_error(key, str(err), kind="teacher", ordered=False)
+        except Exception as err:  # the re-run itself failed: recorded, the propagated run goes on
+            captures.put_error(key, f"teacher-forced re-run raised {type(err).__name__}: {err}", kind="teacher",
+                               ordered=False)
+
+    hooks.forward(module, on_output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the runner
+
+
+@dataclass
+class ModelRun:
+    """One side of a comparison: a loaded model or a factory building it, and its inputs (kwargs for model(**inputs),
+    or a callable model -> output). `param_bytes` sizes a factory's model for the memory plan."""
+
+    model: Union[torch.nn.Module, Callable[[], torch.nn.Module]]
+    inputs: Union[Mapping[str, Any], Callable[[torch.nn.Module], Any]]
+    param_bytes: Optional[int] = None
+    device: Union[str, torch.device, None] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.model, torch.nn.Module) or callable(self.model)):
+            raise TypeError(f"ModelRun.model must be an nn.Module or a factory, got {type(self.model).__name__}")
+        if not (isinstance(self.inputs, Mapping) or callable(self.inputs)):
+            raise TypeError(f"ModelRun.inputs must be a kwargs mapping or a callable, got {type(self.inputs).__name__}")
+
+    @property
+    def loaded(self) -> bool:
+        return isinstance(self.model, torch.nn.Module)
+
+    def size_bytes(self) -> Optional[int]:
+        if self.loaded:
+            return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+        return self.param_bytes
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    two_phase: bool
+    reason: str
+    needed_bytes: Optional[int] = None
+    available_bytes: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _host_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_bytes(device: Union[str, torch.device, None]) -> Optional[int]:
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _host_available_bytes()
+
+
+def plan_phases(hf: ModelRun, fms: ModelRun, phases: str = "auto") -> PhasePlan:
+    if phases not in PHASES:
+        raise ValueError(f"phases must be one of {PHASES}, got {phases!r}")
+    if phases == "one":
+        return PhasePlan(False, "requested one phase")
+    if phases == "two":
+        if hf.loaded:
+            raise ValueError("two-phase needs the HF model as a factory (a loaded model cannot be freed between phases)")
+        return PhasePlan(True, "requested two phases")
+    if hf.loaded:
+        return PhasePlan(False, "the HF model was passed loaded, so it cannot be freed; pass a factory to allow two phases")
+    hf_bytes, fms_bytes = hf.size_bytes(), fms.size_bytes()
+    if hf_bytes is None or (fms_bytes is None and not fms.loaded):
+        return PhasePlan(True, "model size unknown (no param_bytes); one model at a time is the safe choice")
+    needed = int((hf_bytes + (0 if fms.loaded else fms_bytes)) * MEMORY_HEADROOM)  # a loaded FMS model is already in use
+    available = available_bytes(hf.device or fms.device)
+    if available is None:
+        return PhasePlan(True, "free memory unknown; one model at a time is the safe choice", needed, None)
+    two = needed > available
+    verdict = "exceeds" if two else "fits in"
+    return PhasePlan(two, f"both models x{MEMORY_HEADROOM} ({needed / 2**30:.2f} GiB) {verdict} free memory "
+                          f"({available / 2**30:.2f} GiB)", needed, available)
+
+
+@dataclass
+class PairCaptures:
+    hf: Captures
+    fms: Captures
+    mode: str
+    plan: PhasePlan
+    probes: Tuple[Probe, ...] = field(default_factory=tuple)
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.hf.digest()}|{self.fms.digest()}".encode()).hexdigest()
+
+
+def _check_eval(model: torch.nn.Module, side: str) -> None:
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"the {side} model has modules in training mode ({training[:3]}...); dropout/batch-norm updates make a "
+            "parity run meaningless: call model.eval() first"
+        )
+
+
+def _forward(model: torch.nn.Module, inputs) -> Any:
+    with torch.no_grad():
+        return inputs(model) if callable(inputs) else model(**inputs)
+
+
+def _run_side(model, inputs, side: str, probes, captures: Captures, install) -> None:
+    _check_eval(model, side)
+    with attached_hooks() as hooks:
+        install(hooks, model, probes, captures)
+        _forward(model, inputs)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def normalize_mode(mode: str) -> Tuple[str, Optional[str]]:
+    """('propagated' | 'teacher_forced', forced phases or None); accepts the CLI spellings 'teacher-forced' and
+    'two-phase' (= propagated, two phases)."""
+    name = mode.replace("-", "_")
+    if name == "two_phase":
+        return "propagated", "two"
+    if name not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (or 'two-phase'), got {mode!r}")
+    return name, None
+
+
+def capture_pair(
+    probes: Sequence[Probe],
+    hf: ModelRun,
+    fms: ModelRun,
+    *,
+    mode: str = "propagated",
+    phases: str = "auto",
+    workdir: Union[str, Path, None] = None,
+    hf_aliases: Sequence[Tuple[str, str]] = HF_LAYOUT_ALIASES,
+    fms_aliases: Sequence[Tuple[str, str]] = (),
+) -> PairCaptures:
+    """Run HF (the reference) then FMS (the candidate) with the probes hooked; return both capture stores.
+    In two-phase runs the HF captures are written to `workdir` (default: a temporary directory) as safetensors."""
+    mode, forced = normalize_mode(mode)
+    plan = plan_phases(hf, fms, forced or phases)
+    teacher = mode == "teacher_forced"
+    probes = tuple(probes)
+
+    hf_captures = Captures("hf")
+
+    def install_hf(hooks, model, ps, caps):
+        _install_reference(hooks, model, ps, caps, teacher=teacher, aliases=hf_aliases)
+
+    if not plan.two_phase:
+        hf_model = hf.model if hf.loaded else hf.model()
+        fms_model = fms.model if fms.loaded else fms.model()
+        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf)
+    else:
+        hf_model = hf.model()
+        hf_ref = weakref.ref(hf_model)
+        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf)
+        del hf_model
+        _free()
+        if hf_ref() is not None:
+            raise RuntimeError(
+                "two-phase run: the HF model is still referenced after its phase (the factory or the inputs callable "
+                "keeps it alive), so it would share memory with the FMS model"
+            )
+        directory = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="parity-"))
+        hf_captures = Captures.load(hf_captures.save(directory / "hf_captures.safetensors"))
+        fms_model = fms.model if fms.loaded else fms.model()
+
+    fms_captures = Captures("fms")
+
+    def install_fms(hooks, model, ps, caps):
+        _install_candidate(hooks, model, ps, caps, reference=hf_captures if teacher else None, aliases=fms_aliases)
+
+    _run_side(fms_model, fms.inputs, "FMS", probes, fms_captures, install_fms)
+    return PairCaptures(hf_captures, fms_captures, mode, plan, probes)
