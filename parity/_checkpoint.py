@@ -63,9 +63,9 @@ def default_lora_shape(hf_config: dict) -> tuple[int, int]:
     return (64, 32) if hf_config["text_config"]["hidden_size"] >= 1024 else (8, 16)
 
 
-def _check_config(hf_config: dict) -> None:
+def check_config(hf_config: dict) -> None:
     if hf_config.get("model_type") != "granite_speech":
-        raise ValueError(f"expected a granite_speech config (model_type), got model_type={hf_config.get('model_type')!r}")
+        raise ValueError(f"expected model_type 'granite_speech', got model_type={hf_config.get('model_type')!r}")
     for key in ("encoder_config", "projector_config", "text_config", "audio_token_index"):
         if key not in hf_config:
             raise ValueError(f"granite_speech config lacks {key!r}; keys present: {sorted(hf_config)}")
@@ -242,7 +242,10 @@ def _lora_layer_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
     text = hf_config["text_config"]
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
-    return {"q_proj": (text["num_attention_heads"] * head_dim, text["hidden_size"]), "v_proj": (kv_heads * head_dim, text["hidden_size"])}
+    return {
+        "q_proj": (text["num_attention_heads"] * head_dim, text["hidden_size"]),
+        "v_proj": (kv_heads * head_dim, text["hidden_size"]),
+    }
 
 
 @torch.no_grad()
@@ -298,7 +301,7 @@ def write_hub_folder(
 ) -> None:
     from ._tokenizer import build_tokenizer
 
-    _check_config(hf_config)
+    check_config(hf_config)
     model = _meta_model(hf_config)
     write_base_weights(model, folder, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes)
     config = dict(hf_config, torch_dtype=str(dtype).removeprefix("torch."))
@@ -338,8 +341,7 @@ def write_tf5_folder(
         model.save_pretrained(folder, max_shard_size=math.ceil(total / n_shards))
         del model
         AutoProcessor.from_pretrained(base_only).save_pretrained(folder)
-    for name in (ADAPTER_WEIGHTS,):
-        shutil.copyfile(hub_folder / name, folder / name)
+    shutil.copyfile(hub_folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
     adapter_config = json.loads((hub_folder / ADAPTER_CONFIG).read_text())
     adapter_config["base_model_name_or_path"] = str(final_path)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")

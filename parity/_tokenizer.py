@@ -78,7 +78,8 @@ def _vocab_layout(hf_config: dict) -> tuple[int, int]:
     if base_vocab_size < MIN_BASE_VOCAB:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: need at least {MIN_BASE_VOCAB + len(GRANITE_ADDED_TOKENS)} "
-            f"({len(STARCODER_SPECIAL_TOKENS)} special + {BYTE_ALPHABET_SIZE} bytes + {len(GRANITE_ADDED_TOKENS)} added)"
+            f"({len(STARCODER_SPECIAL_TOKENS)} special + {BYTE_ALPHABET_SIZE} bytes "
+            f"+ {len(GRANITE_ADDED_TOKENS)} added)"
         )
     return vocab_size, base_vocab_size
 

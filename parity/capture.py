@@ -310,7 +310,7 @@ def _install_reference(hooks, model, probes, captures: Captures, *, teacher: boo
         try:
             path, module = resolve_module(model, probe.hf, aliases)
         except ProbeResolutionError as err:
-            captures.put_error(value_key(probe.name), str(err), kind="unresolved")
+            captures.put_error(value_key(probe.name), str(err), kind="unresolved", ordered=False)
             continue
         captures.resolved[probe.name] = path
         _hook_value(hooks, module, probe.name, Take.parse(probe.hf_take), captures, suppress=None)
@@ -352,8 +352,27 @@ def _hook_teacher_input(hooks, module, name: str, spec: str, captures: Captures)
     hooks.pre_forward(module, on_input)
 
 
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, slice)
+
+
+def _stateful_arguments(args: tuple, kwargs: dict) -> List[str]:
+    """Arguments that are objects with state (e.g. an HF DynamicCache): a re-run would see and change that state."""
+
+    def plain(value) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(plain(v) for v in value)
+        if isinstance(value, Mapping):
+            return all(plain(v) for v in value.values())
+        return isinstance(value, _PLAIN)
+
+    named = [(f"arg {i}", v) for i, v in enumerate(args)] + list(kwargs.items())
+    return [f"{name} ({type(value).__name__})" for name, value in named if not plain(value)]
+
+
 class _TeacherError(Exception):
-    pass
+    def __init__(self, message: str, kind: str = "teacher"):
+        super().__init__(message)
+        self.kind = kind  # "teacher_shape" when an input could not be substituted for its shape
 
 
 def _teacher_rerun(probe: Probe, mod, args, kwargs, reference: Captures, suppress: _Suppress) -> Tuple[torch.Tensor, str]:
@@ -374,13 +393,20 @@ def _teacher_rerun(probe: Probe, mod, args, kwargs, reference: Captures, suppres
         if hf_value.shape != fms_value.shape:
             raise _TeacherError(
                 f"cannot substitute: HF {hf_spec} has shape {list(hf_value.shape)}, FMS {fms_spec} has shape "
-                f"{list(fms_value.shape)}"
+                f"{list(fms_value.shape)}",
+                kind="teacher_shape",
             )
         if hf_value.dtype != fms_value.dtype:
             notes.append(f"HF {hf_spec} cast {hf_value.dtype} -> {fms_value.dtype}")
         # always a fresh copy: an in-place op inside the module must not alter the stored HF capture
         fed = hf_value.to(device=fms_value.device, dtype=fms_value.dtype, copy=True)
         args, kwargs = substitute_input(fms_take, mod, args, kwargs, fed)
+    stateful = _stateful_arguments(args, kwargs)
+    caches = [s for s in stateful if "Cache" in s]
+    if caches:  # the cache already holds this layer's keys from the propagated run: the re-run would attend to both
+        raise _TeacherError(f"cannot re-run with a KV cache argument ({', '.join(caches)}): capture with use_cache=False")
+    if stateful:
+        notes.append(f"re-run shares stateful argument(s) {', '.join(stateful)} with the propagated run")
     with suppress, torch.no_grad():
         output = mod.forward(*args, **kwargs)
     try:
@@ -395,7 +421,7 @@ def _install_candidate(hooks, model, probes, captures: Captures, *, reference: O
         try:
             path, module = resolve_module(model, probe.fms, aliases)
         except ProbeResolutionError as err:
-            captures.put_error(value_key(probe.name), str(err), kind="unresolved")
+            captures.put_error(value_key(probe.name), str(err), kind="unresolved", ordered=False)
             continue
         captures.resolved[probe.name] = path
         take = Take.parse(probe.fms_take)
@@ -417,7 +443,7 @@ def _hook_teacher_rerun(hooks, module, probe: Probe, captures: Captures, referen
             value, notes = _teacher_rerun(probe, mod, args, kwargs, reference, suppress)
             captures.put(key, value, ordered=False, note=notes)
         except _TeacherError as err:
-            captures.put_error(key, str(err), kind="teacher", ordered=False)
+            captures.put_error(key, str(err), kind=err.kind, ordered=False)
         except Exception as err:  # the re-run itself failed: recorded, the propagated run goes on
             captures.put_error(key, f"teacher-forced re-run raised {type(err).__name__}: {err}", kind="teacher",
                                ordered=False)

@@ -47,6 +47,7 @@ CACHE_ENV = "GRANITE_SPEECH_FIXTURE_CACHE"
 LIBRISPEECH_DUMMY = "hf-internal-testing/librispeech_asr_dummy"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BUILDER_SOURCES = (
+    Path(__file__),
     Path(_checkpoint.__file__),
     Path(__file__).with_name("_tokenizer.py"),
     FIXTURES_DIR / "text" / "tokenizer_corpus.txt",
@@ -152,6 +153,7 @@ def build_checkpoint(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     hf_config = load_hf_config(variant_or_config)
+    _checkpoint.check_config(hf_config)
     dtype = _resolve_dtype(dtype)
     default_rank, default_alpha = _checkpoint.default_lora_shape(hf_config)
     lora_rank = default_rank if lora_rank is None else lora_rank
@@ -176,13 +178,19 @@ def build_checkpoint(
                 lora_rank=lora_rank, lora_alpha=lora_alpha, max_shard_bytes=max_shard_bytes,
             )
     else:
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ValueError(f"layout 'tf5' is written by transformers 5.x; this is {transformers.__version__}")
         hub_folder = build_checkpoint(
             hf_config if label == "cfg" else label, seed=seed, layout="hub", cache_dir=cache_dir, dtype=dtype,
             lora_rank=lora_rank, lora_alpha=lora_alpha, max_shard_bytes=max_shard_bytes,
         )
 
         def write(tmp: Path) -> None:
-            _checkpoint.write_tf5_folder(tmp, hub_folder, final_path=final, dtype=dtype, max_shard_bytes=max_shard_bytes)
+            _checkpoint.write_tf5_folder(
+                tmp, hub_folder, final_path=final, dtype=dtype, max_shard_bytes=max_shard_bytes
+            )
 
     return _build_atomically(final, write)
 
@@ -210,6 +218,21 @@ def _decode_audio_with_soundfile(batch: dict) -> dict:
         decoded.append({"array": np.asarray(array, dtype=np.float32), "sampling_rate": rate, "path": audio["path"]})
     batch["audio"] = decoded
     return batch
+
+
+def _cached_librispeech_dummy():
+    """The hub dataset from a local hub snapshot only: `local_files_only` never opens a connection."""
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(LIBRISPEECH_DUMMY, repo_type="dataset", local_files_only=True)
+    except Exception as err:  # LocalEntryNotFoundError and friends
+        raise ValueError(
+            f"{LIBRISPEECH_DUMMY} is not in the local HF hub cache and is never downloaded here; "
+            f"use source='local' (the committed clips). Cause: {err}"
+        ) from err
+    return datasets.load_dataset(snapshot, "clean", split="validation")
 
 
 def load_speech_dataset(source: str = "local"):
@@ -241,12 +264,7 @@ def load_speech_dataset(source: str = "local"):
         dataset = datasets.Dataset.from_list(rows, features=features)
         dataset = dataset.cast_column("audio", datasets.Audio(sampling_rate=SAMPLE_RATE, decode=False))
     elif source == "librispeech_dummy":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        try:
-            dataset = datasets.load_dataset(LIBRISPEECH_DUMMY, "clean", split="validation")
-        except Exception as err:  # offline cache miss surfaces as several error types
-            raise ValueError(f"{LIBRISPEECH_DUMMY} is not in the local HF cache (offline only): {err}") from err
+        dataset = _cached_librispeech_dummy()
         dataset = dataset.cast_column("audio", datasets.Audio(sampling_rate=SAMPLE_RATE, decode=False))
     else:
         raise ValueError(f"unknown source {source!r}; expected 'local' or 'librispeech_dummy'")

@@ -119,7 +119,8 @@ def test_config_loads_with_explicit_dimensions(variant, tmp_path):
 
 
 def test_real_configs_match_published_dimensions():
-    for variant, hidden, inter, att_mult, scaling in (("2b", 2048, 8192, 1 / 64, 8.0), ("8b", 4096, 12800, 1 / 128, 16.0)):
+    published = (("2b", 2048, 8192, 1 / 64, 8.0), ("8b", 4096, 12800, 1 / 128, 16.0))
+    for variant, hidden, inter, att_mult, scaling in published:
         raw = load_hf_config(variant)
         enc, text = raw["encoder_config"], raw["text_config"]
         assert (enc["num_layers"], enc["output_dim"], enc["hidden_dim"], enc["dim_head"]) == (16, 256, 1024, 128)
@@ -127,6 +128,24 @@ def test_real_configs_match_published_dimensions():
         assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]) == (hidden, inter, 40)
         assert text["attention_multiplier"] == att_mult and text["logits_scaling"] == scaling
         assert (raw["audio_token_index"], text["vocab_size"]) == (49159, 49160)
+
+
+@pytest.mark.parametrize("variant", ["2b", "8b"])
+def test_real_variants_plan_on_the_meta_device(variant):
+    """The 2b/8b weights are built on the GPU runner; here only the streamed write plan is checked (no memory)."""
+    from parity._checkpoint import _meta_model, _tensors_to_write
+
+    raw = load_hf_config(variant)
+    text = raw["text_config"]
+    plan = _tensors_to_write(_meta_model(raw))
+    d, inner = text["hidden_size"], text["num_attention_heads"] * text["head_dim"]
+    kv_inner = text["num_key_value_heads"] * text["head_dim"]
+    per_layer = 2 * d * inner + 2 * d * kv_inner + 3 * d * text["intermediate_size"] + 2 * d
+    expected_text = text["vocab_size"] * d + text["num_hidden_layers"] * per_layer + d
+    assert sum(n for k, (n, _) in plan.items() if k.startswith("language_model.")) == expected_text
+    assert "language_model.lm_head.weight" not in plan  # tied: the hub layout stores the embedding only
+    assert {k.split(".")[0] for k in plan} == {"encoder", "projector", "language_model"}
+    assert sum(k.endswith("num_batches_tracked") for k in plan) == raw["encoder_config"]["num_layers"]
 
 
 def test_unknown_variant_is_rejected():
@@ -329,6 +348,9 @@ def test_build_is_seeded(hub_folder, tmp_path):
 
 
 def test_bad_arguments_are_rejected():
+    if TF_MAJOR < 5:
+        with pytest.raises(ValueError, match="written by transformers 5.x"):
+            build_checkpoint("tiny", layout="tf5")
     with pytest.raises(ValueError, match="unknown layout"):
         build_checkpoint("tiny", layout="gguf")
     with pytest.raises(ValueError, match="unsupported dtype"):
@@ -364,3 +386,21 @@ def test_speech_dataset_matches_the_clip_table():
 def test_speech_fixtures_are_small():
     total = sum(p.stat().st_size for p in (FIXTURES_DIR / "speech").iterdir())
     assert total < 3 * 2**20
+
+
+def test_librispeech_dummy_is_used_only_from_the_local_cache():
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download("hf-internal-testing/librispeech_asr_dummy", repo_type="dataset", local_files_only=True)
+        cached = True
+    except Exception:
+        cached = False
+    if cached:
+        row = load_speech_dataset("librispeech_dummy")[0]
+        assert row["audio"]["sampling_rate"] == 16000 and row["audio"]["array"].dtype.name == "float32"
+    else:
+        with pytest.raises(ValueError, match="not in the local HF hub cache"):
+            load_speech_dataset("librispeech_dummy")
+    with pytest.raises(ValueError, match="unknown source"):
+        load_speech_dataset("librivox")

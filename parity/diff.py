@@ -1,0 +1,369 @@
+"""Judge captures: per-probe metrics, a status, the first divergence, and own-vs-inherited attribution.
+
+Returns plain dataclasses (no printing). Statuses are distinct so a report can say *what* went wrong:
+    pass, fail (numbers outside tolerance), nonfinite (NaN/Inf where the other side is finite or differently so),
+    shape_mismatch, dtype_mismatch (numbers still measured after upcasting), missing (path did not resolve or the
+    module never ran), capture_error (the take / adapter could not be applied, or a teacher re-run failed),
+    not_applicable / not_run (teacher-forced column only).
+All arithmetic is float64 on CPU. The reference is HF: relative error and the tolerance bound use |hf|.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from parity.adapters import build_adapter
+from parity.capture import PairCaptures, teacher_output_key, value_key
+from parity.probes import Probe, Take
+from parity.tolerances import _FLOAT_FORMATS, Tolerance, dtype_name, tolerance_for, ulp
+
+__all__ = ["Status", "Metrics", "Comparison", "ProbeResult", "ParityResult", "compare", "diff_captures",
+           "tolerance_for"]
+
+
+class Status:
+    PASS = "pass"
+    FAIL = "fail"
+    NONFINITE = "nonfinite"
+    SHAPE_MISMATCH = "shape_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    MISSING = "missing"
+    CAPTURE_ERROR = "capture_error"
+    NOT_APPLICABLE = "not_applicable"
+    NOT_RUN = "not_run"
+
+    ALL = (PASS, FAIL, NONFINITE, SHAPE_MISMATCH, DTYPE_MISMATCH, MISSING, CAPTURE_ERROR, NOT_APPLICABLE, NOT_RUN)
+    # teacher-forced statuses that say nothing about the module's own error
+    NO_VERDICT = (NOT_APPLICABLE, NOT_RUN)
+
+
+def _float_out(value: float):
+    return value if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+
+
+def _float_in(value) -> float:
+    return float(value)  # float("inf") / float("nan") parse the string forms
+
+
+@dataclass
+class Metrics:
+    numel: int  # elements compared (finite on both sides)
+    max_abs: float
+    mean_abs: float
+    max_rel: float  # max |fms - hf| / |hf| over elements with hf != 0
+    cosine: float  # of the flattened tensors
+    sqnr_db: float  # 10 log10(sum hf^2 / sum (fms - hf)^2); inf when identical
+    outside_count: int
+    outside_fraction: float  # share of elements outside the tolerance bound
+    min_atol: float  # the smallest atol that passes at this tolerance's rtol / ulps / allowed fraction
+    ref_absmax: float
+    worst_index: List[int]  # where |fms - hf| is largest
+    worst_hf: float
+    worst_fms: float
+    nonfinite_hf: int = 0
+    nonfinite_fms: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: (_float_out(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Metrics":
+        floats = {f.name for f in fields(cls) if f.type in (float, "float")}
+        return cls(**{k: (_float_in(v) if k in floats else v) for k, v in data.items()})
+
+
+@dataclass
+class Comparison:
+    status: str
+    detail: str = ""
+    metrics: Optional[Metrics] = None
+    hf_shape: Optional[List[int]] = None
+    fms_shape: Optional[List[int]] = None
+    hf_dtype: Optional[str] = None
+    fms_dtype: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == Status.PASS
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["metrics"] = None if self.metrics is None else self.metrics.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Comparison":
+        data = dict(data)
+        data["metrics"] = None if data.get("metrics") is None else Metrics.from_dict(data["metrics"])
+        return cls(**data)
+
+
+@dataclass
+class ProbeResult:
+    index: int  # row in the probe table
+    name: str
+    hf_path: str  # the path actually hooked (or the declared one when it did not resolve)
+    fms_path: str
+    hf_take: str
+    fms_take: str
+    hf_adapter: str
+    fms_adapter: str
+    tolerance_class: str
+    tolerance: Tolerance
+    order: Optional[int]  # execution rank (HF hook firing order; FMS when HF did not fire)
+    calls_hf: int
+    calls_fms: int
+    propagated: Comparison
+    teacher: Comparison
+    attribution: str  # ok | inherited | own | unknown
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        return self.propagated.status
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(tolerance=self.tolerance.to_dict(), propagated=self.propagated.to_dict(),
+                    teacher=self.teacher.to_dict())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ProbeResult":
+        data = dict(data)
+        data.update(tolerance=Tolerance.from_dict(data["tolerance"]),
+                    propagated=Comparison.from_dict(data["propagated"]), teacher=Comparison.from_dict(data["teacher"]))
+        return cls(**data)
+
+
+@dataclass
+class ParityResult:
+    mode: str
+    probes: List[ProbeResult]
+    first_divergence: Optional[str]  # name of the earliest probe (execution order) whose status is not pass
+    first_own_error: Optional[str]  # teacher-forced: earliest probe whose own (teacher-forced) comparison fails
+    plan: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.status == Status.PASS for p in self.probes)
+
+    def probe(self, name: str) -> ProbeResult:
+        for result in self.probes:
+            if result.name == name:
+                return result
+        raise KeyError(f"no probe named {name!r}; have {[p.name for p in self.probes][:8]}...")
+
+    def status_counts(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for result in self.probes:
+            counts[result.status] = counts.get(result.status, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "first_divergence": self.first_divergence, "first_own_error": self.first_own_error,
+                "plan": self.plan, "probes": [p.to_dict() for p in self.probes]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ParityResult":
+        return cls(mode=data["mode"], probes=[ProbeResult.from_dict(p) for p in data["probes"]],
+                   first_divergence=data["first_divergence"], first_own_error=data["first_own_error"],
+                   plan=dict(data.get("plan") or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# comparing two tensors
+
+
+def _dtype_str(t: torch.Tensor) -> str:
+    return dtype_name(t.dtype)
+
+
+def _nonfinite_patterns_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    same_nan = torch.equal(torch.isnan(a), torch.isnan(b))
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    return same_nan and torch.equal(inf_a, inf_b) and torch.equal(a[inf_a], b[inf_b])
+
+
+def _bound_slack(ref_abs: torch.Tensor, tol: Tolerance, ulp_dtype: Optional[str]) -> torch.Tensor:
+    """rtol * |hf| + ulps * ulp(|hf|): the part of the bound that scales with the reference."""
+    slack = tol.rtol * ref_abs
+    if tol.ulps and ulp_dtype in _FLOAT_FORMATS:
+        slack = slack + tol.ulps * ulp(ref_abs, ulp_dtype)
+    return slack
+
+
+def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: Optional[str] = None) -> Comparison:
+    """Measure fms against the reference hf and judge it with `tol`. `ulp_dtype` (default: hf's dtype) sizes the
+    tolerance's ulp term."""
+    shapes = dict(hf_shape=list(hf.shape), fms_shape=list(fms.shape), hf_dtype=_dtype_str(hf), fms_dtype=_dtype_str(fms))
+    if hf.shape != fms.shape:
+        return Comparison(Status.SHAPE_MISMATCH, f"shape {list(fms.shape)} (FMS) != {list(hf.shape)} (HF)", **shapes)
+    ulp_dtype = ulp_dtype or _dtype_str(hf)
+    a, b = fms.detach().to("cpu", torch.float64), hf.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    nonfinite_hf, nonfinite_fms = int((~torch.isfinite(b)).sum()), int((~torch.isfinite(a)).sum())
+    patterns_equal = _nonfinite_patterns_equal(a, b)
+    a, b = a[finite], b[finite]
+    metrics = _metrics(a, b, tol, ulp_dtype, hf.shape, finite)
+    metrics.nonfinite_hf, metrics.nonfinite_fms = nonfinite_hf, nonfinite_fms
+    allowed = math.floor(tol.max_outside_fraction * metrics.numel)
+    numbers_pass = metrics.outside_count <= allowed
+    numeric = (f"{metrics.outside_count} of {metrics.numel} elements outside atol={tol.atol:g} rtol={tol.rtol:g}"
+               + (f" +{tol.ulps:g} ulp({ulp_dtype})" if tol.ulps else "") + f"; needs atol >= {metrics.min_atol:.3g}")
+    details = [numeric]
+    status = Status.PASS if numbers_pass else Status.FAIL
+    if not patterns_equal:
+        status = Status.NONFINITE
+        details.insert(0, f"non-finite values differ: HF has {nonfinite_hf}, FMS has {nonfinite_fms} NaN/Inf")
+    elif nonfinite_hf:
+        details.append(f"both sides have the same {nonfinite_hf} NaN/Inf; compared the finite elements")
+    if hf.dtype != fms.dtype:
+        status = Status.DTYPE_MISMATCH
+        details.insert(0, f"dtype {_dtype_str(fms)} (FMS) != {_dtype_str(hf)} (HF); numbers compared in float64")
+    return Comparison(status, "; ".join(details), metrics, **shapes)
+
+
+def _metrics(a, b, tol: Tolerance, ulp_dtype: str, shape, finite_mask) -> Metrics:
+    n = a.numel()
+    if n == 0:
+        return Metrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0.0, 0.0, 0.0, [], 0.0, 0.0)
+    diff = (a - b).abs()
+    ref_abs = b.abs()
+    excess = diff - _bound_slack(ref_abs, tol, ulp_dtype)  # element passes iff excess <= atol
+    allowed = math.floor(tol.max_outside_fraction * n)
+    min_atol = max(float(torch.topk(excess, allowed + 1).values[-1]), 0.0) if allowed < n else 0.0
+    outside = int((excess > tol.atol).sum())
+    nonzero = ref_abs > 0
+    if bool(nonzero.any()):
+        max_rel = float((diff[nonzero] / ref_abs[nonzero]).max())
+    else:
+        max_rel = 0.0 if float(diff.max()) == 0 else math.inf
+    norm_a, norm_b = float(a.norm()), float(b.norm())
+    if norm_a == 0 and norm_b == 0:
+        cosine = 1.0
+    elif norm_a == 0 or norm_b == 0:
+        cosine = 0.0
+    else:
+        cosine = float(torch.dot(a, b) / (norm_a * norm_b))
+    noise, signal = float((diff * diff).sum()), float((b * b).sum())
+    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
+    flat_worst = int(diff.argmax())
+    full_index = torch.nonzero(finite_mask.reshape(-1), as_tuple=False)[flat_worst].item()
+    worst_index = [int(i) for i in torch.unravel_index(torch.tensor(full_index), tuple(shape))] if len(shape) else []
+    return Metrics(
+        numel=n, max_abs=float(diff.max()), mean_abs=float(diff.mean()), max_rel=max_rel, cosine=cosine, sqnr_db=sqnr,
+        outside_count=outside, outside_fraction=outside / n, min_atol=min_atol, ref_absmax=float(ref_abs.max()),
+        worst_index=worst_index, worst_hf=float(b[flat_worst]), worst_fms=float(a[flat_worst]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# judging a capture pair
+
+
+def _side_value(captures, key: str, side: str, adapter_spec: str) -> Tuple[Optional[torch.Tensor], Optional[Comparison]]:
+    """(adapted tensor, None) or (None, a Comparison saying why there is no value)."""
+    error, kind = captures.error(key), captures.error_kind(key)
+    if error:
+        status = {"unresolved": Status.MISSING, "teacher_shape": Status.SHAPE_MISMATCH}.get(kind, Status.CAPTURE_ERROR)
+        return None, Comparison(status, f"{side}: {error}")
+    tensor = captures.get(key)
+    if tensor is None:
+        return None, Comparison(Status.MISSING, f"{side}: the module never ran (no hook call recorded)")
+    try:
+        return build_adapter(adapter_spec)(tensor), None
+    except Exception as err:  # noqa: BLE001 - any adapter failure is reported on the probe
+        return None, Comparison(Status.CAPTURE_ERROR, f"{side}: adapter {adapter_spec!r} failed: {err}")
+
+
+def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Tolerance, ulp_dtype) -> Comparison:
+    hf_value, hf_problem = _side_value(hf_caps, hf_key, "HF", probe.hf_adapter)
+    fms_value, fms_problem = _side_value(fms_caps, fms_key, "FMS", probe.fms_adapter)
+    if hf_problem or fms_problem:
+        problems = [p for p in (hf_problem, fms_problem) if p]
+        # a missing side outranks a capture error: it is the more basic fault
+        status = Status.MISSING if any(p.status == Status.MISSING for p in problems) else problems[0].status
+        return Comparison(status, "; ".join(p.detail for p in problems))
+    return compare(hf_value, fms_value, tol, ulp_dtype=ulp_dtype)
+
+
+# a teacher-forced comparison with one of these statuses is the module's own numeric error
+_OWN_ERROR = (Status.FAIL, Status.NONFINITE, Status.DTYPE_MISMATCH)
+
+
+def _attribution(propagated: Comparison, teacher: Comparison) -> str:
+    own_fail = teacher.status in _OWN_ERROR
+    if propagated.passed:
+        return "own" if own_fail else "ok"
+    if teacher.passed:
+        return "inherited"
+    return "own" if own_fail else "unknown"
+
+
+def diff_captures(
+    pair: PairCaptures,
+    *,
+    probes: Optional[Sequence[Probe]] = None,
+    dtype: Union[torch.dtype, str, None] = None,
+    device: Union[torch.device, str] = "cpu",
+    table: Optional[Mapping] = None,
+    overrides: Optional[Mapping[str, float]] = None,
+    tolerances: Optional[Mapping[str, Tolerance]] = None,
+) -> ParityResult:
+    """Judge every probe of `pair`. Tolerances: `tolerances[tolerance_class]` when given, else the table entry for
+    (`dtype` or the HF capture's dtype, `device`) with `overrides` applied."""
+    probes = tuple(probes if probes is not None else pair.probes)
+    teacher_mode = pair.mode == "teacher_forced"
+    results = []
+    for index, probe in enumerate(probes):
+        key = value_key(probe.name)
+        hf_tensor = pair.hf.get(key)
+        run_dtype = dtype_name(dtype) if dtype is not None else (_dtype_str(hf_tensor) if hf_tensor is not None else "float32")
+        if tolerances is not None and probe.tolerance_class in tolerances:
+            tol = tolerances[probe.tolerance_class]
+        else:
+            tol = tolerance_for(run_dtype, device, probe.tolerance_class, table=table, overrides=overrides)
+        propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype)
+        if not teacher_mode:
+            teacher = Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
+        elif not probe.teacher:
+            teacher = Comparison(Status.NOT_APPLICABLE, probe.note or "probe declares no teacher inputs")
+        elif pair.fms.error_kind(key) == "unresolved":
+            teacher = Comparison(Status.MISSING, "FMS module path did not resolve")
+        else:
+            teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype)
+            note = pair.fms.note(teacher_output_key(probe.name))
+            if note:
+                teacher.detail = f"{teacher.detail}; {note}" if teacher.detail else note
+        hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
+        results.append(ProbeResult(
+            index=index, name=probe.name,
+            hf_path=pair.hf.resolved.get(probe.name, probe.hf), fms_path=pair.fms.resolved.get(probe.name, probe.fms),
+            hf_take=probe.hf_take, fms_take=probe.fms_take, hf_adapter=probe.hf_adapter, fms_adapter=probe.fms_adapter,
+            tolerance_class=probe.tolerance_class, tolerance=tol,
+            order=hf_order if hf_order is not None else fms_order,
+            calls_hf=pair.hf.calls(key), calls_fms=pair.fms.calls(key),
+            propagated=propagated, teacher=teacher, attribution=_attribution(propagated, teacher), note=probe.note,
+        ))
+    return ParityResult(pair.mode, results, first_divergence(results), first_own_error(results), pair.plan.to_dict())
+
+
+def _execution_sorted(results: Sequence[ProbeResult]) -> List[ProbeResult]:
+    return sorted(results, key=lambda r: (r.order if r.order is not None else r.index, r.index))
+
+
+def first_divergence(results: Sequence[ProbeResult]) -> Optional[str]:
+    for result in _execution_sorted(results):
+        if result.status != Status.PASS:
+            return result.name
+    return None
+
+
+def first_own_error(results: Sequence[ProbeResult]) -> Optional[str]:
+    for result in _execution_sorted(results):
+        if result.teacher.status in _OWN_ERROR:
+            return result.name
+    return None
