@@ -157,7 +157,7 @@ def _decode_layer(
     value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))
     # GQA without expanding the cache: the nheads // kvheads query heads of one kv head become its query rows
     q = q.view(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
-    attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier * 1.01)
+    attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier)
     x = F.linear(attn.reshape(batch, q_dim), dense_w, dense_b) * spec.residual_multiplier + x
 
     # gated MLP: x = w2(act(wg(ln(x))) * w1(ln(x))) * residual_multiplier + x

@@ -252,6 +252,7 @@ details > div { padding: 4px 14px 12px; }
 .legend { color: var(--muted); font-size: 12.5px; margin: 6px 4px 0; }
 .meta td, .meta th { text-align:left; white-space: normal; }
 .note { color: var(--muted); }
+.cmp { display:grid; grid-template-columns: 1fr 1fr; gap: 0 28px; } h4 { margin: 12px 0 2px; font-size: 13.5px; }
 .c-own { color: var(--fail); font-weight: 600; } .c-inherited { color: var(--warn); } .c-ok, .c-unknown { color: var(--muted); }
 """
 
@@ -443,8 +444,8 @@ def _probe_details(p: Mapping, first: Optional[str]) -> str:
     ]
     if p.get("note"):
         pairs.append(("note", f"<span class='note'>{_e(p['note'])}</span>"))
-    body = _kv(pairs) + _comparison_block("propagated", p["propagated"]) + _comparison_block(
-        "teacher-forced (own error)", p["teacher"])
+    body = _kv(pairs) + ('<div class="cmp"><div>' + _comparison_block("propagated", p["propagated"]) + "</div><div>"
+                         + _comparison_block("teacher-forced (own error)", p["teacher"]) + "</div></div>")
     is_open = " open" if p["name"] == first else ""
     summary = (f'{_chip(p["propagated"]["status"])} <span class="mono">#{p["index"]} {_e(p["name"])}</span> '
                f'<span class="note">cause: {_e(p["attribution"])}</span>')
