@@ -17,8 +17,8 @@ The decode math is FMS Granite's: RMSNorm as `LayerNormParameterized` (fp32 stat
 embedding_multiplier on the token embedding, attention_multiplier as the attention scale, GQA, FMS's interleaved-pair
 RoPE table, residual_multiplier, logits / logits_scaling; the modality LoRA (lora_mode "audio_only") is added to the
 q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exactly when the prompt had audio (as
-`GraniteSpeech.forward` sets it). `compile_layers=True` additionally fuses each layer's small ops with
-`torch.compile` (one compiled function shared by every layer).
+`GraniteSpeech.forward` sets it). `compile_step=True` additionally fuses the step's small ops with `torch.compile`
+(inductor, static shapes; one compiled function shared by every layer, plus the step's prologue and epilogue).
 
     generator = StaticGenerator(model, max_len=512)
     tokens = generator.generate(input_ids, input_features, input_features_mask, attention_mask, max_new_tokens=128)
@@ -26,6 +26,7 @@ q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exact
     tokens = generate_static(model, input_ids, input_features, ..., max_new_tokens=128)
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -118,10 +119,30 @@ def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return (rot.unsqueeze(1) * pairs.unsqueeze(-2)).sum(-1).flatten(-2).type_as(x)
 
 
+def _step_prologue(
+    spec: _DecoderSpec,
+    seq: torch.Tensor,
+    slot: torch.Tensor,
+    rope_pos: torch.Tensor,
+    valid: torch.Tensor,
+    rope_table: torch.Tensor,
+    embedding_w: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings (x embedding_multiplier) at column `slot`, the additive attention bias over the valid cache
+    columns ([B, 1, 1, max_len]; marks `slot` valid) and the RoPE rotations of each row's position."""
+    batch = seq.size(0)
+    token = seq.gather(1, slot.expand(batch).unsqueeze(1)).squeeze(1)
+    valid.index_fill_(1, slot, True)
+    attn_bias = torch.zeros(valid.shape, dtype=embedding_w.dtype, device=valid.device)
+    attn_bias = attn_bias.masked_fill(~valid, float("-inf")).view(batch, 1, 1, valid.size(1))
+    x = F.embedding(token, embedding_w) * spec.embedding_multiplier
+    return x, attn_bias, rope_table.index_select(0, rope_pos)
+
+
 def _decode_layer(
     spec: _DecoderSpec,
-    activation: nn.Module,
-    x: torch.Tensor,  # [B, D]
+    x: torch.Tensor,  # [B, D] residual stream before the previous layer's MLP output is added
+    mlp_out: torch.Tensor,  # [B, D] previous layer's MLP output (zeros before the first layer)
     ln_w: torch.Tensor,
     qkv_w: torch.Tensor,
     qkv_b: Optional[torch.Tensor],
@@ -137,33 +158,97 @@ def _decode_layer(
     value_cache: torch.Tensor,
     rot: torch.Tensor,
     slot: torch.Tensor,
-    attn_bias: torch.Tensor,  # [B, 1, 1, max_len] additive
-) -> torch.Tensor:
-    """One GraniteBlock for one new token per row, reading/writing the static cache at column `slot`."""
+    attn_bias: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One GraniteBlock for one new token per row, reading/writing the static cache at column `slot`.
+
+    The MLP residual is left to the next call (returned as (x, mlp_out)) so that, compiled, it fuses with the next
+    layer's RMSNorm; the math is GraniteBlock's: x = x + r * dense(attn(ln(x))); x = x + r * w2(silu(wg) * w1).
+    """
     batch = x.size(0)
     q_dim, kv_dim = spec.nheads * spec.head_dim, spec.kvheads * spec.head_dim
+    x = mlp_out * spec.residual_multiplier + x
 
-    # attention: x = dense(attn(ln(x))) * residual_multiplier + x
     h = _rms_norm(x, ln_w, spec.norm_eps)
-    q, k, v = F.linear(h, qkv_w, qkv_b).split([q_dim, kv_dim, kv_dim], dim=-1)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
     if lora:
-        qkv = [q, k, v]
-        for i, slot_index in enumerate(spec.lora_slots):  # ModalityLoRA hook: out + scaling * B(A(x))
-            qkv[slot_index] = qkv[slot_index] + spec.lora_scaling * F.linear(F.linear(h, lora[2 * i]), lora[2 * i + 1])
-        q, k, v = qkv
-    q = _rope(q.reshape(batch, spec.nheads, spec.head_dim), rot)
-    k = _rope(k.reshape(batch, spec.kvheads, spec.head_dim), rot)
+        adapted = [q, k, v]
+        for i, slot_index in enumerate(spec.lora_slots):  # ModalityLoRA's hook: out + scaling * B(A(x))
+            delta = F.linear(F.linear(h, lora[2 * i]), lora[2 * i + 1])
+            adapted[slot_index] = adapted[slot_index] + spec.lora_scaling * delta
+        q, k, v = adapted
+        qk = torch.cat([q, k], dim=-1)
+    else:
+        qk = qkv[:, : q_dim + kv_dim]
+    # queries and keys rotated together: [B, nheads + kvheads, head_dim]
+    qk = _rope(qk.reshape(batch, spec.nheads + spec.kvheads, spec.head_dim), rot)
+    q, k = qk[:, : spec.nheads], qk[:, spec.nheads :]
     key_cache.index_copy_(2, slot, k.unsqueeze(2))
     value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))
     # GQA without expanding the cache: the nheads // kvheads query heads of one kv head become its query rows
-    q = q.view(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
+    q = q.reshape(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
     attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier)
     x = F.linear(attn.reshape(batch, q_dim), dense_w, dense_b) * spec.residual_multiplier + x
 
-    # gated MLP: x = w2(act(wg(ln(x))) * w1(ln(x))) * residual_multiplier + x
     h = _rms_norm(x, ff_ln_w, spec.norm_eps)
     gate, up = F.linear(h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
-    return F.linear(activation(gate) * up, w2_w, w2_b) * spec.residual_multiplier + x
+    return x, F.linear(F.silu(gate) * up, w2_w, w2_b)
+
+
+def _step_epilogue(
+    spec: _DecoderSpec,
+    x: torch.Tensor,
+    mlp_out: torch.Tensor,
+    dec_norm_w: torch.Tensor,
+    head_w: torch.Tensor,
+    state_seq: torch.Tensor,
+    slot: torch.Tensor,
+    rope_pos: torch.Tensor,
+    finished: torch.Tensor,
+    eos: torch.Tensor,
+    pad: torch.Tensor,
+    logits_out: torch.Tensor,
+) -> None:
+    """Last residual, dec_norm, head / logits_scaling; the greedy token into seq[:, slot + 1]; advance slot."""
+    x = _rms_norm(mlp_out * spec.residual_multiplier + x, dec_norm_w, spec.norm_eps)
+    logits = (F.linear(x, head_w) / spec.logits_scaling).float()
+    logits_out.copy_(logits)
+    _pick_next(logits, state_seq, slot + 1, finished, eos, pad)
+    slot.add_(1)
+    rope_pos.add_(1)
+
+
+def _pick_next(
+    logits: torch.Tensor,
+    seq: torch.Tensor,
+    column: torch.Tensor,
+    finished: torch.Tensor,
+    eos: torch.Tensor,
+    pad: torch.Tensor,
+) -> None:
+    """Greedy token into seq[:, column]; rows that already emitted eos get pad (as HF generate does)."""
+    next_token = torch.where(finished, pad, logits.argmax(-1))
+    finished.logical_or_(next_token == eos)
+    seq.index_copy_(1, column, next_token.unsqueeze(1))
+
+
+_STEP_FUNCTIONS = (_step_prologue, _decode_layer, _step_epilogue)
+# (spec, backend) -> compiled (prologue, layer, epilogue), shared by every generator of equal spec so that a second
+# generator (or batch size) hits the compiled code instead of recompiling on a new spec object
+_COMPILED: Dict[Tuple[_DecoderSpec, str], Tuple] = {}
+
+
+def _compiled_step_functions(spec: _DecoderSpec, backend: str) -> Tuple:
+    key = (spec, backend)
+    if key not in _COMPILED:
+        # static shapes (one graph per batch size), no graph breaks; the weights are arguments, so the layer
+        # function compiles once for all layers
+        _COMPILED[key] = tuple(
+            torch.compile(functools.partial(fn, spec), fullgraph=True, dynamic=False, backend=backend)
+            for fn in _STEP_FUNCTIONS
+        )
+    return _COMPILED[key]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -193,6 +278,7 @@ class _Session:
         self.batch = batch
         self.cache = cache
         self.state = state
+        self.length = 0  # host copy of state.slot (read without a device sync)
         self.graphs: Dict[bool, torch.cuda.CUDAGraph] = {}  # keyed by "LoRA adapter on"
 
 
@@ -207,7 +293,7 @@ class StaticGenerator:
         model: GraniteSpeech,
         max_len: int,
         use_cuda_graph: bool = True,
-        compile_layers: bool = False,
+        compile_step: bool = False,
         compile_backend: str = "inductor",
     ):
         if not isinstance(model, GraniteSpeech):
@@ -224,12 +310,11 @@ class StaticGenerator:
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self.spec = self._build_spec()
         self._layers = self._collect_layer_weights()
-        self._activation = self.lm.base_model.layers[0].ff_sub_layer.a
         self._rope_table = self._build_rope_table()
-        self._layer_step = _decode_layer
-        if compile_layers:
-            # one function for every layer (weights are arguments); static shapes, no graph breaks
-            self._layer_step = torch.compile(_decode_layer, fullgraph=True, dynamic=False, backend=compile_backend)
+        if compile_step:
+            self._prologue, self._layer, self._epilogue = _compiled_step_functions(self.spec, compile_backend)
+        else:
+            self._prologue, self._layer, self._epilogue = (functools.partial(fn, self.spec) for fn in _STEP_FUNCTIONS)
         self._sessions: Dict[int, _Session] = {}
         self._audio_graphs: Dict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._active: Optional[_Session] = None
@@ -263,6 +348,7 @@ class StaticGenerator:
         layers = []
         base = self.lm.base_model
         _check_rms_norm(base.dec_norm, "dec_norm")
+        _require(base.dec_norm.eps == self.spec.norm_eps, "dec_norm and the layer norms must share norm_eps")
         _check_linear(self.lm.head, "head")
         for i, block in enumerate(base.layers):
             where = f"language_model.base_model.layers[{i}]"
@@ -270,6 +356,7 @@ class StaticGenerator:
             _check_rms_norm(block.ff_ln, f"{where}.ff_ln")
             _require(hasattr(block.attn.in_proj, "qkv_fused"), f"{where}.attn.in_proj must be fused (fused_weights=True)")
             _require(block.ff_sub_layer.fused, f"{where}.ff_sub_layer must be fused (fused_weights=True)")
+            _require(isinstance(block.ff_sub_layer.a, nn.SiLU), f"{where}.ff_sub_layer activation must be silu/swish")
             _require(block.attn.scale_factor is not None, f"{where}.attn has no scale_factor (attention_multiplier)")
             for name, linear in (
                 ("attn.in_proj.qkv_fused", block.attn.in_proj.qkv_fused),
@@ -392,40 +479,28 @@ class StaticGenerator:
         state.valid[:, :length].copy_(real)
         state.rope_pos.copy_(real.sum(-1))  # real tokens so far = position of the next one
         state.slot.fill_(length)
+        session.length = length
         state.eos.fill_(eos)
         state.pad.fill_(int(pad))
         state.finished.zero_()
         logits = logits[:, -1].float()
         state.logits.copy_(logits)
-        self._pick_next(state, logits, state.slot)
+        _pick_next(logits, state.seq, state.slot, state.finished, state.eos, state.pad)
         self._active = session
         return state.logits
-
-    @staticmethod
-    def _pick_next(state: _DecodeState, logits: torch.Tensor, column: torch.Tensor) -> None:
-        """Greedy token into seq[:, column]; rows that already emitted eos get pad (as HF generate does)."""
-        next_token = logits.argmax(-1)
-        next_token = torch.where(state.finished, state.pad, next_token)
-        state.finished.logical_or_(next_token == state.eos)
-        state.seq.index_copy_(1, column, next_token.unsqueeze(1))
 
     # ------------------------------------------------------------------ decode
     def _step(self, session: _Session, lora_on: bool) -> None:
         """One token for the whole batch; every tensor op is in place on `session` (capturable)."""
-        spec, state, cache = self.spec, session.state, session.cache
-        base = self.lm.base_model
-        batch = session.batch
-        token = state.seq.gather(1, state.slot.expand(batch).unsqueeze(1)).squeeze(1)
-        state.valid.index_fill_(1, state.slot, True)
-        attn_bias = torch.zeros(state.valid.shape, dtype=self.dtype, device=self.device)
-        attn_bias = attn_bias.masked_fill(~state.valid, float("-inf")).view(batch, 1, 1, self.max_len)
-        rot = self._rope_table.index_select(0, state.rope_pos)
-        x = base.embedding(token) * spec.embedding_multiplier
+        state, cache, base = session.state, session.cache, self.lm.base_model
+        x, attn_bias, rot = self._prologue(
+            state.seq, state.slot, state.rope_pos, state.valid, self._rope_table, base.embedding.weight
+        )
+        mlp_out = torch.zeros_like(x)
         for weights, key_cache, value_cache in zip(self._layers, cache.keys, cache.values):
-            x = self._layer_step(
-                spec,
-                self._activation,
+            x, mlp_out = self._layer(
                 x,
+                mlp_out,
                 weights["ln_w"],
                 weights["qkv_w"],
                 weights["qkv_b"],
@@ -443,12 +518,10 @@ class StaticGenerator:
                 state.slot,
                 attn_bias,
             )
-        x = _rms_norm(x, base.dec_norm.weight, base.dec_norm.eps)
-        logits = (self.lm.head(x) / spec.logits_scaling).float()
-        state.logits.copy_(logits)
-        self._pick_next(state, logits, state.slot + 1)
-        state.slot.add_(1)
-        state.rope_pos.add_(1)
+        self._epilogue(
+            x, mlp_out, base.dec_norm.weight, self.lm.head.weight, state.seq, state.slot, state.rope_pos,
+            state.finished, state.eos, state.pad, state.logits,
+        )
 
     def _capture(self, session: _Session, lora_on: bool) -> torch.cuda.CUDAGraph:
         # Warm-up steps run for real (cuBLAS handles, compile); the state is restored afterwards. Their K/V land in
@@ -473,7 +546,7 @@ class StaticGenerator:
         session = self._active
         if session is None:
             raise RuntimeError("call prefill() before decode_step()")
-        if int(session.state.slot) + 1 >= self.max_len:  # host read: only on this per-call API, not in generate
+        if session.length + 1 >= self.max_len:
             raise ValueError(f"the static cache of max_len {self.max_len} is full")
         self._run_step(session)
         return session.state.logits
@@ -485,10 +558,19 @@ class StaticGenerator:
         lora_on = self._lora_on()
         if not self.use_cuda_graph:
             self._step(session, lora_on)
-            return
-        if lora_on not in session.graphs:
-            session.graphs[lora_on] = self._capture(session, lora_on)
-        session.graphs[lora_on].replay()
+        else:
+            if lora_on not in session.graphs:
+                session.graphs[lora_on] = self._capture(session, lora_on)
+            session.graphs[lora_on].replay()
+        session.length += 1
+
+    def static_bytes(self, batch: int) -> int:
+        """Device bytes held for `batch`: the KV cache and the decode state (0 before its first use)."""
+        session = self._sessions.get(batch)
+        if session is None:
+            return 0
+        state = sum(t.numel() * t.element_size() for t in session.state._tensors().values())
+        return session.cache.nbytes() + state
 
     def tokens(self, length: int) -> torch.Tensor:
         """The first `length` columns of the active batch's token buffer (prompt + generated)."""
@@ -548,7 +630,7 @@ def generate_static(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     use_cuda_graph: bool = True,
-    compile_layers: bool = False,
+    compile_step: bool = False,
     compile_backend: str = "inductor",
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
@@ -559,7 +641,7 @@ def generate_static(
         model,
         input_ids.size(-1) + max_new_tokens,
         use_cuda_graph=use_cuda_graph,
-        compile_layers=compile_layers,
+        compile_step=compile_step,
         compile_backend=compile_backend,
     )
     return generator.generate(

@@ -42,7 +42,8 @@ def _qkv_split(part: str, nheads: int, kvheads: int, head_dim: int) -> Adapter:
     def split(t: torch.Tensor) -> torch.Tensor:
         if t.shape[-1] != total:
             raise ValueError(
-                f"qkv_split({part}, {nheads}, {kvheads}, {head_dim}) expects a last dim of {total}, got shape {list(t.shape)}"
+                f"qkv_split({part}, {nheads}, {kvheads}, {head_dim}) expects a last dim of {total}, "
+                f"got shape {list(t.shape)}"
             )
         return t[..., start : start + sizes[part]]
 

@@ -492,6 +492,28 @@ class PhasePlan:
         return asdict(self)
 
 
+def checkpoint_param_bytes(folder: Union[str, Path], dtype: Union[torch.dtype, None] = None) -> int:
+    """Bytes the tensors of every *.safetensors file under `folder` take once loaded (in `dtype` when given, else in
+    their stored dtype), read from the file headers without loading anything: the size hint for a factory."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}; cannot estimate the model size")
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            for key in reader.keys():
+                piece = reader.get_slice(key)
+                numel = 1
+                for dim in piece.get_shape():
+                    numel *= dim
+                stored = _SAFETENSORS_DTYPES.get(piece.get_dtype(), 4)
+                total += numel * (torch.empty((), dtype=dtype).element_size() if dtype is not None else stored)
+    return total
+
+
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def _host_available_bytes() -> Optional[int]:
     try:
         with open("/proc/meminfo") as meminfo:
@@ -571,6 +593,29 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def capture_model(
+    model: torch.nn.Module,
+    inputs: Union[Mapping[str, Any], Callable[[torch.nn.Module], Any]],
+    probes: Sequence[Probe],
+    *,
+    side: str = "hf",
+    aliases: Sequence[Tuple[str, str]] = (),
+) -> Captures:
+    """Record the probes of one model (HF paths/takes with side="hf", FMS ones with side="fms"); no comparison."""
+    if side not in ("hf", "fms"):
+        raise ValueError(f"side must be 'hf' or 'fms', got {side!r}")
+    captures = Captures(side)
+
+    def install(hooks, m, ps, caps):
+        if side == "hf":
+            _install_reference(hooks, m, ps, caps, teacher=False, aliases=aliases)
+        else:
+            _install_candidate(hooks, m, ps, caps, reference=None, aliases=aliases)
+
+    _run_side(model, inputs, side.upper(), tuple(probes), captures, install)
+    return captures
 
 
 def normalize_mode(mode: str) -> Tuple[str, Optional[str]]:

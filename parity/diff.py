@@ -16,7 +16,7 @@ import torch
 
 from parity.adapters import build_adapter
 from parity.capture import PairCaptures, teacher_output_key, value_key
-from parity.probes import Probe, Take
+from parity.probes import Probe
 from parity.tolerances import _FLOAT_FORMATS, Tolerance, dtype_name, tolerance_for, ulp
 
 __all__ = ["Status", "Metrics", "Comparison", "ProbeResult", "ParityResult", "compare", "diff_captures",
@@ -58,6 +58,7 @@ class Metrics:
     outside_count: int
     outside_fraction: float  # share of elements outside the tolerance bound
     min_atol: float  # the smallest atol that passes at this tolerance's rtol / ulps / allowed fraction
+    tol_ratio: float  # |fms - hf| / (atol + rtol |hf| + ulps ulp) at the worst (allowed-fraction) element; <= 1 passes
     ref_absmax: float
     worst_index: List[int]  # where |fms - hf| is largest
     worst_hf: float
@@ -229,12 +230,16 @@ def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: O
 def _metrics(a, b, tol: Tolerance, ulp_dtype: str, shape, finite_mask) -> Metrics:
     n = a.numel()
     if n == 0:
-        return Metrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0.0, 0.0, 0.0, [], 0.0, 0.0)
+        return Metrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0.0, 0.0, 0.0, 0.0, [], 0.0, 0.0)
     diff = (a - b).abs()
     ref_abs = b.abs()
-    excess = diff - _bound_slack(ref_abs, tol, ulp_dtype)  # element passes iff excess <= atol
+    slack = _bound_slack(ref_abs, tol, ulp_dtype)
+    excess = diff - slack  # element passes iff excess <= atol
     allowed = math.floor(tol.max_outside_fraction * n)
     min_atol = max(float(torch.topk(excess, allowed + 1).values[-1]), 0.0) if allowed < n else 0.0
+    bound = tol.atol + slack
+    ratio = torch.where(bound > 0, diff / bound.clamp_min(1e-300), torch.where(diff > 0, math.inf, 0.0))
+    tol_ratio = float(torch.topk(ratio, allowed + 1).values[-1]) if allowed < n else 0.0
     outside = int((excess > tol.atol).sum())
     nonzero = ref_abs > 0
     if bool(nonzero.any()):
@@ -251,11 +256,15 @@ def _metrics(a, b, tol: Tolerance, ulp_dtype: str, shape, finite_mask) -> Metric
     noise, signal = float((diff * diff).sum()), float((b * b).sum())
     sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
     flat_worst = int(diff.argmax())
-    full_index = torch.nonzero(finite_mask.reshape(-1), as_tuple=False)[flat_worst].item()
+    if n == finite_mask.numel():
+        full_index = flat_worst
+    else:  # map the position among finite elements back to the full tensor
+        full_index = int(torch.nonzero(finite_mask.reshape(-1), as_tuple=False)[flat_worst])
     worst_index = [int(i) for i in torch.unravel_index(torch.tensor(full_index), tuple(shape))] if len(shape) else []
     return Metrics(
         numel=n, max_abs=float(diff.max()), mean_abs=float(diff.mean()), max_rel=max_rel, cosine=cosine, sqnr_db=sqnr,
-        outside_count=outside, outside_fraction=outside / n, min_atol=min_atol, ref_absmax=float(ref_abs.max()),
+        outside_count=outside, outside_fraction=outside / n, min_atol=min_atol, tol_ratio=tol_ratio,
+        ref_absmax=float(ref_abs.max()),
         worst_index=worst_index, worst_hf=float(b[flat_worst]), worst_fms=float(a[flat_worst]),
     )
 
@@ -321,7 +330,10 @@ def diff_captures(
     for index, probe in enumerate(probes):
         key = value_key(probe.name)
         hf_tensor = pair.hf.get(key)
-        run_dtype = dtype_name(dtype) if dtype is not None else (_dtype_str(hf_tensor) if hf_tensor is not None else "float32")
+        if dtype is not None:
+            run_dtype = dtype_name(dtype)
+        else:  # the reference's own dtype sizes the tolerance
+            run_dtype = _dtype_str(hf_tensor) if hf_tensor is not None else "float32"
         if tolerances is not None and probe.tolerance_class in tolerances:
             tol = tolerances[probe.tolerance_class]
         else:

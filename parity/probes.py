@@ -38,7 +38,8 @@ class Take:
         match = _TAKE.match(spec.strip()) if isinstance(spec, str) else None
         if not match:
             raise ValueError(
-                f"cannot parse take spec {spec!r}; expected output, output[N], output[N?], output.name, input[N] or input.name"
+                f"cannot parse take spec {spec!r}; expected output, output[N], output[N?], output.name, input[N] "
+                "or input.name"
             )
         kind, index, optional, attr = match.groups()
         if kind == "input" and index is None and attr is None:
@@ -164,7 +165,9 @@ def candidate_paths(path: str, aliases: Sequence[Tuple[str, str]] = ()) -> Tuple
     return tuple(found)
 
 
-def resolve_module(model: torch.nn.Module, path: str, aliases: Sequence[Tuple[str, str]] = ()) -> Tuple[str, torch.nn.Module]:
+def resolve_module(
+    model: torch.nn.Module, path: str, aliases: Sequence[Tuple[str, str]] = ()
+) -> Tuple[str, torch.nn.Module]:
     """(resolved path, module): the first candidate path that exists on `model`."""
     tried = candidate_paths(path, aliases)
     for candidate in tried:
@@ -269,7 +272,7 @@ QFORMER_ROWS = (
         "projector.layers.{l}",
         hf_take="output[0?]",
         fms_take="output[0?]",
-        teacher=(("input[0]", "input[0]"), ("input.encoder_hidden_states", "input.encoder_hidden_states")),
+        teacher=(("input[0]", "input[0]"), ("input.encoder_hidden_states", "input[1]")),
         note="query states [B*nb, Q, Hq] (layer 0 input is the broadcast [1, Q, Hq] queries in HF)",
     ),
 )

@@ -12,7 +12,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from parity.diff import ParityResult, Status
 
@@ -46,7 +46,8 @@ def run_metadata(*, device: Any = "cpu", dtype: Any = "float32", seed: Optional[
             "ibm-fms": _version("ibm-fms"),
         },
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda")
+                        else platform.processor() or platform.machine()),
         "dtype": str(dtype).removeprefix("torch."),
         "seed": seed,
         "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -65,7 +66,8 @@ def _brief(probe: Mapping) -> dict:
     return {
         "name": probe["name"], "index": probe["index"], "status": prop["status"], "detail": prop["detail"],
         "hf_path": probe["hf_path"], "fms_path": probe["fms_path"], "attribution": probe["attribution"],
-        "max_abs": metrics.get("max_abs"), "min_atol": metrics.get("min_atol"), "atol": probe["tolerance"]["atol"],
+        "max_abs": metrics.get("max_abs"), "min_atol": metrics.get("min_atol"), "tol_ratio": metrics.get("tol_ratio"),
+        "atol": probe["tolerance"]["atol"],
         "rtol": probe["tolerance"]["rtol"], "worst_index": metrics.get("worst_index"),
         "worst_hf": metrics.get("worst_hf"), "worst_fms": metrics.get("worst_fms"),
         "teacher_status": probe["teacher"]["status"],
@@ -167,7 +169,8 @@ def render_terminal(report: Mapping, *, max_rows: int = 30, context: int = 3, na
         brief = summary.get(key)
         if brief:
             lines.append(
-                f"{label}: #{brief['index']} {brief['name']} [{brief['status']}] max|d|={_num(brief['max_abs'])} "
+                f"{label}: #{brief['index']} {brief['name']} [{brief['status']}] err/tol={_num(brief['tol_ratio'])} "
+                f"max|d|={_num(brief['max_abs'])} "
                 f"needs atol>={_num(brief['min_atol'])} (atol {_num(brief['atol'])}, rtol {_num(brief['rtol'])}); "
                 f"cause: {brief['attribution']}"
             )
@@ -176,8 +179,9 @@ def render_terminal(report: Mapping, *, max_rows: int = 30, context: int = 3, na
                              f"FMS {_num(brief['worst_fms'], 5)}")
             if brief["status"] != Status.FAIL:
                 lines.append(f"    {brief['detail']}")
-    header = (f"{'#':>4} {'probe':<{name_width}} {'status':<14} {'max|d|':>9} {'atol need':>9} {'cosine':>9} "
-              f"{'SQNR dB':>8} {'TF status':<14} {'TF need':>9} cause")
+    teacher_mode = report["result"].get("mode") == "teacher_forced"
+    header = (f"{'#':>4} {'probe':<{name_width}} {'status':<14} {'err/tol':>9} {'max|d|':>9} {'atol need':>9} "
+              f"{'cosine':>9} {'SQNR dB':>8}" + (f" {'TF status':<14} {'TF er/tol':>9} cause" if teacher_mode else ""))
     lines += [header, "-" * len(header)]
     failing = [i for i, p in enumerate(probes) if p["propagated"]["status"] != Status.PASS]
     if failing:  # every failing probe, plus the passing probes just before the first one (context)
@@ -193,9 +197,10 @@ def render_terminal(report: Mapping, *, max_rows: int = 30, context: int = 3, na
         m, tm = prop.get("metrics") or {}, teach.get("metrics") or {}
         name = probe["name"] if len(probe["name"]) <= name_width else "…" + probe["name"][-(name_width - 1):]
         lines.append(
-            f"{probe['index']:>4} {name:<{name_width}} {prop['status']:<14} {_num(m.get('max_abs')):>9} "
-            f"{_num(m.get('min_atol')):>9} {_cos(m.get('cosine')):>9} {_num(m.get('sqnr_db'), 1):>8} "
-            f"{teach['status']:<14} {_num(tm.get('min_atol')):>9} {probe['attribution']}"
+            f"{probe['index']:>4} {name:<{name_width}} {prop['status']:<14} {_num(m.get('tol_ratio')):>9} "
+            f"{_num(m.get('max_abs')):>9} {_num(m.get('min_atol')):>9} {_cos(m.get('cosine')):>9} "
+            f"{_num(m.get('sqnr_db'), 1):>8}"
+            + (f" {teach['status']:<14} {_num(tm.get('tol_ratio')):>9} {probe['attribution']}" if teacher_mode else "")
         )
     if hidden:
         lines.append(f"     ... {hidden} passing probe(s) not shown (full table in the HTML/JSON report)")
@@ -237,7 +242,8 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 table { border-collapse: collapse; width: 100%; }
 table.probes { font-size: 12.5px; }
 th, td { padding: 3px 6px; border-bottom: 1px solid #eaeef2; text-align: right; white-space: nowrap; }
-th { position: sticky; top: 0; background: var(--bg); font-weight: 600; font-size: 12.5px; border-bottom:1px solid var(--line);}
+th { position: sticky; top: 0; background: var(--bg); font-weight: 600; font-size: 12.5px;
+     border-bottom: 1px solid var(--line); }
 td.l, th.l { text-align: left; }
 tr.bad td { background: #fff5f5; }
 tr.first td { background: #ffebe9; font-weight: 600; }
@@ -253,7 +259,8 @@ details > div { padding: 4px 14px 12px; }
 .meta td, .meta th { text-align:left; white-space: normal; }
 .note { color: var(--muted); }
 .cmp { display:grid; grid-template-columns: 1fr 1fr; gap: 0 28px; } h4 { margin: 12px 0 2px; font-size: 13.5px; }
-.c-own { color: var(--fail); font-weight: 600; } .c-inherited { color: var(--warn); } .c-ok, .c-unknown { color: var(--muted); }
+.c-own { color: var(--fail); font-weight: 600; } .c-inherited { color: var(--warn); }
+.c-ok, .c-unknown { color: var(--muted); }
 """
 
 
@@ -275,6 +282,7 @@ def _brief_card(title: str, brief: Optional[Mapping], empty: str, teacher_mode: 
         ("status", _chip(brief["status"])),
         ("HF module", f"<code>{_e(brief['hf_path'] or '<model>')}</code>"),
         ("FMS module", f"<code>{_e(brief['fms_path'] or '<model>')}</code>"),
+        ("error / tolerance", _e(_num(brief["tol_ratio"])) + " <span class='note'>(worst element; ≤ 1 passes)</span>"),
         ("max |Δ|", _e(_num(brief["max_abs"]))),
         ("atol needed", f"{_e(_num(brief['min_atol']))} <span class='note'>(table: atol {_e(_num(brief['atol']))}, "
                         f"rtol {_e(_num(brief['rtol']))})</span>"),
@@ -289,51 +297,50 @@ def _brief_card(title: str, brief: Optional[Mapping], empty: str, teacher_mode: 
     return f'<div class="card alert"><h3>{_e(title)}</h3><div class="big">{link}</div>{_kv(pairs)}</div>'
 
 
+def _ratio(comp: Mapping) -> Optional[float]:
+    value = _float((comp.get("metrics") or {}).get("tol_ratio"))
+    return value if value is not None and not math.isnan(value) else None
+
+
 def _svg_plot(probes: Sequence[Mapping], width: int = 1240, height: int = 330) -> str:
-    """Smallest passing atol per probe (log scale) in execution order, with the tolerance's atol as a dashed step
-    line: a point above the line is a failing probe. Teacher-forced (own error) values as diamonds."""
+    """Error relative to the tolerance bound per probe, log scale, in execution order: max |fms - hf| / (atol +
+    rtol |hf| + ulps ulp) at the worst element. The dashed line at 1 is the tolerance: above it a probe fails.
+    Teacher-forced (own error) values as diamonds; exact matches (0) in a lane under the axis."""
     left, right, top, bottom = 78, 16, 26, 62
     n = len(probes)
     plot_w, plot_h = width - left - right, height - top - bottom
-    values = []
-    for p in probes:
-        for comp in (p["propagated"], p["teacher"]):
-            m = comp.get("metrics") or {}
-            v = _float(m.get("min_atol"))
-            if v is not None and v > 0 and math.isfinite(v):
-                values.append(v)
-        values.append(float(p["tolerance"]["atol"]) or 1e-12)
-    lo = math.floor(math.log10(min(values))) if values else -8
-    hi = math.ceil(math.log10(max(values))) if values else 0
-    lo, hi = min(lo, hi - 2), max(hi, lo + 2)
+    values = [v for p in probes for v in (_ratio(p["propagated"]), _ratio(p["teacher"])) if v and math.isfinite(v)]
+    lo = math.floor(math.log10(min(values))) if values else -6
+    hi = math.ceil(math.log10(max(values))) if values else 1
+    lo, hi = min(lo, -1), max(hi, 1)  # the tolerance line (1e0) is always inside the plot
     floor_y = top + plot_h + 14  # exact matches (0) sit in a lane below the log axis
 
     def x(i: int) -> float:
-        return left + (plot_w * (i + 0.5) / max(n, 1))
+        return left + plot_w * (i + 0.5) / max(n, 1)
 
     def y(v: float) -> float:
         if v <= 0:
             return floor_y
+        if not math.isfinite(v):
+            return top
         v = min(max(math.log10(v), lo), hi)
         return top + plot_h * (hi - v) / (hi - lo)
 
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           'role="img" aria-label="smallest passing atol per probe" font-family="Helvetica, Arial, sans-serif" font-size="11">']
-    # component bands
-    start = 0
-    shades = ("#f6f8fa", "#ffffff")
-    bands = []
+    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           'aria-label="error relative to tolerance per probe" font-family="Helvetica, Arial, sans-serif" font-size="11">']
+    start, bands = 0, []
     for i in range(1, n + 1):
         if i == n or _component(probes[i]["name"]) != _component(probes[start]["name"]):
             bands.append((start, i, _component(probes[start]["name"])))
             start = i
     for k, (s, t, label) in enumerate(bands):
         x0, x1 = left + plot_w * s / n, left + plot_w * t / n
-        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{plot_h}" fill="{shades[k % 2]}"/>')
+        shade = ("#f6f8fa", "#ffffff")[k % 2]
+        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{plot_h}" fill="{shade}"/>')
         if x1 - x0 >= 7 * len(label):  # skip labels that would not fit their band
             out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top - 8}" text-anchor="middle" fill="#59636e">{_e(label)}</text>')
-    # decade grid
-    for d in range(lo, hi + 1):
+    step = max(1, math.ceil((hi - lo) / 10))
+    for d in range(lo, hi + 1, step):
         gy = y(10.0 ** d)
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{gy:.1f}" y2="{gy:.1f}" stroke="#d1d9e0" stroke-width="0.7"/>')
         out.append(f'<text x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end" fill="#59636e">1e{d}</text>')
@@ -341,20 +348,14 @@ def _svg_plot(probes: Sequence[Mapping], width: int = 1240, height: int = 330) -
                'stroke-width="0.7" stroke-dasharray="2 3"/>')
     out.append(f'<text x="{left - 6}" y="{floor_y + 4:.1f}" text-anchor="end" fill="#59636e">0 (exact)</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
-    # tolerance step line
-    steps = []
-    for i, p in enumerate(probes):
-        ty = y(float(p["tolerance"]["atol"]))
-        x0, x1 = left + plot_w * i / n, left + plot_w * (i + 1) / n
-        steps.append(f"{'M' if i == 0 else 'L'}{x0:.1f},{ty:.1f} L{x1:.1f},{ty:.1f}")
-    if steps:
-        out.append(f'<path d="{" ".join(steps)}" fill="none" stroke="#cf222e" stroke-width="1.4" stroke-dasharray="6 4"/>')
-    # propagated line + markers, teacher-forced diamonds
+    one = y(1.0)
+    out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{one:.1f}" y2="{one:.1f}" stroke="#cf222e" '
+               'stroke-width="1.4" stroke-dasharray="6 4"/>')
+    out.append(f'<text x="{left + 4}" y="{one - 5:.1f}" fill="#cf222e">tolerance</text>')
     line = []
     for i, p in enumerate(probes):
-        m = p["propagated"].get("metrics") or {}
-        v = _float(m.get("min_atol"))
-        if v is not None and math.isfinite(v):
+        v = _ratio(p["propagated"])
+        if v is not None:
             line.append(f"{'M' if not line else 'L'}{x(i):.1f},{y(v):.1f}")
     if line:
         out.append(f'<path d="{" ".join(line)}" fill="none" stroke="#0969da" stroke-width="1.2" opacity="0.6"/>')
@@ -362,9 +363,10 @@ def _svg_plot(probes: Sequence[Mapping], width: int = 1240, height: int = 330) -
     for i, p in enumerate(probes):
         prop, teach = p["propagated"], p["teacher"]
         m, tm = prop.get("metrics") or {}, teach.get("metrics") or {}
-        tip = (f"#{p['index']} {p['name']} [{prop['status']}] atol needed {_num(m.get('min_atol'))}, "
-               f"max|Δ| {_num(m.get('max_abs'))}; teacher-forced {teach['status']} {_num(tm.get('min_atol'))}")
-        v = _float(m.get("min_atol"))
+        tip = (f"#{p['index']} {p['name']} [{prop['status']}] err/tol {_num(m.get('tol_ratio'))}, max|Δ| "
+               f"{_num(m.get('max_abs'))}, atol needed {_num(m.get('min_atol'))}; teacher-forced {teach['status']} "
+               f"err/tol {_num(tm.get('tol_ratio'))}")
+        v = _ratio(prop)
         if v is None:
             if prop["status"] != Status.PASS:  # no numbers: structural problem, mark it at the top
                 out.append(f'<g><title>{_e(tip)}</title><text x="{x(i):.1f}" y="{top + 12}" text-anchor="middle" '
@@ -372,28 +374,30 @@ def _svg_plot(probes: Sequence[Mapping], width: int = 1240, height: int = 330) -
         else:
             color = "#1a7f37" if prop["status"] == Status.PASS else "#cf222e"
             out.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{r}" fill="{color}"><title>{_e(tip)}</title></circle>')
-        tv = _float(tm.get("min_atol"))
-        if tv is not None and math.isfinite(tv):
-            cx, cy, s = x(i), y(tv), r + 0.8
-            out.append(f'<path d="M{cx:.1f},{cy - s:.1f} L{cx + s:.1f},{cy:.1f} L{cx:.1f},{cy + s:.1f} L{cx - s:.1f},{cy:.1f} Z" '
-                       f'fill="none" stroke="#bc4c00" stroke-width="1.2"><title>{_e(tip)}</title></path>')
-    # x axis
+        tv = _ratio(teach)
+        if tv is not None:
+            cx, cy, size = x(i), y(tv), r + 0.8
+            out.append(f'<path d="M{cx:.1f},{cy - size:.1f} L{cx + size:.1f},{cy:.1f} L{cx:.1f},{cy + size:.1f} '
+                       f'L{cx - size:.1f},{cy:.1f} Z" fill="none" stroke="#bc4c00" stroke-width="1.2">'
+                       f'<title>{_e(tip)}</title></path>')
     tick_every = max(1, math.ceil(n / 24))
     for i in range(0, n, tick_every):
         out.append(f'<text x="{x(i):.1f}" y="{floor_y + 22:.1f}" text-anchor="middle" fill="#59636e">{i}</text>')
     out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" fill="#1f2328">'
                'probe (execution order)</text>')
     out.append(f'<text x="16" y="{top + plot_h / 2:.1f}" text-anchor="middle" fill="#1f2328" '
-               f'transform="rotate(-90 16 {top + plot_h / 2:.1f})">atol needed to pass</text>')
+               f'transform="rotate(-90 16 {top + plot_h / 2:.1f})">max |Δ| / allowed</text>')
     out.append("</svg>")
     return "".join(out)
 
 
-_COLUMNS = ("#", "probe", "status", "max |Δ|", "mean |Δ|", "max rel", "cosine", "SQNR dB", "outside", "atol need",
-            "atol / rtol", "TF status", "TF max |Δ|", "TF atol need", "cause")
+_COLUMNS = ("#", "probe", "status", "err/tol", "max |Δ|", "mean |Δ|", "max rel", "cosine", "SQNR dB", "outside",
+            "atol need", "atol / rtol", "TF status", "TF err/tol", "TF atol need", "cause")
+_LEFT = (1, 2, 12, 15)  # left-aligned columns
+_TEACHER_COLUMNS = (12, 13, 14, 15)  # shown only for teacher-forced runs
 
 
-def _row(p: Mapping, first: Optional[str]) -> str:
+def _row(p: Mapping, first: Optional[str], teacher_mode: bool) -> str:
     prop, teach = p["propagated"], p["teacher"]
     m, tm, tol = prop.get("metrics") or {}, teach.get("metrics") or {}, p["tolerance"]
     classes = "first" if p["name"] == first else ("bad" if prop["status"] != Status.PASS else "")
@@ -402,12 +406,14 @@ def _row(p: Mapping, first: Optional[str]) -> str:
         str(p["index"]),
         f'<a href="#probe-{p["index"]}" class="mono">{_e(p["name"])}</a>',
         _chip(prop["status"]),
-        _e(_num(m.get("max_abs"))), _e(_num(m.get("mean_abs"))), _e(_num(m.get("max_rel"))),
+        _e(_num(m.get("tol_ratio"))), _e(_num(m.get("max_abs"))), _e(_num(m.get("mean_abs"))), _e(_num(m.get("max_rel"))),
         _e(_cos(m.get("cosine"))), _e(_num(m.get("sqnr_db"), 1)), _e(outside), _e(_num(m.get("min_atol"))),
         _e(f"{_num(tol['atol'])} / {_num(tol['rtol'])}" + (f" +{_num(tol['ulps'])}ulp" if tol.get("ulps") else "")),
-        _chip(teach["status"]), _e(_num(tm.get("max_abs"))), _e(_num(tm.get("min_atol"))), f'<span class="c-{_e(p["attribution"])}">{_e(p["attribution"])}</span>',
+        _chip(teach["status"]), _e(_num(tm.get("tol_ratio"))), _e(_num(tm.get("min_atol"))),
+        f'<span class="c-{_e(p["attribution"])}">{_e(p["attribution"])}</span>',
     ]
-    tds = "".join(f'<td class="{"l" if k in (1, 2, 11, 14) else ""}">{c}</td>' for k, c in enumerate(cells))
+    tds = "".join(f'<td class="{"l" if k in _LEFT else ""}">{c}</td>' for k, c in enumerate(cells)
+                  if teacher_mode or k not in _TEACHER_COLUMNS)
     return f'<tr class="{classes}">{tds}</tr>'
 
 
@@ -422,6 +428,7 @@ def _comparison_block(label: str, comp: Mapping) -> str:
             ("max |Δ| · mean |Δ|", _e(f"{_num(m['max_abs'])} · {_num(m['mean_abs'])}")),
             ("max rel · cosine · SQNR", _e(f"{_num(m['max_rel'])} · {_cos(m['cosine'])} · {_num(m['sqnr_db'], 1)} dB")),
             ("outside tolerance", _e(f"{m['outside_count']} of {m['numel']} ({m['outside_fraction'] * 100:.3g}%)")),
+            ("error / tolerance", _e(_num(m["tol_ratio"]))),
             ("atol needed", _e(_num(m["min_atol"]))),
             ("worst element", _e(f"{m['worst_index']}: HF {_num(m['worst_hf'], 6)} · FMS {_num(m['worst_fms'], 6)}")),
             ("|HF| max", _e(_num(m["ref_absmax"]))),
@@ -444,8 +451,11 @@ def _probe_details(p: Mapping, first: Optional[str]) -> str:
     ]
     if p.get("note"):
         pairs.append(("note", f"<span class='note'>{_e(p['note'])}</span>"))
-    body = _kv(pairs) + ('<div class="cmp"><div>' + _comparison_block("propagated", p["propagated"]) + "</div><div>"
-                         + _comparison_block("teacher-forced (own error)", p["teacher"]) + "</div></div>")
+    if p["teacher"]["status"] == Status.NOT_RUN:
+        body = _kv(pairs) + _comparison_block("propagated", p["propagated"])
+    else:
+        body = _kv(pairs) + ('<div class="cmp"><div>' + _comparison_block("propagated", p["propagated"]) + "</div><div>"
+                             + _comparison_block("teacher-forced (own error)", p["teacher"]) + "</div></div>")
     is_open = " open" if p["name"] == first else ""
     summary = (f'{_chip(p["propagated"]["status"])} <span class="mono">#{p["index"]} {_e(p["name"])}</span> '
                f'<span class="note">cause: {_e(p["attribution"])}</span>')
@@ -486,13 +496,15 @@ def render_html(report: Mapping, *, title: str = "Granite Speech parity report")
     for p in probes:
         component = _component(p["name"])
         if component != previous:
-            rows.append(f'<tr class="sep"><td colspan="{len(_COLUMNS)}">{_e(component)}</td></tr>')
+            rows.append(f'<tr class="sep"><td colspan="{len(_COLUMNS)}">{_e(component)}</td></tr>')  # colspan may exceed
             previous = component
-        rows.append(_row(p, first))
-    head = "".join(f'<th class="{"l" if k in (1, 2, 11, 14) else ""}">{_e(c)}</th>' for k, c in enumerate(_COLUMNS))
-    legend = ("Blue line / circles: smallest atol at which the propagated comparison passes (green pass, red fail). "
-              "Orange diamonds: the same for the teacher-forced re-run (the module's own error). Dashed red: the "
-              "tolerance's atol. × at the top: no numbers (missing, shape or capture problem). Hover for details.")
+        rows.append(_row(p, first, teacher_mode))
+    head = "".join(f'<th class="{"l" if k in _LEFT else ""}">{_e(c)}</th>' for k, c in enumerate(_COLUMNS)
+                   if teacher_mode or k not in _TEACHER_COLUMNS)
+    legend = ("Blue line / circles: propagated error relative to the tolerance bound atol + rtol·|HF| (+ ulps), at the "
+              "worst element (green pass, red fail); above the dashed line = outside tolerance. Orange diamonds: the "
+              "same for the teacher-forced re-run (the module's own error). × at the top: no numbers (missing, shape "
+              "or capture problem). Hover a point for its numbers.")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title><style>{_CSS}</style></head>

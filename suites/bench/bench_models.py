@@ -1,0 +1,128 @@
+"""The models and inputs the benchmarks measure: HF and FMS Granite Speech at real dimensions, bf16, seeded random
+weights built in device memory (no checkpoint on disk), and prompts of 30 text tokens around one audio clip.
+
+Environment:
+  GRANITE_SPEECH_BENCH_VARIANTS  comma-separated variants (default "2b,8b"; "tiny" for a quick debugging run)
+  GRANITE_SPEECH_BENCH_DEVICE    torch device (default "cuda"; "cpu" runs the same code at tiny dims to debug it)
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+from bench_results import REPO_ROOT
+
+VARIANTS = tuple(v for v in os.environ.get("GRANITE_SPEECH_BENCH_VARIANTS", "2b,8b").split(",") if v)
+DEVICE = torch.device(os.environ.get("GRANITE_SPEECH_BENCH_DEVICE", "cuda"))
+DTYPE = torch.bfloat16
+SEED = 0
+MAX_NEW_TOKENS = 128
+PROMPT_TEXT_TOKENS = 30  # text tokens around the audio placeholders (perf-anchors.md: 30)
+LONGEST_AUDIO_S = 30
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def audio_token_count(frames: int, window: int = 15, queries: int = 3) -> int:
+    return queries * -(-frames // window)
+
+
+def make_inputs(audio_token_index: int, vocab: int, seconds: float, batch: int, seed: int = SEED) -> Dict[str, torch.Tensor]:
+    """`batch` prompts of PROMPT_TEXT_TOKENS text tokens around one clip of `seconds` (50 encoder frames/s),
+    random features (log-mel scale) and random text ids; no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = int(seconds * 50)
+    n_audio = audio_token_count(frames)
+    before = PROMPT_TEXT_TOKENS // 3
+    text = torch.randint(1, audio_token_index - 1, (batch, PROMPT_TEXT_TOKENS), generator=gen)
+    ids = torch.cat([text[:, :before], torch.full((batch, n_audio), audio_token_index), text[:, before:]], dim=1)
+    return {
+        "input_ids": ids.to(DEVICE),
+        "attention_mask": torch.ones_like(ids).to(DEVICE),
+        "input_features": torch.randn(batch, frames, 160, generator=gen).to(DEVICE, DTYPE),
+        "input_features_mask": torch.ones(batch, n_audio, dtype=torch.bool).to(DEVICE),
+    }
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.data_ptr() in seen:
+            continue  # tied weights count once
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class BenchModels:
+    variant: str
+    hf: torch.nn.Module
+    fms: torch.nn.Module
+    audio_token_index: int
+    vocab: int
+    hf_bytes: int
+    fms_bytes: int
+    decoder_bytes: int  # what one decode step must read: every decoder weight once (tied embedding/head once)
+    build_s: float
+    generators: Dict[str, object] = field(default_factory=dict)
+    tokens: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (impl, batch) -> generated tokens
+
+    def inputs(self, seconds: float = LONGEST_AUDIO_S, batch: int = 1, seed: int = SEED):
+        return make_inputs(self.audio_token_index, self.vocab, seconds, batch, seed)
+
+    def max_len(self) -> int:
+        return PROMPT_TEXT_TOKENS + audio_token_count(LONGEST_AUDIO_S * 50) + MAX_NEW_TOKENS
+
+    def generator(self, impl: str):
+        from granite_speech.fast_generate import StaticGenerator
+
+        if impl not in self.generators:
+            kwargs = {"fast": {}, "fast_compiled": {"compile_step": True}, "fast_eager": {"use_cuda_graph": False}}
+            self.generators[impl] = StaticGenerator(self.fms, self.max_len(), **kwargs[impl])
+        return self.generators[impl]
+
+
+def build_models(variant: str) -> BenchModels:
+    """HF model randomly initialised (transformers' own init, seeded) on the device; the FMS model loaded from its
+    state dict through the project's `hf` adapter, as `get_model` would from a checkpoint."""
+    from fms.utils.serialization import load_state_dict_into_model
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    from granite_speech import GraniteSpeech, from_hf_config
+
+    start = time.perf_counter()
+    hf_config = json.loads((REPO_ROOT / "fixtures" / "configs" / f"{variant}.json").read_text())
+    torch.manual_seed(SEED)
+    with torch.device(DEVICE):
+        hf = GraniteSpeechForConditionalGeneration._from_config(GraniteSpeechConfig.from_dict(hf_config), dtype=DTYPE)
+    hf.eval()
+    with torch.device("meta"):
+        fms = GraniteSpeech(from_hf_config(hf_config))  # no adapter: the in-memory HF model has none either
+    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf", initial_device=DEVICE)
+    fms.post_init()
+    # BatchNorm's num_batches_tracked is not in the adapted checkpoint (eval never reads it); get_model does this too
+    fms._apply(lambda t: torch.zeros_like(t, device=DEVICE) if t.device.type == "meta" else t)
+    fms.eval()
+    synchronize()
+    text = hf_config["text_config"]
+    return BenchModels(
+        variant=variant,
+        hf=hf,
+        fms=fms,
+        audio_token_index=hf_config["audio_token_index"],
+        vocab=text["vocab_size"],
+        hf_bytes=tensor_bytes(hf),
+        fms_bytes=tensor_bytes(fms),
+        decoder_bytes=tensor_bytes(fms.language_model),
+        build_s=time.perf_counter() - start,
+    )
+
+

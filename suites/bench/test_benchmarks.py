@@ -1,0 +1,247 @@
+"""Speed and memory of Granite Speech generation at real dimensions (bf16, seeded random weights), side by side:
+HF eager `generate`, FMS eager `fms.utils.generation.generate` (use_cache), and the static-cache fast path
+(`granite_speech.fast_generate`, CUDA graph; and with compiled layers).
+
+Run on a GPU: `pytest -m benchmark suites/bench` (pyproject's addopts deselect these by default). Results go to
+results/bench/*.json (see bench_results.py) and are printed as the BENCHMARKS.md table at the end.
+
+Method (perf-anchors.md): medians of timed runs after warm-up, host clock around device-synchronised calls;
+decode ms/token = (time for 128 new tokens - time for 1) / 127 with 30 s of audio (300 audio tokens) + 30 text
+tokens; new tokens are forced (no eos) on every side; the floor of a decode step is the bytes it must read (decoder
+weights once, plus the KV cache) over the measured device copy bandwidth.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+from fms.utils.generation import generate
+
+from bench_models import DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, BenchModels, synchronize
+from granite_speech.model import padding_attn_kwargs
+from parity.hf_compat import hf_audio_features
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.gpu]
+
+GENERATE_IMPLS = ("fast", "fast_compiled", "hf", "fms")
+ENCODER_IMPLS = ("fast", "hf", "fms")
+AUDIO_SECONDS = (3, 10, 30)
+ROUNDS = {"hf": 3, "fms": 3, "fast": 5, "fast_compiled": 5}
+PROFILED_STEPS = 5
+GRAPH_TIMED_STEPS = 64
+
+
+def timed(fn, durations):
+    def run():
+        synchronize()
+        start = time.perf_counter()
+        out = fn()
+        synchronize()
+        durations.append(time.perf_counter() - start)
+        return out
+
+    return run
+
+
+def median_seconds(fn, rounds: int) -> float:
+    durations = []
+    run = timed(fn, durations)
+    for _ in range(rounds):
+        run()
+    return statistics.median(durations)
+
+
+def run_generate(models: BenchModels, impl: str, inputs, new_tokens: int) -> torch.Tensor:
+    """Greedy generation of exactly `new_tokens` tokens (eos disabled/forced off) with one implementation."""
+    if impl == "hf":
+        return models.hf.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    if impl == "fms":
+        prompt_len = inputs["input_ids"].size(1)
+        return generate(
+            models.fms,
+            inputs["input_ids"],
+            max_seq_len=prompt_len + new_tokens,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            prepare_model_inputs_hook=models.fms.prepare_inputs_for_generation,
+            extra_kwargs={
+                "input_features": inputs["input_features"],
+                "input_features_mask": inputs["input_features_mask"],
+                **padding_attn_kwargs(inputs["attention_mask"], dtype=DTYPE),
+            },
+        )
+    return models.generator(impl).generate(**inputs, max_new_tokens=new_tokens)
+
+
+def run_audio_features(models: BenchModels, impl: str, features: torch.Tensor) -> torch.Tensor:
+    if impl == "hf":
+        return hf_audio_features(models.hf, features)
+    if impl == "fms":
+        return models.fms.get_audio_features(features)
+    return models.generator(impl).encode_audio(features)
+
+
+def model_bytes(models: BenchModels, impl: str) -> int:
+    return models.hf_bytes if impl == "hf" else models.fms_bytes
+
+
+def kv_cache_bytes(models: BenchModels, batch: int, length: int) -> int:
+    cfg = models.fms.language_model.config
+    kvheads = cfg.kvheads or cfg.nheads
+    return 2 * cfg.nlayers * batch * kvheads * length * cfg.head_dim * torch.finfo(DTYPE).bits // 8
+
+
+@pytest.mark.parametrize("seconds", AUDIO_SECONDS)
+@pytest.mark.parametrize("impl", ENCODER_IMPLS)
+@torch.no_grad()
+def test_encoder_projector(benchmark, models, results, impl, seconds):
+    features = models.inputs(seconds)["input_features"]
+    reference = models.fms.get_audio_features(features)
+    for _ in range(2):
+        out = run_audio_features(models, impl, features)
+    durations = []
+    benchmark.pedantic(timed(lambda: run_audio_features(models, impl, features), durations), rounds=10, iterations=1)
+    ms = statistics.median(durations) * 1e3
+    diff = (out.float() - reference.float()).abs().max().item()
+    results.add(models.variant, f"encoder_projector_{seconds}s", impl, ms, "ms", audio_tokens=out.size(1),
+                max_abs_diff_vs_fms_eager=diff)
+    assert out.shape == reference.shape
+    if impl == "fast":  # the graph replays the same kernels as the eager call
+        assert diff == 0.0, f"graphed encoder differs from the eager one by {diff}"
+
+
+@pytest.mark.parametrize("impl", GENERATE_IMPLS)
+@torch.no_grad()
+def test_prefill(benchmark, models, results, impl):
+    inputs = models.inputs(LONGEST_AUDIO_S)
+    start = time.perf_counter()
+    run_generate(models, impl, inputs, 2)  # warm-up; for the fast paths also graph capture / compile
+    synchronize()
+    if impl.startswith("fast"):
+        results.add(models.variant, "warmup", impl, time.perf_counter() - start, "s",
+                    what="first call: encoder graph, batch-1 decode graph capture (and compile)")
+    durations = []
+    benchmark.pedantic(timed(lambda: run_generate(models, impl, inputs, 1), durations), rounds=5, iterations=1)
+    results.add(models.variant, "prefill", impl, statistics.median(durations) * 1e3, "ms",
+                prompt_tokens=inputs["input_ids"].size(1))
+
+
+@pytest.mark.parametrize("batch", (1, 8))
+@pytest.mark.parametrize("impl", GENERATE_IMPLS)
+@torch.no_grad()
+def test_decode(benchmark, models, results, copy_bandwidth, impl, batch):
+    inputs = models.inputs(LONGEST_AUDIO_S, batch=batch)
+    prompt_len = inputs["input_ids"].size(1)
+    run_generate(models, impl, inputs, 2)  # warm-up (captures this batch size's graph)
+    one_token_s = median_seconds(lambda: run_generate(models, impl, inputs, 1), rounds=3)
+
+    durations = []
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    tokens = benchmark.pedantic(
+        timed(lambda: run_generate(models, impl, inputs, MAX_NEW_TOKENS), durations), rounds=ROUNDS[impl], iterations=1
+    )
+    transient = torch.cuda.max_memory_allocated() - resident if DEVICE.type == "cuda" else 0
+    full_s = statistics.median(durations)
+    models.tokens[(impl, batch)] = tokens[:, prompt_len:].cpu()
+
+    per_token_ms = (full_s - one_token_s) / (MAX_NEW_TOKENS - 1) * 1e3
+    kv_bytes = kv_cache_bytes(models, batch, prompt_len + MAX_NEW_TOKENS // 2)  # mean cache length read per step
+    floor_ms = (models.decoder_bytes + kv_bytes) / copy_bandwidth * 1e3
+    results.add(models.variant, f"decode_b{batch}", impl, per_token_ms, "ms/token", batch=batch,
+                one_token_s=one_token_s, full_s=full_s, floor_ms=floor_ms, over_floor=per_token_ms / floor_ms)
+    if impl == "fast":
+        results.add(models.variant, "decode_floor", "all", floor_ms, "ms/step", batch=batch,
+                    decoder_GiB=models.decoder_bytes / 2**30, kv_cache_GiB=kv_bytes / 2**30,
+                    copy_bandwidth_TBps=copy_bandwidth / 1e12)
+    print(f"\n{models.variant} {impl} batch {batch}: decode {per_token_ms:.2f} ms/token "
+          f"(floor {floor_ms:.2f} ms: weights + KV / copy bandwidth; {per_token_ms / floor_ms:.1f}x)")
+    if batch == 1:
+        results.add(models.variant, "e2e_30s_128", impl, full_s, "s")
+        results.add(models.variant, "rtf_30s_128", impl, full_s / LONGEST_AUDIO_S, "")
+        generator = models.generators.get(impl)
+        state_bytes = generator.static_bytes(batch) if generator is not None else 0  # allocated before the run
+        peak = model_bytes(models, impl) + state_bytes + transient
+        results.add(models.variant, "peak_memory", impl, peak / 2**30, "GiB", weights_GiB=model_bytes(models, impl) / 2**30,
+                    static_cache_GiB=state_bytes / 2**30, transient_peak_GiB=transient / 2**30)
+    assert tokens.shape == (batch, prompt_len + MAX_NEW_TOKENS)
+
+
+@pytest.mark.parametrize("batch", (1, 8))
+@torch.no_grad()
+def test_fast_graph_replay_equals_eager_step(models, results, batch):
+    """The CUDA-graph replay gives the tokens of the same decode step run eagerly (same kernels, same order)."""
+    inputs = models.inputs(LONGEST_AUDIO_S, batch=batch, seed=1)
+    graphed = models.generator("fast").generate(**inputs, max_new_tokens=32)
+    eager = models.generator("fast_eager").generate(**inputs, max_new_tokens=32)
+    fms_tokens = run_generate(models, "fms", inputs, 32)
+    prompt_len = inputs["input_ids"].size(1)
+    agree = (graphed[:, prompt_len:] == fms_tokens[:, prompt_len:]).float().mean().item()
+    results.add(models.variant, f"graph_vs_eager_b{batch}", "fast", float(torch.equal(graphed, eager)), "bool",
+                token_agreement_with_fms_eager=agree)
+    assert torch.equal(graphed, eager), "graph replay and eager decode step disagree"
+
+
+@pytest.mark.parametrize("impl", ("fast", "fast_compiled"))
+@torch.no_grad()
+def test_profile_decode_step(models, results, impl):
+    """Where a decode step's time goes: kernel count and GPU time by kind (eager steps under the profiler), next to
+    the graph-replayed step time."""
+    if DEVICE.type != "cuda":
+        pytest.skip("kernel profile needs CUDA")
+    inputs = models.inputs(LONGEST_AUDIO_S)
+    graphed = models.generator(impl)
+    graphed.generate(**inputs, max_new_tokens=2)
+    graphed.prefill(inputs["input_ids"], graphed.encode_audio(inputs["input_features"]),
+                    inputs["input_features_mask"], inputs["attention_mask"])
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(GRAPH_TIMED_STEPS):
+        graphed.decode_step()
+    synchronize()
+    graph_step_ms = (time.perf_counter() - start) / GRAPH_TIMED_STEPS * 1e3
+
+    from granite_speech.fast_generate import StaticGenerator
+
+    eager = StaticGenerator(models.fms, models.max_len(), use_cuda_graph=False, compile_step=impl == "fast_compiled")
+    eager.prefill(inputs["input_ids"], eager.encode_audio(inputs["input_features"]),
+                  inputs["input_features_mask"], inputs["attention_mask"])
+    for _ in range(2):
+        eager.decode_step()
+    synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED_STEPS):
+            eager.decode_step()
+        synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    by_name = {}
+    for event in kernels:
+        name = event.name.lower()
+        kind = ("gemm" if any(s in name for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk"))
+                else "attention" if any(s in name for s in ("fmha", "attention", "flash")) else "other")
+        us = event.time_range.elapsed_us()
+        by_kind[kind] += us
+        total, count = by_name.get(event.name, (0.0, 0))
+        by_name[event.name] = (total + us, count + 1)
+    per_step = {k: v / PROFILED_STEPS / 1e3 for k, v in by_kind.items()}
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    summary = {
+        "kernels_per_step": len(kernels) / PROFILED_STEPS,
+        "gpu_ms_per_step_by_kind": per_step,
+        "gpu_ms_per_step": sum(per_step.values()),
+        "graph_step_ms": graph_step_ms,
+        "top_kernels": [{"name": n[:120], "ms_per_step": t / PROFILED_STEPS / 1e3, "per_step": c / PROFILED_STEPS}
+                        for n, (t, c) in top],
+    }
+    results.note(f"{models.variant}_{impl}_decode_profile_b1", summary)
+    results.add(models.variant, "graph_step_b1", impl, graph_step_ms, "ms/step", **{k: v for k, v in summary.items()
+                                                                                  if k != "top_kernels"})
+    print(f"\n{models.variant} {impl}: {summary['kernels_per_step']:.0f} kernels/step, GPU busy "
+          f"{summary['gpu_ms_per_step']:.2f} ms ({per_step}), graph step {graph_step_ms:.2f} ms")
+    assert summary["kernels_per_step"] > 0

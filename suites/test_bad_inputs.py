@@ -1,0 +1,376 @@
+"""Bad input gets a clear error that names what was wrong: audio and prompts through the processor, tensors through
+the model's forward, corrupted checkpoints through the loader, broken configs, and the CLI.
+
+Audio, prompt and forward cases run against the session's model (`--model`); checkpoint corruption always edits a
+temporary copy of the tiny fixture (never the cached folder), since only the file handling is under test there.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fms.models import get_model
+from safetensors.torch import load_file, save_file
+
+import granite_speech  # noqa: F401  (registers the architecture for get_model)
+from granite_speech.adapter import CheckpointCoverageError
+from granite_speech.config import ConformerConfig, GraniteSpeechConfig, QFormerProjectorConfig
+from granite_speech.processor import GraniteSpeechProcessor
+from parity.fixtures import build_checkpoint
+from parity.models import load_fms_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "<|audio|> please transcribe this clip."
+
+
+def _noise(num_samples: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(num_samples, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+# ---------------------------------------------------------------------------------------------- audio and prompts
+@pytest.fixture(scope="module")
+def processor(checkpoint_dir):
+    return GraniteSpeechProcessor.from_pretrained(checkpoint_dir)
+
+
+@pytest.mark.parametrize(
+    "make_audio, kwargs, error, message",
+    [
+        pytest.param(lambda: torch.zeros(0), {}, ValueError, r"audio\[0\] has 0 samples; expected at least 257",
+                     id="empty-clip"),
+        pytest.param(lambda: [], {}, ValueError, r"audio is an empty list; expected one or more clips",
+                     id="empty-list"),
+        pytest.param(lambda: _noise(256), {}, ValueError, r"audio\[0\] has 256 samples; expected at least 257",
+                     id="too-short-256"),
+        pytest.param(lambda: [_noise(16_000).index_fill(0, torch.tensor([3, 900]), float("nan"))], {}, ValueError,
+                     r"audio\[0\] contains 2 NaN/Inf samples; expected finite samples", id="nan"),
+        pytest.param(lambda: [_noise(16_000).index_fill(0, torch.tensor([5]), float("-inf"))], {}, ValueError,
+                     r"audio\[0\] contains 1 NaN/Inf samples; expected finite samples", id="inf"),
+        pytest.param(lambda: [np.stack([_noise(8_000, 1).numpy(), _noise(8_000, 2).numpy()], axis=1)], {},
+                     ValueError, r"audio\[0\] has shape \[8000, 2\]; expected one mono clip.*mix multi-channel",
+                     id="stereo-channels-last"),
+        pytest.param(lambda: _noise(16_000).view(1, 2, 8_000), {}, ValueError,
+                     r"audio tensor has shape \[1, 2, 8000\]; expected a mono clip", id="stereo-3d"),
+        # a [2, N] tensor is a batch of two clips by contract: with one placeholder, the count check says so
+        pytest.param(lambda: _noise(16_000).view(2, 8_000), {}, ValueError,
+                     r"1 <\|audio\|> placeholders but 2 audio clips.*\[B, N\] tensor counts as B clips",
+                     id="stereo-2d-read-as-two-clips"),
+        pytest.param(lambda: _noise(16_000), {"sampling_rate": 44_100}, ValueError,
+                     r"audio sampled at 44100 Hz, but this extractor expects 16000 Hz", id="wrong-sampling-rate"),
+        pytest.param(lambda: (_noise(16_000) * 32767).to(torch.int16), {}, ValueError,
+                     r"dtype torch.int16; expected floating point samples.*int16 / 32768", id="int16-tensor"),
+        pytest.param(lambda: [(_noise(16_000).numpy() * 32767).astype(np.int32)], {}, ValueError,
+                     r"audio\[0\] has numpy dtype int32; expected floating point samples", id="int32-numpy"),
+        pytest.param(lambda: _noise(16_000).tolist(), {}, TypeError,
+                     r"audio\[0\] is a float; expected a torch.Tensor or numpy array per clip", id="python-floats"),
+    ],
+)
+def test_processor_rejects_bad_audio(processor, make_audio, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        processor(PROMPT, make_audio(), **kwargs)
+
+
+def test_processor_accepts_the_shortest_valid_clip(processor):
+    # the boundary of the too-short case: 257 samples is HF's minimum and must work (so the check is not too strict)
+    out = processor(PROMPT, _noise(257))
+    assert out["input_features"].shape[1] == 1 and bool(torch.isfinite(out["input_features"]).all())
+
+
+@pytest.mark.parametrize(
+    "texts, num_clips, message",
+    [
+        pytest.param(["<|audio|><|audio|> two placeholders"], 1,
+                     r"contain 2 <\|audio\|> placeholders but 1 audio clips were given", id="more-placeholders"),
+        pytest.param(["<|audio|> first", "no placeholder here"], 2,
+                     r"contain 1 <\|audio\|> placeholders but 2 audio clips were given", id="fewer-placeholders"),
+        pytest.param(["<|audio|> audio promised"], 0, r"contain 1 <\|audio\|> placeholders but no audio was given",
+                     id="placeholder-without-audio"),
+    ],
+)
+def test_processor_rejects_placeholder_count_mismatch(processor, texts, num_clips, message):
+    audio = [_noise(8_000, seed=i) for i in range(num_clips)] or None
+    with pytest.raises(ValueError, match=message):
+        processor(texts, audio)
+
+
+# ---------------------------------------------------------------------------------------------- model forward
+@pytest.fixture(scope="module")
+def forward_inputs(fms_model, device, dtype):
+    """Two prompts whose clips have 1 and 2 projector windows: valid ids, features and mask to break one at a time."""
+    cfg = fms_model.config
+    q = cfg.projector_config.queries_per_window
+    frames = 2 * cfg.projector_config.window_size
+    audio_id = cfg.audio_token_index
+    g = torch.Generator().manual_seed(11)
+    ids = torch.tensor([[5] + [audio_id] * q + [7] * (q + 2), [5] + [audio_id] * (2 * q) + [7, 8]])
+    features = torch.randn(2, frames, cfg.encoder_config.input_dim, generator=g)
+    mask = torch.arange(2 * q).unsqueeze(0) < torch.tensor([[q], [2 * q]])
+    return {"ids": ids.to(device), "features": features.to(device, dtype), "mask": mask.to(device), "q": q}
+
+
+@torch.no_grad()
+def test_forward_accepts_the_valid_inputs(fms_model, forward_inputs):
+    # the control for every case below: the unbroken inputs run
+    out = fms_model(forward_inputs["ids"], input_features=forward_inputs["features"],
+                    input_features_mask=forward_inputs["mask"])
+    assert out.shape[:2] == forward_inputs["ids"].shape and bool(torch.isfinite(out).all())
+
+
+def _break(inputs, case):
+    ids, features, mask, q = inputs["ids"], inputs["features"], inputs["mask"], inputs["q"]
+    if case == "audio-tokens-without-features":
+        return dict(input_ids=ids)
+    if case == "total-count-mismatch":  # 3q placeholders in the prompts, features for one window (q) per clip
+        return dict(input_ids=ids, input_features=features[:, : features.shape[1] // 2])
+    if case == "per-row-count-mismatch":  # same total, rows swapped
+        return dict(input_ids=ids, input_features=features, input_features_mask=mask.flip(0))
+    if case == "features-without-audio-tokens":
+        return dict(input_ids=torch.full_like(ids, 7), input_features=features, input_features_mask=mask)
+    if case == "mask-wrong-shape":
+        return dict(input_ids=ids, input_features=features, input_features_mask=mask[:, :-1])
+    if case == "mask-wrong-dtype":
+        return dict(input_ids=ids, input_features=features, input_features_mask=mask.long())
+    if case == "features-2d":
+        return dict(input_ids=ids, input_features=features[0], input_features_mask=mask)
+    if case == "features-4d":
+        return dict(input_ids=ids, input_features=features[None], input_features_mask=mask)
+    if case == "features-wrong-size":
+        return dict(input_ids=ids, input_features=features[..., : features.shape[-1] // 2], input_features_mask=mask)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("audio-tokens-without-features", r"input_ids hold \d+ audio tokens \(id \d+\) but no input_features"),
+        ("total-count-mismatch", r"audio tokens per prompt \[{q}, {q2}\] do not match audio features per clip "
+                                 r"\[{q}, {q}\]"),
+        ("per-row-count-mismatch", r"audio tokens per prompt \[{q}, {q2}\] do not match audio features per clip "
+                                   r"\[{q2}, {q}\]"),
+        ("features-without-audio-tokens", r"audio tokens per prompt \[0, 0\] do not match"),
+        ("mask-wrong-shape", r"input_features_mask must be a bool tensor of shape \[num_audios=2, "
+                             r"audio_tokens={q2}\], got torch.bool \(2, {q2m1}\)"),
+        ("mask-wrong-dtype", r"input_features_mask must be a bool tensor .* got torch.int64"),
+        ("features-2d", r"input_features must be \[batch, frames, \d+\], got \(\d+, \d+\)$"),
+        ("features-4d", r"input_features must be \[batch, frames, \d+\], got \(1, 2, \d+, \d+\)"),
+        ("features-wrong-size", r"input_features must be \[batch, frames, (\d+)\], got \(2, \d+, \d+\)"),
+    ],
+)
+@torch.no_grad()
+def test_forward_rejects_bad_tensors(fms_model, forward_inputs, case, message):
+    q = forward_inputs["q"]
+    message = message.format(q=q, q2=2 * q, q2m1=2 * q - 1)
+    with pytest.raises(ValueError, match=message):
+        fms_model(**_break(forward_inputs, case))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def tiny_checkpoint():
+    return build_checkpoint("tiny")
+
+
+@pytest.fixture
+def ckpt_copy(tiny_checkpoint, tmp_path):
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def _shard_of(folder: Path, key: str) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder / index["weight_map"][key]
+
+
+def _edit_safetensors(path: Path, edit) -> None:
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+ENTRY_POINTS = {
+    "load_fms_model": load_fms_model,
+    "get_model": lambda folder: get_model("hf_pretrained", model_path=str(folder)),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_missing_shard_file_is_named(ckpt_copy, entry):
+    shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
+    shard.unlink()  # the index still lists it
+    with pytest.raises(FileNotFoundError, match=rf"{shard.name}.*model\.safetensors\.index\.json|"
+                                                rf"model\.safetensors\.index\.json.*{shard.name}"):
+        ENTRY_POINTS[entry](ckpt_copy)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_truncated_safetensors_is_named(ckpt_copy, entry):
+    shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])  # header intact, tensor data cut short
+    with pytest.raises(ValueError, match=rf"{shard.name}.*(truncated|corrupt|incomplete)"):
+        ENTRY_POINTS[entry](ckpt_copy)
+
+
+def test_orphan_lora_key_of_a_non_target_module(ckpt_copy):
+    key = "base_model.model.language_model.model.layers.0.self_attn.k_proj.lora_A.weight"  # k_proj is no target
+    _edit_safetensors(ckpt_copy / "adapter_model.safetensors",
+                      lambda t: t.__setitem__(key, torch.ones_like(t[key.replace("k_proj", "q_proj")])))
+    with pytest.raises(CheckpointCoverageError, match=r"LoRA tensors with no matching.*lora\.layers\.0\.k_proj\.lora_A"):
+        load_fms_model(ckpt_copy)
+
+
+def test_orphan_lora_key_beyond_the_last_decoder_layer(ckpt_copy):
+    nlayers = json.loads((ckpt_copy / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    source = "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    key = source.replace("layers.0.", f"layers.{nlayers + 5}.")
+    _edit_safetensors(ckpt_copy / "adapter_model.safetensors", lambda t: t.__setitem__(key, t[source].clone()))
+    with pytest.raises(CheckpointCoverageError, match=rf"lora\.layers\.{nlayers + 5}\.q_proj\.lora_A"):
+        load_fms_model(ckpt_copy)
+
+
+def test_unknown_extra_tensor_is_named(ckpt_copy):
+    shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
+    _edit_safetensors(shard, lambda t: t.__setitem__("vision_tower.patch_embed.weight", torch.ones(4, 4)))
+    with pytest.raises(CheckpointCoverageError, match=r"no place for.*vision_tower\.patch_embed\.weight"):
+        load_fms_model(ckpt_copy)
+
+
+def test_encoder_layer_beyond_the_config_is_named(ckpt_copy):
+    # a checkpoint deeper than its config.json: the extra layer must be reported, not crash the loader
+    nlayers = json.loads((ckpt_copy / "config.json").read_text())["encoder_config"]["num_layers"]
+    source = "encoder.layers.0.ff1.up_proj.weight"
+    key = source.replace("layers.0.", f"layers.{nlayers}.")
+    _edit_safetensors(_shard_of(ckpt_copy, source), lambda t: t.__setitem__(key, t[source].clone()))
+    with pytest.raises(CheckpointCoverageError, match=rf"encoder\.layers\.{nlayers}\.ff1\.w1\.weight"):
+        load_fms_model(ckpt_copy)
+
+
+def test_missing_decoder_projection_is_named(ckpt_copy):
+    key = "language_model.model.layers.0.self_attn.k_proj.weight"
+    _edit_safetensors(_shard_of(ckpt_copy, key), lambda t: t.pop(key))
+    with pytest.raises(CheckpointCoverageError, match=r"layers\.0\.(self_attn\.k_proj|attn\.in_proj\.key)"):
+        load_fms_model(ckpt_copy)
+
+
+@pytest.mark.parametrize(
+    "section, field, value, linked",
+    [
+        pytest.param("text_config", "hidden_size", 128, {}, id="text-hidden-128-vs-64-tensors"),
+        pytest.param("encoder_config", "hidden_dim", 32, {("projector_config", "encoder_hidden_size"): 32},
+                     id="encoder-hidden-32-vs-64-tensors"),
+    ],
+)
+def test_config_dims_disagreeing_with_the_tensors_raise(ckpt_copy, section, field, value, linked):
+    original = json.loads((ckpt_copy / "config.json").read_text())[section][field]
+
+    def edit(config):
+        config[section][field] = value
+        for (other_section, other_field), other_value in linked.items():
+            config[other_section][other_field] = other_value
+
+    _edit_json(ckpt_copy / "config.json", edit)
+    with pytest.raises(ValueError, match=r"[Ss]hape mismatch") as excinfo:
+        load_fms_model(ckpt_copy)
+    # the chained cause carries both sizes, so the message says which dimension disagrees
+    chain = f"{excinfo.value} {excinfo.value.__cause__}"
+    assert str(value) in chain and str(original) in chain, chain
+
+
+def test_folder_without_config_json(ckpt_copy):
+    (ckpt_copy / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        load_fms_model(ckpt_copy)
+
+
+def test_folder_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises(FileNotFoundError, match=rf"{missing.name}"):
+        load_fms_model(missing)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        pytest.param("target_modules", ".*(q|v)_proj", r"a regex target_modules \('\.\*\(q\|v\)_proj'\) is not "
+                     r"supported", id="regex-target-modules"),
+        pytest.param("peft_type", "IA3", r"only LoRA adapters are supported, got peft_type .*IA3",
+                     id="non-lora-peft-type"),
+    ],
+)
+def test_bad_adapter_config(ckpt_copy, field, value, message):
+    _edit_json(ckpt_copy / "adapter_config.json", lambda c: c.__setitem__(field, value))
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: {message}"):
+        load_fms_model(ckpt_copy)
+
+
+def test_lora_mode_typo_in_the_config():
+    with pytest.raises(ValueError, match=r"lora_mode must be one of \('merged', 'audio_only'\), got 'merge'"):
+        GraniteSpeechConfig(lora_mode="merge")
+
+
+def test_lora_mode_typo_when_loading(tiny_checkpoint):
+    # get_model passes lora_mode through ModelConfig.updated, which must validate it as the constructor does
+    with pytest.raises(ValueError, match=r"lora_mode must be one of \('merged', 'audio_only'\), got 'merge'"):
+        load_fms_model(tiny_checkpoint, lora_mode="merge")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        pytest.param(lambda c: c["encoder_config"].update(context_size=c["encoder_config"]["max_pos_emb"] + 1),
+                     r"context_size must be in \(0, max_pos_emb=64\], got 65", id="context-size-gt-max-pos-emb"),
+        pytest.param(lambda c: c.update(window_size=16), r"window_size \(16\) must be a multiple of downsample_rate "
+                     r"\(5\)", id="window-not-multiple-of-downsample"),
+    ],
+)
+def test_inconsistent_config_json(ckpt_copy, edit, message):
+    _edit_json(ckpt_copy / "config.json", edit)
+    with pytest.raises(ValueError, match=message):
+        load_fms_model(ckpt_copy)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        pytest.param(lambda: ConformerConfig(context_size=600, max_pos_emb=512),
+                     r"context_size must be in \(0, max_pos_emb=512\], got 600", id="conformer-context-size"),
+        pytest.param(lambda: QFormerProjectorConfig(window_size=15, downsample_rate=4),
+                     r"window_size \(15\) must be a multiple of downsample_rate \(4\)", id="projector-window"),
+    ],
+)
+def test_inconsistent_fms_configs(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "granite_speech", "transcribe", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_missing_audio_file(tiny_checkpoint, tmp_path):
+    missing = tmp_path / "missing.flac"
+    result = _cli("--checkpoint", str(tiny_checkpoint), str(missing))
+    assert result.returncode != 0
+    assert f"no such audio file: {missing}" in result.stderr, result.stderr
+
+
+def test_cli_missing_checkpoint_folder(tmp_path):
+    clip = sorted((REPO_ROOT / "fixtures" / "speech").glob("*.flac"))[0]
+    missing = tmp_path / "no-checkpoint"
+    result = _cli("--checkpoint", str(missing), str(clip))
+    assert result.returncode != 0
+    assert f"checkpoint folder {missing} does not exist" in result.stderr, result.stderr[-2000:]
