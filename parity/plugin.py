@@ -124,3 +124,23 @@ def hf_processor(checkpoint_dir):
 @pytest.fixture(scope="session")
 def tolerance_overrides(pytestconfig) -> dict:
     return {k: v for k in ("atol", "rtol") if (v := pytestconfig.getoption(f"--{k}")) is not None}
+
+
+@pytest.fixture(scope="session")
+def write_parity_report(pytestconfig):
+    """Writes a run's report to --parity-report / --parity-json; runs of other modes get the mode in the name."""
+    from parity.report import write_html, write_json
+
+    def write(report: dict, mode: str) -> list:
+        written = []
+        for option, writer in (("--parity-report", write_html), ("--parity-json", write_json)):
+            target = pytestconfig.getoption(option)
+            if not target:
+                continue
+            path = Path(target)
+            if mode != pytestconfig.getoption("--parity-mode"):
+                path = path.with_name(f"{path.stem}.{mode}{path.suffix}")
+            written.append(writer(report, path))
+        return written
+
+    return write

@@ -36,13 +36,13 @@ def audio_inputs(fms_model, device, dtype):
     valid = torch.tensor([[tokens], [tokens - q]])
     mask = torch.arange(tokens).unsqueeze(0) < valid
     audio_id = cfg.audio_token_index
-    text = torch.randint(1, 200, (2, 6), generator=g)
-    ids = torch.cat(
+    text = torch.randint(1, 200, (2, 4 + q), generator=g)
+    ids = torch.stack(  # equal lengths: the second prompt's missing window is made up with text
         [
             torch.cat([text[0, :3], torch.full((tokens,), audio_id), text[0, 3:4]]),
             torch.cat([text[1, :3], torch.full((tokens - q,), audio_id), text[1, 3:]]),
         ]
-    ).view(2, -1)
+    )
     return {"input_ids": ids.to(device), "input_features": features.to(device, dtype),
             "input_features_mask": mask.to(device)}
 

@@ -1,0 +1,60 @@
+"""Layer by layer through the harness: every probe of the Granite Speech table, FMS against HF, on a real clip.
+
+The mode under test is --parity-mode (propagated by default); teacher-forced always runs too, so that a module's
+own error is told apart from inherited error. Reports go to --parity-report / --parity-json.
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from parity.capture import checkpoint_param_bytes
+from parity.granite_run import make_inputs, run_parity
+from parity.hf_compat import load_hf_model
+from parity.models import load_fms_model
+from parity.report import render_terminal
+
+
+@pytest.fixture(scope="module")
+def layer_inputs(speech_dataset, hf_processor, device, dtype):
+    # the 4.02 s clip: 201 encoder frames = one full 200-frame block + 1, and 13 windows + 6 frames
+    row = min(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64320))
+    clip = torch.tensor(row["audio"]["array"], dtype=torch.float32)
+    return make_inputs(hf_processor, [clip], device, dtype)
+
+
+def _modes(pytestconfig):
+    chosen = pytestconfig.getoption("--parity-mode")
+    return [chosen] + (["teacher-forced"] if chosen != "teacher-forced" else [])
+
+
+@pytest.mark.parametrize("mode_index", [0, 1])
+def test_every_probe_within_tolerance(
+    request, pytestconfig, mode_index, checkpoint_dir, layer_inputs, device, dtype, seed,
+    tolerance_overrides, write_parity_report, record_property,
+):
+    modes = _modes(pytestconfig)
+    if mode_index >= len(modes):
+        pytest.skip("teacher-forced is the selected mode; it ran as index 0")
+    mode = modes[mode_index]
+    if "two-phase" in modes:
+        # one model in memory at a time: hand over factories and never touch the session's loaded models
+        hf, fms = (lambda: load_hf_model(checkpoint_dir, dtype, str(device))), (
+            lambda: load_fms_model(checkpoint_dir, dtype, device))
+    else:
+        hf, fms = request.getfixturevalue("hf_model"), request.getfixturevalue("fms_model")
+    result, report = run_parity(
+        hf, fms, layer_inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint_dir)), mode=mode, dtype=dtype, device=device,
+        overrides=tolerance_overrides, param_bytes=checkpoint_param_bytes(checkpoint_dir, dtype),
+        seed=seed, checkpoint=str(checkpoint_dir),
+    )
+    write_parity_report(report, mode)
+    summary = report["summary"]
+    record_property("probes", summary["probes"])
+    record_property("status_counts", summary["status_counts"])
+    worst = max((p["propagated"].get("metrics") or {}).get("max_abs") or 0.0 for p in report["result"]["probes"])
+    record_property("worst_max_abs", worst)
+    assert summary["status_counts"].get("pass", 0) == summary["probes"], (
+        f"first divergence: {result.first_divergence}\n" + render_terminal(report)
+    )
+    assert result.passed
