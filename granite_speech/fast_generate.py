@@ -306,7 +306,10 @@ class StaticGenerator:
         self.lm = model.language_model
         self.device = self.lm.head.weight.device
         self.dtype = self.lm.head.weight.dtype
-        self.max_len = -(-max_len // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
+        self.max_len = max_len
+        # cache columns: max_len plus room for the capture's warm-up steps (they write up to 2 columns past the
+        # current one), rounded up for alignment; the extra columns are always masked
+        self.capacity = -(-(max_len + _WARMUP_STEPS + 1) // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self.spec = self._build_spec()
         self._layers = self._collect_layer_weights()
@@ -389,19 +392,19 @@ class StaticGenerator:
     def _build_rope_table(self) -> torch.Tensor:
         rot_emb = self.lm.base_model.rot_emb
         _require(rot_emb.rope_type == "regular" and rot_emb.partial_rope == 1.0, "only regular, full RoPE")
-        alpha = rot_emb.compute_freqs_cis(self.device, self.max_len)
+        alpha = rot_emb.compute_freqs_cis(self.device, self.capacity)
         table = rot_emb.cached_freqs[self.device.index][alpha]  # [positions, head_dim/2, 2, 2] fp32
-        if table.size(0) < self.max_len:
-            raise ValueError(f"the RoPE table holds {table.size(0)} positions, fewer than max_len {self.max_len}")
+        if table.size(0) < self.capacity:
+            raise ValueError(f"the RoPE table holds {table.size(0)} positions, fewer than needed ({self.capacity})")
         return table
 
     def _session(self, batch: int) -> _Session:
         if batch not in self._sessions:
             cfg = self.lm.config
             cache = StaticKVCache(
-                cfg.nlayers, batch, self.spec.kvheads, self.max_len, self.spec.head_dim, self.dtype, self.device
+                cfg.nlayers, batch, self.spec.kvheads, self.capacity, self.spec.head_dim, self.dtype, self.device
             )
-            state = _DecodeState(batch, self.max_len, self.lm.head.weight.size(0), self.device)
+            state = _DecodeState(batch, self.capacity, self.lm.head.weight.size(0), self.device)
             self._sessions[batch] = _Session(batch, cache, state)
         return self._sessions[batch]
 
