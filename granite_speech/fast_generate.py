@@ -6,7 +6,7 @@ FMS's `fms.utils.generation.generate` grows the KV cache by concatenation, so ev
 
 - the audio is encoded once (per clip shape captured as a CUDA graph on GPU);
 - the prompt is prefilled by the model's own `forward` (use_cache=True), and its K/V copied into a static cache
-  `[layers] x [B, kvheads, max_len, head_dim]`;
+  `[layers] x [B, kvheads, max_len (+ a few always-masked columns), head_dim]`;
 - a decode step over FMS Granite's weights (`ln`, `attn.in_proj`, `attn.dense`, `ff_ln`, `ff_sub_layer`, `rot_emb`,
   `dec_norm`, `head`) reads the token at cache column `slot`, writes its K/V at `slot`, attends over the valid
   columns (left padding masked), writes the greedy token at `slot + 1` and advances `slot`, all in place on static
@@ -26,7 +26,6 @@ q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exact
     tokens = generate_static(model, input_ids, input_features, ..., max_new_tokens=128)
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -234,21 +233,21 @@ def _pick_next(
 
 
 _STEP_FUNCTIONS = (_step_prologue, _decode_layer, _step_epilogue)
-# (spec, backend) -> compiled (prologue, layer, epilogue), shared by every generator of equal spec so that a second
-# generator (or batch size) hits the compiled code instead of recompiling on a new spec object
-_COMPILED: Dict[Tuple[_DecoderSpec, str], Tuple] = {}
+# backend -> compiled (prologue, layer, epilogue). The functions themselves are compiled (not per-spec wrappers):
+# Dynamo keeps its compiled variants per code object, so each function holds one entry per (spec, batch size).
+_COMPILED: Dict[str, Tuple] = {}
+# equal specs share one object, so a new generator of the same model dimensions reuses the compiled code
+_SPECS: Dict[_DecoderSpec, _DecoderSpec] = {}
 
 
-def _compiled_step_functions(spec: _DecoderSpec, backend: str) -> Tuple:
-    key = (spec, backend)
-    if key not in _COMPILED:
-        # static shapes (one graph per batch size), no graph breaks; the weights are arguments, so the layer
+def _compiled_step_functions(backend: str) -> Tuple:
+    if backend not in _COMPILED:
+        # static shapes (one variant per batch size), no graph breaks; the weights are arguments, so the layer
         # function compiles once for all layers
-        _COMPILED[key] = tuple(
-            torch.compile(functools.partial(fn, spec), fullgraph=True, dynamic=False, backend=backend)
-            for fn in _STEP_FUNCTIONS
+        _COMPILED[backend] = tuple(
+            torch.compile(fn, fullgraph=True, dynamic=False, backend=backend) for fn in _STEP_FUNCTIONS
         )
-    return _COMPILED[key]
+    return _COMPILED[backend]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -315,9 +314,9 @@ class StaticGenerator:
         self._layers = self._collect_layer_weights()
         self._rope_table = self._build_rope_table()
         if compile_step:
-            self._prologue, self._layer, self._epilogue = _compiled_step_functions(self.spec, compile_backend)
+            self._prologue, self._layer, self._epilogue = _compiled_step_functions(compile_backend)
         else:
-            self._prologue, self._layer, self._epilogue = (functools.partial(fn, self.spec) for fn in _STEP_FUNCTIONS)
+            self._prologue, self._layer, self._epilogue = _STEP_FUNCTIONS
         self._sessions: Dict[int, _Session] = {}
         self._audio_graphs: Dict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._active: Optional[_Session] = None
@@ -333,7 +332,7 @@ class StaticGenerator:
         slots: Tuple[int, ...] = ()
         if lora is not None:
             slots = tuple({"q_proj": 0, "k_proj": 1, "v_proj": 2}[t] for t in lora.targets)
-        return _DecoderSpec(
+        spec = _DecoderSpec(
             nheads=cfg.nheads,
             kvheads=kvheads,
             head_dim=cfg.head_dim,
@@ -346,6 +345,7 @@ class StaticGenerator:
             lora_slots=slots,
             lora_scaling=float(lora.scaling) if lora is not None else 0.0,
         )
+        return _SPECS.setdefault(spec, spec)
 
     def _collect_layer_weights(self) -> List[dict]:
         layers = []
@@ -496,12 +496,15 @@ class StaticGenerator:
     def _step(self, session: _Session, lora_on: bool) -> None:
         """One token for the whole batch; every tensor op is in place on `session` (capturable)."""
         state, cache, base = session.state, session.cache, self.lm.base_model
+        spec = self.spec
         x, attn_bias, rot = self._prologue(
+            spec,
             state.seq, state.slot, state.rope_pos, state.valid, self._rope_table, base.embedding.weight
         )
         mlp_out = torch.zeros_like(x)
         for weights, key_cache, value_cache in zip(self._layers, cache.keys, cache.values):
             x, mlp_out = self._layer(
+                spec,
                 x,
                 mlp_out,
                 weights["ln_w"],
@@ -522,7 +525,7 @@ class StaticGenerator:
                 attn_bias,
             )
         self._epilogue(
-            x, mlp_out, base.dec_norm.weight, self.lm.head.weight, state.seq, state.slot, state.rope_pos,
+            spec, x, mlp_out, base.dec_norm.weight, self.lm.head.weight, state.seq, state.slot, state.rope_pos,
             state.finished, state.eos, state.pad, state.logits,
         )
 

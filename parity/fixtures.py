@@ -270,3 +270,13 @@ def load_speech_dataset(source: str = "local"):
         raise ValueError(f"unknown source {source!r}; expected 'local' or 'librispeech_dummy'")
     dataset = dataset.select_columns(["file", "audio", "text", "speaker_id", "chapter_id", "id"])
     return dataset.with_transform(_decode_audio_with_soundfile)
+
+
+def read_speech_rows() -> list[dict]:
+    """The committed clips as rows of the librispeech_asr_dummy schema, read with soundfile only (no `datasets`,
+    which GPU images may lack); `load_speech_dataset()` wraps the same rows in a `datasets.Dataset`."""
+    rows = [json.loads(line) for line in SPEECH_METADATA.read_text().splitlines() if line.strip()]
+    for row in rows:
+        path = str(SPEECH_DIR / row["file"])
+        row["audio"] = _decode_audio_with_soundfile({"audio": [{"path": path, "bytes": None}]})["audio"][0]
+    return rows

@@ -109,9 +109,10 @@ def fms_model(checkpoint_dir, device, dtype):
 
 @pytest.fixture(scope="session")
 def speech_dataset():
-    from parity.fixtures import load_speech_dataset
+    # rows of the librispeech_asr_dummy schema; suites/test_fixtures.py proves them equal to load_speech_dataset()'s
+    from parity.fixtures import read_speech_rows
 
-    return load_speech_dataset()
+    return read_speech_rows()
 
 
 @pytest.fixture(scope="session")
