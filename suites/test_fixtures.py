@@ -231,7 +231,11 @@ def test_hub_weights_are_non_degenerate(hub_folder):
     assert float(weights["encoder.layers.0.conv.batch_norm.running_mean"].abs().mean()) > 0.1
     assert abs(float(weights["encoder.layers.0.conv.batch_norm.weight"].mean()) - 1.0) < 0.2
     assert 0.5 < float(weights["projector.query"].std()) < 2.0  # transformers init: N(0, 1)
-    assert 0.01 < float(weights["encoder.layers.0.ff1.up_proj.weight"].std()) < 0.03  # initializer_range 0.02
+    # transformers init: N(0, initializer_range); 4.57 takes the top-level range for the encoder, 5.x the encoder
+    # config's own (default 0.02)
+    std = float(weights["encoder.layers.0.ff1.up_proj.weight"].std())
+    ranges = (0.02, float(json.loads((hub_folder / "config.json").read_text()).get("initializer_range", 0.02)))
+    assert any(0.5 * r < std < 1.5 * r for r in ranges), f"encoder init std {std} matches none of {ranges}"
     adapter = _read_safetensors(hub_folder, "adapter_model.safetensors")
     for key, tensor in adapter.items():
         assert float(tensor.abs().mean()) > 1e-3, f"{key} is (near) zero"
