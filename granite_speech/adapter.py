@@ -73,11 +73,42 @@ def hf_to_fms_name(key: str) -> Optional[str]:
     return key
 
 
-def _hf_to_fms_names(input_sd: Mapping[str, Any], **kwargs) -> Mapping[str, Any]:
+# FMS name prefix of each stack of numbered layers -> the config count bounding its index
+_LAYER_STACKS = (
+    (re.compile(r"^encoder\.layers\.(\d+)\."), lambda c: c.encoder_config.nlayers),
+    (re.compile(r"^projector\.layers\.(\d+)\."), lambda c: c.projector_config.nlayers),
+    (re.compile(r"^language_model\.base_model\.layers\.(\d+)\."), lambda c: c.text_config.nlayers),
+    (re.compile(r"^lora\.layers\.(\d+)\."), lambda c: c.text_config.nlayers),
+)
+
+
+def _beyond_config(name: str, model_config: Optional[GraniteSpeechConfig]) -> bool:
+    """A layer the config does not have: FMS's loader would crash on it (IndexError), so it is set aside for the
+    coverage audit to name instead."""
+    if model_config is None:
+        return False
+    for pattern, count in _LAYER_STACKS:
+        match = pattern.match(name)
+        if match:
+            return int(match.group(1)) >= count(model_config)
+    return False
+
+
+def _record(model_config: Optional[GraniteSpeechConfig], keys) -> None:
+    if model_config is not None:
+        model_config.__dict__.setdefault(_LEDGER_ATTR, []).extend(keys)
+
+
+def _hf_to_fms_names(
+    input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
+) -> Mapping[str, Any]:
     new_sd: Dict[str, Any] = {}
     for key, value in input_sd.items():
         name = hf_to_fms_name(key)
         if name is None:
+            continue
+        if _beyond_config(name, model_config):
+            _record(model_config, [name])
             continue
         if name in new_sd:
             raise ValueError(f"checkpoint keys collide on {name!r} (one of them is {key!r}); is a layout mixed?")
@@ -106,20 +137,40 @@ def _hf_to_fms_rope(
     return {k: _rope_permute(v, head_dim) if _ROPE_KEY.match(k) else v for k, v in input_sd.items()}
 
 
+_FUSED_GROUPS = (
+    re.compile(r"^(?P<layer>.*\.attn\.in_proj)\.(query|key|value)\.(?P<kind>weight|bias)$"),
+    re.compile(r"^(?P<layer>.*\.ff_sub_layer)\.(wg|w1)\.(?P<kind>weight|bias)$"),
+)
+_GROUP_MEMBERS = (("query", "key", "value"), ("wg", "w1"))
+
+
+def _check_fusion_groups(input_sd: Mapping[str, Any]) -> None:
+    """FMS's fusion steps fail with a bare KeyError when one projection of a layer is absent; name it instead."""
+    for pattern, members in zip(_FUSED_GROUPS, _GROUP_MEMBERS):
+        for key in input_sd:
+            match = pattern.match(key)
+            if match:
+                wanted = [f"{match['layer']}.{m}.{match['kind']}" for m in members]
+                absent = [w for w in wanted if w not in input_sd]
+                if absent:
+                    raise CheckpointCoverageError(
+                        f"checkpoint does not match the model: {absent} missing, so {match['layer']} cannot be fused"
+                    )
+
+
 def _weight_fusion(
     input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
     if model_config is not None and not model_config.fused_weights:
         return input_sd
+    _check_fusion_groups(input_sd)
     return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
 
 
 def _coverage_ledger(
     input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
-    if model_config is not None:
-        ledger = model_config.__dict__.setdefault(_LEDGER_ATTR, [])
-        ledger.extend(input_sd.keys())
+    _record(model_config, input_sd.keys())
     return input_sd
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 
+from granite_speech.checkpoint_files import check_checkpoint_folder
 from granite_speech.config import from_hf_config, read_lora_config
 
 HF_ARCHITECTURE = "GraniteSpeechForConditionalGeneration"
@@ -14,7 +15,7 @@ def build_granite_speech_params(config) -> dict:
     """FMS kwargs for an HF GraniteSpeechConfig; the adapter settings come from the checkpoint folder's
     adapter_config.json (rank 0 when the folder has none)."""
     folder = Path(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or ".")
-    lora = read_lora_config(folder) if folder.is_dir() else {}
+    lora = read_lora_config(check_checkpoint_folder(folder)) if folder.is_dir() else {}
     fms_config = from_hf_config(config, lora or {"lora_rank": 0, "lora_alpha": 0.0})
     return {
         "encoder_config": fms_config.encoder_config,

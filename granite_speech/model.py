@@ -97,6 +97,7 @@ class GraniteSpeech(nn.Module):
         super().__init__()
         config = config if config is not None else GraniteSpeechConfig()
         self.config = config.updated(**kwargs)
+        self.config.__post_init__()  # updated() bypasses the dataclass checks (e.g. a lora_mode typo)
         if not self.config.fused_weights:
             self.config.text_config.fused_weights = False
         self.distributed_strategy = distributed_strategy

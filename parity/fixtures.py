@@ -224,10 +224,11 @@ def _cached_librispeech_dummy():
     """The hub dataset from a local hub snapshot only: `local_files_only` never opens a connection."""
     import datasets
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         snapshot = snapshot_download(LIBRISPEECH_DUMMY, repo_type="dataset", local_files_only=True)
-    except Exception as err:  # LocalEntryNotFoundError and friends
+    except LocalEntryNotFoundError as err:
         raise ValueError(
             f"{LIBRISPEECH_DUMMY} is not in the local HF hub cache and is never downloaded here; "
             f"use source='local' (the committed clips). Cause: {err}"

@@ -15,6 +15,10 @@ def load_fms_model(
     import granite_speech  # noqa: F401  (registers the architecture, adapter and HF config mapping)
     from fms.models import get_model
 
+    from granite_speech.checkpoint_files import check_checkpoint_folder
+
+    folder = check_checkpoint_folder(folder)
+
     device = torch.device(device)
     model = get_model(
         "hf_pretrained",

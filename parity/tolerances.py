@@ -14,8 +14,11 @@ Values and why:
   so ~5 eps of accumulated rounding).
 - bfloat16: atol = rtol = 1e-2 + 1 ulp. HF's bf16 entry; eps(bf16) = 7.8e-3, so rtol is ~1.3 eps and the ulp term
   adds one more spacing (together ~2 bf16 roundings).
-Tolerance classes ("activation", "logits") carry the same numbers today on purpose: they exist so that a run can
-override one class (e.g. looser logits after 40 bf16 decoder layers) without touching the others.
+- bfloat16 logits: atol = 3e-2, rtol = 1e-2 + 1 ulp. Measured on an H100 at 2b dimensions (40 decoder layers):
+  FMS against itself with the modality LoRA merged vs applied separately -- the same math in a different rounding
+  order -- differs by up to 0.020 in the logits, and FMS vs HF by up to 0.021. That is bf16's noise floor at that
+  depth, not a port error; the bound sits 1.5x above it. Activations keep the HF table.
+Entries keyed (dtype, device, class) refine the (dtype, device) ones for one tolerance class.
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -53,13 +56,18 @@ class Tolerance:
 _FP32 = Tolerance(1e-3, 1e-3, 0.0, 0.0, "fp32 target atol=rtol=1e-3 (TF32 off)")
 _FP16 = Tolerance(5e-3, 5e-3, 1.0, 0.0, "fp16: HF sdpa-equivalence table 5e-3/5e-3, plus one fp16 ulp")
 _BF16 = Tolerance(1e-2, 1e-2, 1.0, 0.0, "bf16: HF sdpa-equivalence table 1e-2/1e-2, plus one bf16 ulp")
+_BF16_LOGITS = Tolerance(
+    3e-2, 1e-2, 1.0, 0.0,
+    "bf16 logits: 1.5x the measured FMS-vs-FMS rounding floor after 40 layers (0.020, H100, 2b), plus one bf16 ulp",
+)
 
-# (dtype name, device type) -> tolerance; "*" matches any device type
-DEFAULT_TABLE: Mapping[Tuple[str, str], Tolerance] = {
+# (dtype name, device type[, tolerance class]) -> tolerance; "*" matches any device type
+DEFAULT_TABLE: Mapping[Tuple[str, ...], Tolerance] = {
     ("float32", "cpu"): _FP32,
     ("float32", "cuda"): _FP32,
     ("float16", "*"): _FP16,
     ("bfloat16", "*"): _BF16,
+    ("bfloat16", "*", "logits"): _BF16_LOGITS,
 }
 
 # mantissa bits (without the implicit one) and the smallest normal exponent, for the ulp term
@@ -105,9 +113,13 @@ def tolerance_for(
         raise ValueError(f"unknown tolerance class {tolerance_class!r}; expected one of {TOLERANCE_CLASSES}")
     table = DEFAULT_TABLE if table is None else table
     key_dtype, key_device = dtype_name(dtype), device_type(device)
-    tol = table.get((key_dtype, key_device)) or table.get((key_dtype, "*"))
+    tol = next(
+        (table[key] for key in ((key_dtype, key_device, tolerance_class), (key_dtype, "*", tolerance_class),
+                                (key_dtype, key_device), (key_dtype, "*")) if key in table),
+        None,
+    )
     if tol is None:
-        known = sorted(f"{d}@{dev}" for d, dev in table)
+        known = sorted("@".join(key) for key in table)
         raise ValueError(f"no tolerance for dtype {key_dtype} on device {key_device}; the table has {known}")
     if overrides:
         unknown = set(overrides) - {"atol", "rtol", "ulps", "max_outside_fraction"}

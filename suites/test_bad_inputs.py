@@ -204,7 +204,6 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: FMS's loader globs *.safetensors and never reads the index, so a missing shard surfaces as missing tensors, not as the shard's name")
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_missing_shard_file_is_named(ckpt_copy, entry):
     shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
@@ -214,7 +213,6 @@ def test_missing_shard_file_is_named(ckpt_copy, entry):
         ENTRY_POINTS[entry](ckpt_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: a truncated shard raises safetensors' own error without the file name")
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_truncated_safetensors_is_named(ckpt_copy, entry):
     shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
@@ -233,7 +231,6 @@ def test_orphan_lora_key_of_a_non_target_module(ckpt_copy):
         load_fms_model(ckpt_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: FMS's partial loader fails on the unknown layer index before the coverage audit can name it")
 def test_orphan_lora_key_beyond_the_last_decoder_layer(ckpt_copy):
     nlayers = json.loads((ckpt_copy / "config.json").read_text())["text_config"]["num_hidden_layers"]
     source = "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -250,7 +247,6 @@ def test_unknown_extra_tensor_is_named(ckpt_copy):
         load_fms_model(ckpt_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: FMS's partial loader fails on the unknown layer index before the coverage audit can name it")
 def test_encoder_layer_beyond_the_config_is_named(ckpt_copy):
     # a checkpoint deeper than its config.json: the extra layer must be reported, not crash the loader
     nlayers = json.loads((ckpt_copy / "config.json").read_text())["encoder_config"]["num_layers"]
@@ -261,7 +257,6 @@ def test_encoder_layer_beyond_the_config_is_named(ckpt_copy):
         load_fms_model(ckpt_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: a decoder projection missing from a fused group fails inside FMS's fusion step, not in the audit")
 def test_missing_decoder_projection_is_named(ckpt_copy):
     key = "language_model.model.layers.0.self_attn.k_proj.weight"
     _edit_safetensors(_shard_of(ckpt_copy, key), lambda t: t.pop(key))
@@ -293,14 +288,12 @@ def test_config_dims_disagreeing_with_the_tensors_raise(ckpt_copy, section, fiel
     assert str(value) in chain and str(original) in chain, chain
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: get_model('hf_pretrained') reports a missing config.json through transformers' generic error")
 def test_folder_without_config_json(ckpt_copy):
     (ckpt_copy / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         load_fms_model(ckpt_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: get_model('hf_pretrained') reports a missing folder through huggingface_hub's repo-id validation")
 def test_folder_that_does_not_exist(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(FileNotFoundError, match=rf"{missing.name}"):
@@ -327,7 +320,6 @@ def test_lora_mode_typo_in_the_config():
         GraniteSpeechConfig(lora_mode="merge")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, not yet fixed: ModelConfig.updated() does not re-run __post_init__, so lora_mode is validated only at construction")
 def test_lora_mode_typo_when_loading(tiny_checkpoint):
     # get_model passes lora_mode through ModelConfig.updated, which must validate it as the constructor does
     with pytest.raises(ValueError, match=r"lora_mode must be one of \('merged', 'audio_only'\), got 'merge'"):

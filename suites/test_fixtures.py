@@ -394,11 +394,12 @@ def test_speech_fixtures_are_small():
 
 def test_librispeech_dummy_is_used_only_from_the_local_cache():
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         snapshot_download("hf-internal-testing/librispeech_asr_dummy", repo_type="dataset", local_files_only=True)
         cached = True
-    except Exception:
+    except LocalEntryNotFoundError:
         cached = False
     if cached:
         row = load_speech_dataset("librispeech_dummy")[0]

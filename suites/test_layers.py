@@ -23,21 +23,19 @@ def layer_inputs(speech_dataset, hf_processor, device, dtype):
     return make_inputs(hf_processor, [clip], device, dtype)
 
 
-def _modes(pytestconfig):
-    chosen = pytestconfig.getoption("--parity-mode")
-    return [chosen] + (["teacher-forced"] if chosen != "teacher-forced" else [])
+def pytest_generate_tests(metafunc):
+    # the selected --parity-mode, plus teacher-forced so own and inherited error are always told apart
+    if "mode" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("--parity-mode")
+        metafunc.parametrize("mode", [chosen] + (["teacher-forced"] if chosen != "teacher-forced" else []))
 
 
-@pytest.mark.parametrize("mode_index", [0, 1])
 def test_every_probe_within_tolerance(
-    request, pytestconfig, mode_index, checkpoint_dir, layer_inputs, device, dtype, seed,
+    request, pytestconfig, mode, checkpoint_dir, layer_inputs, device, dtype, seed,
     tolerance_overrides, write_parity_report, record_property,
 ):
-    modes = _modes(pytestconfig)
-    if mode_index >= len(modes):
-        pytest.skip("teacher-forced is the selected mode; it ran as index 0")
-    mode = modes[mode_index]
-    if "two-phase" in modes:
+    two_phase = pytestconfig.getoption("--parity-mode") == "two-phase"
+    if two_phase:
         # one model in memory at a time: hand over factories and never touch the session's loaded models
         hf, fms = (lambda: load_hf_model(checkpoint_dir, dtype, str(device))), (
             lambda: load_fms_model(checkpoint_dir, dtype, device))
