@@ -21,6 +21,7 @@ def compare(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoProcessor
 
     from granite_speech.__main__ import read_audio
+    from granite_speech.checkpoint_files import check_checkpoint_folder
     from parity.capture import checkpoint_param_bytes
     from parity.fixtures import build_checkpoint, load_speech_dataset
     from parity.granite_run import make_inputs, run_parity
@@ -35,9 +36,10 @@ def compare(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     if args.checkpoint:
-        checkpoint = args.checkpoint.expanduser()
-        if not (checkpoint / "config.json").is_file():
-            print(f"error: {checkpoint} has no config.json; expected a Hugging Face checkpoint folder", file=sys.stderr)
+        try:
+            checkpoint = check_checkpoint_folder(args.checkpoint)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
     else:
         _progress(f"building (or reusing) the seeded {args.model} fixture checkpoint", start)

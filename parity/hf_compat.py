@@ -11,8 +11,15 @@ import transformers
 from packaging.version import Version
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
-# 5.10.1 split GraniteSpeechModel out and stopped dividing the logits by text_config.logits_scaling
-LOGITS_DIVIDED_BY_SCALING = TRANSFORMERS_VERSION < Version("5.10")
+
+
+def hf_divides_logits(transformers_version: Union[str, Version]) -> bool:
+    """4.x and 5.0-5.9 return lm_head(h) / logits_scaling; 5.10.1 split GraniteSpeechModel out and returns raw
+    lm_head(h)."""
+    return Version(str(transformers_version)) < Version("5.10")
+
+
+LOGITS_DIVIDED_BY_SCALING = hf_divides_logits(TRANSFORMERS_VERSION)
 
 
 def load_hf_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):

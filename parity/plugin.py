@@ -80,6 +80,15 @@ def _exact_fp32_matmuls():
     yield
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for a module: tiny ops are faster without threading overhead on small CI boxes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(pytestconfig, model_variant, seed) -> Path:
     given = pytestconfig.getoption("--checkpoint")

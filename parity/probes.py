@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from parity.hf_compat import hf_divides_logits
+
 from parity.adapters import parse_adapter_spec
 from parity.tolerances import TOLERANCE_CLASSES
 
@@ -240,13 +242,6 @@ def granite_speech_dims(config: Any) -> GraniteSpeechDims:
         decoder_kv_heads=int(_get(text, "num_key_value_heads", "kvheads") or heads),
         decoder_head_dim=int(_get(text, "head_dim") or (hidden // heads if heads else 0)),
     )
-
-
-def hf_divides_logits(transformers_version: str) -> bool:
-    """4.x and 5.0-5.9 return lm_head(h) / logits_scaling; 5.10.1+ returns raw lm_head(h)."""
-    from packaging.version import Version
-
-    return Version(transformers_version) < Version("5.10")
 
 
 _NOT_TEACHER_INPUT = "an input probe: the captured value is what the module receives, there is nothing to re-run"

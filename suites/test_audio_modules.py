@@ -149,12 +149,7 @@ def _build_projectors(cross_attention_frequency=2, qformer_attn=None, seed=0):
     return hf, ours
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ MIN_DISTINCT_TOKENS = 8
 SHARPEN_QK, SHARPEN_HEAD = 16.0, 30.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
