@@ -14,6 +14,8 @@ from fms.models.granite import GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
 from fms.utils.config import ModelConfig
 
+from granite_speech import lengths
+
 LORA_MODES = ("merged", "audio_only")
 TINY_VOCAB_SIZE = 600  # must equal fixtures/configs/tiny.json text_config.vocab_size (a test checks it)
 
@@ -58,17 +60,13 @@ class QFormerProjectorConfig(ModelConfig):
     output_dim: int = 2048  # text emb_dim
 
     def __post_init__(self):
-        if self.window_size % self.downsample_rate != 0:
-            raise ValueError(
-                f"window_size ({self.window_size}) must be a multiple of downsample_rate "
-                f"({self.downsample_rate}): the projector emits window_size // downsample_rate queries per window"
-            )
+        lengths.tokens_per_window(self.window_size, self.downsample_rate)  # raises unless W % R == 0
         if self.emb_dim % self.nheads != 0:
             raise ValueError(f"Q-Former emb_dim {self.emb_dim} is not divisible by nheads {self.nheads}")
 
     @property
     def queries_per_window(self) -> int:
-        return self.window_size // self.downsample_rate
+        return lengths.tokens_per_window(self.window_size, self.downsample_rate)
 
 
 @dataclass

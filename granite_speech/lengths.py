@@ -42,7 +42,7 @@ def _check_lengths(name: str, value: IntOrTensor) -> None:
         if not torch.compiler.is_compiling() and value.numel() > 0 and bool((value < 0).any()):
             raise ValueError(f"{name} must be >= 0, got {value.tolist()}")
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):  # SymInt: a shape under compile
         raise TypeError(f"{name} must be an int or an integer torch.Tensor, got {type(value).__name__} ({value!r})")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 
+from granite_speech import lengths
 from granite_speech.config import QFormerProjectorConfig
 
 _LINEAR_INIT_STD = 0.02  # HF Blip2QFormerConfig.initializer_range
@@ -159,7 +160,7 @@ class QFormerProjector(nn.Module):
                 f"expected encoder output [batch, frames > 0, {self.config.encoder_dim}], got {tuple(encoder_out.shape)}"
             )
         batch, seq_len, dim = encoder_out.shape
-        nwindows = -(-seq_len // self.window_size)
+        nwindows = lengths.projector_windows(seq_len, self.window_size)
         padded = F.pad(encoder_out, (0, 0, 0, nwindows * self.window_size - seq_len))
         # HF runs the Q-Former in the dtype of its LayerNorm
         windows = padded.view(batch * nwindows, self.window_size, dim).to(self.ln.weight.dtype)
