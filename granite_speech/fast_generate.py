@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from fms.modules.layernorm import LayerNormParameterized
 
+from granite_speech.lora import TARGET_SLOT, add_lora_deltas
 from granite_speech.model import GraniteSpeech, padding_attn_kwargs
 
 # The cache length is rounded up to this so the attention bias rows are 16-byte aligned (CUDA's fused SDPA kernels
@@ -172,11 +173,8 @@ def _decode_layer(
     qkv = F.linear(h, qkv_w, qkv_b)
     q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
     if lora:
-        adapted = [q, k, v]
-        for i, slot_index in enumerate(spec.lora_slots):  # ModalityLoRA's hook: out + scaling * B(A(x))
-            delta = F.linear(F.linear(h, lora[2 * i]), lora[2 * i + 1])
-            adapted[slot_index] = adapted[slot_index] + spec.lora_scaling * delta
-        q, k, v = adapted
+        pairs = [(s, lora[2 * i], lora[2 * i + 1]) for i, s in enumerate(spec.lora_slots)]
+        q, k, v = add_lora_deltas((q, k, v), h, pairs, spec.lora_scaling)  # the same math as ModalityLoRA's hook
         qk = torch.cat([q, k], dim=-1)
     else:
         qk = qkv[:, : q_dim + kv_dim]
@@ -331,7 +329,7 @@ class StaticGenerator:
         lora = self.model.lora
         slots: Tuple[int, ...] = ()
         if lora is not None:
-            slots = tuple({"q_proj": 0, "k_proj": 1, "v_proj": 2}[t] for t in lora.targets)
+            slots = tuple(TARGET_SLOT[t] for t in lora.targets)
         spec = _DecoderSpec(
             nheads=cfg.nheads,
             kvheads=kvheads,

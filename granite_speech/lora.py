@@ -6,15 +6,26 @@ After loading they are either merged into the fused QKV weights or kept and appl
 attention's `in_proj` only when audio is present (HF enables the adapter in `generate` only with audio).
 """
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from granite_speech.config import GraniteSpeechConfig
 
 # target module -> index in the (query, key, value) split of FMS's QKV projection
-_TARGET_SLOT = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+TARGET_SLOT = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def add_lora_deltas(qkv: Sequence[torch.Tensor], x: torch.Tensor, pairs: Sequence[Tuple[int, torch.Tensor, torch.Tensor]],
+                    scaling: float) -> List[torch.Tensor]:
+    """(q, k, v) + scaling * B(A(x)) on each adapted slot; `pairs` holds (slot, A weight, B weight). Pure tensor math,
+    shared by the attention hook and the fast decode step."""
+    out = list(qkv)
+    for slot, lora_a, lora_b in pairs:
+        out[slot] = out[slot] + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    return out
 
 
 class LoRAPair(nn.Module):
@@ -41,7 +52,7 @@ class ModalityLoRA(nn.Module):
             "k_proj": kvheads * text.head_dim,
             "v_proj": kvheads * text.head_dim,
         }
-        self.targets = tuple(sorted(config.lora_target_modules, key=_TARGET_SLOT.__getitem__))
+        self.targets = tuple(sorted(config.lora_target_modules, key=TARGET_SLOT.__getitem__))
         self.scaling = config.lora_scaling
         self.layers = nn.ModuleList(
             nn.ModuleDict(
@@ -71,7 +82,7 @@ class ModalityLoRA(nn.Module):
 
     @staticmethod
     def _weight(in_proj: nn.Module, target: str) -> torch.Tensor:
-        slot = _TARGET_SLOT[target]
+        slot = TARGET_SLOT[target]
         if hasattr(in_proj, "qkv_fused"):
             start = sum(in_proj.splits[:slot])
             return in_proj.qkv_fused.weight[start : start + in_proj.splits[slot]]
@@ -94,11 +105,7 @@ class ModalityLoRA(nn.Module):
         def add_lora(module: nn.Module, args: tuple, output: tuple) -> Optional[tuple]:
             if not self.enabled:
                 return None
-            x = args[0]
-            qkv = list(output)
-            for target, pair in layer.items():
-                slot = _TARGET_SLOT[target]
-                qkv[slot] = qkv[slot] + self.scaling * pair.lora_B(pair.lora_A(x))
-            return tuple(qkv)
+            pairs = [(TARGET_SLOT[t], pair.lora_A.weight, pair.lora_B.weight) for t, pair in layer.items()]
+            return tuple(add_lora_deltas(output, args[0], pairs, self.scaling))
 
         return add_lora
