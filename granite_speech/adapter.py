@@ -167,9 +167,38 @@ def _weight_fusion(
     return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
 
 
+_SHAPES_ATTR = "_expected_shapes"
+
+
+def _expected_shapes(model_config: GraniteSpeechConfig) -> Dict[str, Tuple[int, ...]]:
+    """Parameter shapes of the model this config builds (a meta-device replica, built once per load)."""
+    shapes = model_config.__dict__.get(_SHAPES_ATTR)
+    if shapes is None:
+        from granite_speech.model import GraniteSpeech
+
+        with torch.device("meta"):
+            replica = GraniteSpeech(model_config)
+        shapes = {k: tuple(v.shape) for k, v in replica.state_dict().items()}
+        model_config.__dict__[_SHAPES_ATTR] = shapes
+    return shapes
+
+
 def _coverage_ledger(
     input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
+    if model_config is not None:
+        # FMS's copy reports a bare size mismatch without the tensor's name: check here, before it copies
+        expected = _expected_shapes(model_config)
+        wrong = sorted(
+            f"{k}: checkpoint {list(v.shape)}, model {list(expected[k])}"
+            for k, v in input_sd.items()
+            if k in expected and tuple(v.shape) != expected[k]
+        )
+        if wrong:
+            raise CheckpointCoverageError(
+                "shape mismatch between the checkpoint and the model built from its config.json (are the config's "
+                "dimensions those of the weights?):\n- " + "\n- ".join(wrong)
+            )
     _record(model_config, input_sd.keys())
     return input_sd
 
@@ -192,6 +221,7 @@ def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
     Runs from `GraniteSpeech.post_init` when the model was loaded through FMS's serialization (the ledger exists);
     a randomly initialised model has nothing to audit.
     """
+    model.config.__dict__.pop(_SHAPES_ATTR, None)
     ledger = model.config.__dict__.pop(_LEDGER_ATTR, None)
     if ledger is None:
         return
