@@ -71,8 +71,12 @@ def transcribe(
                 **attn,
             },
         )
-    new_tokens = output[:, input_ids.size(1) :]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+    eos = processor.tokenizer.eos_token_id
+    texts = []
+    for row in output[:, input_ids.size(1) :].tolist():
+        # FMS's generate keeps going for rows that already ended while others have not: cut at the first eos
+        texts.append(processor.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True))
+    return texts
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
