@@ -4,7 +4,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["parity.plugin"]
+pytest_plugins = ["parity.granite.plugin"]
 
 # `ci`: derandomised so CI failures reproduce; `dev`: fewer examples for a quick local loop.
 settings.register_profile(

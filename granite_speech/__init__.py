@@ -14,8 +14,9 @@ from granite_speech.config import (
     from_pretrained_folder,
 )
 from granite_speech.model import GraniteSpeech
-from granite_speech import adapter as _adapter  # noqa: F401  (registers the checkpoint adapter)
-from granite_speech import hf_registry as _hf_registry  # noqa: F401  (registers the HF architecture)
+from granite_speech.checkpoint import adapter as _adapter  # noqa: F401  (registers the checkpoint adapter)
+from granite_speech.checkpoint import hf_registry as _hf_registry  # noqa: F401  (registers the HF architecture)
+from granite_speech.checkpoint import load_model
 
 __all__ = [
     "ConformerConfig",
@@ -24,4 +25,5 @@ __all__ = [
     "QFormerProjectorConfig",
     "from_hf_config",
     "from_pretrained_folder",
+    "load_model",
 ]

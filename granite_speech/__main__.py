@@ -10,21 +10,6 @@ import torch
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
 
 
-def read_audio(path: Path, sampling_rate: int) -> torch.Tensor:
-    """Mono float32 samples at `sampling_rate`; other rates are resampled with torchaudio (said on stderr)."""
-    import soundfile
-    import torchaudio
-
-    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    if samples.shape[1] != 1:
-        raise ValueError(f"{path}: {samples.shape[1]} channels; Granite Speech takes mono audio, down-mix it first")
-    audio = torch.from_numpy(samples[:, 0].copy())
-    if rate != sampling_rate:
-        print(f"{path}: resampling {rate} Hz -> {sampling_rate} Hz", file=sys.stderr)
-        audio = torchaudio.functional.resample(audio, rate, sampling_rate)
-    return audio
-
-
 def build_prompt(tokenizer, instruction: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
@@ -46,10 +31,11 @@ def transcribe(
 
     from granite_speech.model import padding_attn_kwargs
     from granite_speech.processor import GraniteSpeechProcessor
-    from parity.models import load_fms_model
+    from granite_speech.audio import read_audio
+    from granite_speech.checkpoint import load_model
 
     processor = GraniteSpeechProcessor.from_pretrained(checkpoint)
-    model = load_fms_model(checkpoint, dtype=dtype, device=device)
+    model = load_model(checkpoint, dtype=dtype, device=device)
     audio = [read_audio(Path(c), processor.feature_extractor.sampling_rate) for c in clips]
     prompt = build_prompt(processor.tokenizer, instruction)
     inputs = processor([prompt] * len(audio), audio, padding_side="left")

@@ -254,7 +254,7 @@ _2b_config = GraniteSpeechConfig(
         nlayers=40,
         hidden_grow_factor=8192 / 2048,
         multiple_of=1,
-        max_expected_seq_len=8192,
+        max_expected_seq_len=131072,
         rope_theta=10_000_000.0,
         pad_id=0,
         p_dropout=0.0,
@@ -276,7 +276,6 @@ _8b_config = _2b_config.updated(
         "emb_dim": 4096,
         "head_dim": 128,
         "hidden_grow_factor": 12800 / 4096,
-        "max_expected_seq_len": 131072,
         "logits_scaling": 16.0,
         "attention_multiplier": 0.0078125,
     },
@@ -315,3 +314,7 @@ _tiny_config = GraniteSpeechConfig(
     lora_rank=8,
     lora_alpha=16.0,
 )
+
+# Every named variant, defined once: FMS registrations, the harness's --model choices and the fixture configs
+# (suites/test_fixtures.py checks each against fixtures/configs/<name>.json) all read this.
+VARIANTS = {"tiny": _tiny_config, "2b": _2b_config, "8b": _8b_config}

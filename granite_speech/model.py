@@ -1,7 +1,7 @@
 """Granite Speech in FMS: Conformer encoder -> windowed Q-Former projector -> FMS Granite decoder.
 
 Layout follows `fms/models/llava_next.py`: the composite module, its generation hook, then the variants and the
-factory registration. The checkpoint adapter steps live in `granite_speech.adapter` and register themselves on import.
+factory registration. The checkpoint adapter steps live in `granite_speech.checkpoint.adapter` and register themselves on import.
 """
 
 import logging
@@ -14,7 +14,8 @@ from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 from fms.models.granite import Granite
 
-from granite_speech.config import GraniteSpeechConfig, _2b_config, _8b_config, _tiny_config
+from granite_speech.checkpoint import coverage
+from granite_speech.config import VARIANTS, GraniteSpeechConfig
 from granite_speech.conformer import ConformerEncoder
 from granite_speech.lora import ModalityLoRA
 from granite_speech.projector import QFormerProjector
@@ -106,6 +107,7 @@ class GraniteSpeech(nn.Module):
         self.projector = QFormerProjector(self.config.projector_config)
         self.language_model = Granite(self.config.text_config, distributed_strategy)
         self.lora = ModalityLoRA(self.config) if self.config.lora_rank else None
+        coverage.open_ledger(self)
 
     @classmethod
     def from_config(cls, config: GraniteSpeechConfig) -> "GraniteSpeech":
@@ -123,9 +125,7 @@ class GraniteSpeech(nn.Module):
 
     def post_init(self):
         # Called by get_model after the weights are loaded (or randomly initialised).
-        from granite_speech.adapter import audit_loaded_checkpoint
-
-        audit_loaded_checkpoint(self)
+        coverage.audit_loaded_checkpoint(self)
         self.encoder.post_init()
         self.projector.post_init()
         self.language_model.post_init()
@@ -241,6 +241,5 @@ def _granite_speech_factory_factory(config):
     return factory
 
 
-models.register_model(_architecture_name, "tiny", _granite_speech_factory_factory(_tiny_config))
-models.register_model(_architecture_name, "2b", _granite_speech_factory_factory(_2b_config))
-models.register_model(_architecture_name, "8b", _granite_speech_factory_factory(_8b_config))
+for _variant, _config in VARIANTS.items():
+    models.register_model(_architecture_name, _variant, _granite_speech_factory_factory(_config))

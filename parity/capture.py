@@ -1,13 +1,15 @@
 """Record probe values from both models: the `Captures` store and the runner (propagated, teacher-forced, two-phase).
 
-The runner knows nothing about Granite: it takes a probe list, and for each side a model (or a factory that builds
+The runner knows no model family: it takes a probe list, and for each side a model (or a factory that builds
 one) plus its inputs (a kwargs dict or a callable model -> output). It records; judging is `parity.diff`'s job.
 
 - propagated: both models run on the same inputs; each probe records the value its hook sees.
 - teacher-forced: additionally, each probed FMS module is re-run inside its forward hook with its inputs replaced by
   the HF module's captured inputs (hooks suppressed), so a module's own error is told apart from inherited error.
   When an input cannot be substituted (shape differs, not passed, HF never ran) the record says so.
-- two-phase: HF runs first and its captures go to a safetensors file; the HF model is freed; then the FMS model is
+What is compared (`mode`: propagated | teacher_forced) and how memory is scheduled (`phases`: one | two | auto)
+are separate arguments: any mode runs in one or two phases.
+- two phases: HF runs first and its captures go to a safetensors file; the HF model is freed; then the FMS model is
   built and run, reading HF teacher inputs lazily from disk. One model in memory at a time. `phases="auto"` picks it
   when parameter bytes of both (with headroom) exceed the free memory of the run device.
 
@@ -30,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from parity.hooks import attached_hooks
-from parity.probes import HF_LAYOUT_ALIASES, Probe, ProbeResolutionError, Take, resolve_module
+from parity.probes import Probe, ProbeResolutionError, Take, resolve_module
 
 MODES = ("propagated", "teacher_forced")
 PHASES = ("auto", "one", "two")
@@ -618,15 +620,12 @@ def capture_model(
     return captures
 
 
-def normalize_mode(mode: str) -> Tuple[str, Optional[str]]:
-    """('propagated' | 'teacher_forced', forced phases or None); accepts the CLI spellings 'teacher-forced' and
-    'two-phase' (= propagated, two phases)."""
-    name = mode.replace("-", "_")
-    if name == "two_phase":
-        return "propagated", "two"
+def normalize_mode(mode: str) -> str:
+    """'propagated' | 'teacher_forced'; accepts the CLI spelling 'teacher-forced'."""
+    name = mode.replace("-", "_") if isinstance(mode, str) else mode
     if name not in MODES:
-        raise ValueError(f"mode must be one of {MODES} (or 'two-phase'), got {mode!r}")
-    return name, None
+        raise ValueError(f"mode must be one of {MODES} (what is compared; memory scheduling is `phases`), got {mode!r}")
+    return name
 
 
 def capture_pair(
@@ -637,13 +636,14 @@ def capture_pair(
     mode: str = "propagated",
     phases: str = "auto",
     workdir: Union[str, Path, None] = None,
-    hf_aliases: Sequence[Tuple[str, str]] = HF_LAYOUT_ALIASES,
+    hf_aliases: Sequence[Tuple[str, str]] = (),
     fms_aliases: Sequence[Tuple[str, str]] = (),
 ) -> PairCaptures:
     """Run HF (the reference) then FMS (the candidate) with the probes hooked; return both capture stores.
-    In two-phase runs the HF captures are written to `workdir` (default: a temporary directory) as safetensors."""
-    mode, forced = normalize_mode(mode)
-    plan = plan_phases(hf, fms, forced or phases)
+    In two-phase runs the HF captures are written to `workdir` (default: a temporary directory) as safetensors.
+    `hf_aliases` / `fms_aliases` rewrite probe paths for models whose layout differs from the table's."""
+    mode = normalize_mode(mode)
+    plan = plan_phases(hf, fms, phases)
     teacher = mode == "teacher_forced"
     probes = tuple(probes)
 

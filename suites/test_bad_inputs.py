@@ -19,11 +19,11 @@ from fms.models import get_model
 from safetensors.torch import load_file, save_file
 
 import granite_speech  # noqa: F401  (registers the architecture for get_model)
-from granite_speech.adapter import CheckpointCoverageError
+from granite_speech.checkpoint import CheckpointCoverageError
 from granite_speech.config import ConformerConfig, GraniteSpeechConfig, QFormerProjectorConfig
 from granite_speech.processor import GraniteSpeechProcessor
-from parity.fixtures import build_checkpoint
-from parity.models import load_fms_model
+from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
+from granite_speech.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "<|audio|> please transcribe this clip."
@@ -199,7 +199,7 @@ def _edit_json(path: Path, edit) -> None:
 
 
 ENTRY_POINTS = {
-    "load_fms_model": load_fms_model,
+    "load_model": load_model,
     "get_model": lambda folder: get_model("hf_pretrained", model_path=str(folder)),
 }
 
@@ -228,7 +228,7 @@ def test_orphan_lora_key_of_a_non_target_module(ckpt_copy):
                       lambda t: t.__setitem__(key, torch.ones_like(t[key.replace("k_proj", "q_proj")])))
     message = r"LoRA tensors with no matching.*lora\.layers\.0\.k_proj\.lora_A"
     with pytest.raises(CheckpointCoverageError, match=message):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_orphan_lora_key_beyond_the_last_decoder_layer(ckpt_copy):
@@ -237,14 +237,14 @@ def test_orphan_lora_key_beyond_the_last_decoder_layer(ckpt_copy):
     key = source.replace("layers.0.", f"layers.{nlayers + 5}.")
     _edit_safetensors(ckpt_copy / "adapter_model.safetensors", lambda t: t.__setitem__(key, t[source].clone()))
     with pytest.raises(CheckpointCoverageError, match=rf"lora\.layers\.{nlayers + 5}\.q_proj\.lora_A"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_unknown_extra_tensor_is_named(ckpt_copy):
     shard = _shard_of(ckpt_copy, "encoder.input_linear.weight")
     _edit_safetensors(shard, lambda t: t.__setitem__("vision_tower.patch_embed.weight", torch.ones(4, 4)))
     with pytest.raises(CheckpointCoverageError, match=r"no place for.*vision_tower\.patch_embed\.weight"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_encoder_layer_beyond_the_config_is_named(ckpt_copy):
@@ -254,14 +254,14 @@ def test_encoder_layer_beyond_the_config_is_named(ckpt_copy):
     key = source.replace("layers.0.", f"layers.{nlayers}.")
     _edit_safetensors(_shard_of(ckpt_copy, source), lambda t: t.__setitem__(key, t[source].clone()))
     with pytest.raises(CheckpointCoverageError, match=rf"encoder\.layers\.{nlayers}\.ff1\.w1\.weight"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_missing_decoder_projection_is_named(ckpt_copy):
     key = "language_model.model.layers.0.self_attn.k_proj.weight"
     _edit_safetensors(_shard_of(ckpt_copy, key), lambda t: t.pop(key))
     with pytest.raises(CheckpointCoverageError, match=r"layers\.0\.(self_attn\.k_proj|attn\.in_proj\.key)"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +282,7 @@ def test_config_dims_disagreeing_with_the_tensors_raise(ckpt_copy, section, fiel
 
     _edit_json(ckpt_copy / "config.json", edit)
     with pytest.raises(ValueError, match=r"[Ss]hape mismatch") as excinfo:
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
     # the chained cause carries both sizes, so the message says which dimension disagrees
     chain = f"{excinfo.value} {excinfo.value.__cause__}"
     assert str(value) in chain and str(original) in chain, chain
@@ -291,13 +291,13 @@ def test_config_dims_disagreeing_with_the_tensors_raise(ckpt_copy, section, fiel
 def test_folder_without_config_json(ckpt_copy):
     (ckpt_copy / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_folder_that_does_not_exist(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(FileNotFoundError, match=rf"{missing.name}"):
-        load_fms_model(missing)
+        load_model(missing)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +312,7 @@ def test_folder_that_does_not_exist(tmp_path):
 def test_bad_adapter_config(ckpt_copy, field, value, message):
     _edit_json(ckpt_copy / "adapter_config.json", lambda c: c.__setitem__(field, value))
     with pytest.raises(ValueError, match=rf"adapter_config\.json: {message}"):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 def test_lora_mode_typo_in_the_config():
@@ -323,7 +323,7 @@ def test_lora_mode_typo_in_the_config():
 def test_lora_mode_typo_when_loading(tiny_checkpoint):
     # get_model passes lora_mode through ModelConfig.updated, which must validate it as the constructor does
     with pytest.raises(ValueError, match=r"lora_mode must be one of \('merged', 'audio_only'\), got 'merge'"):
-        load_fms_model(tiny_checkpoint, lora_mode="merge")
+        load_model(tiny_checkpoint, lora_mode="merge")
 
 
 @pytest.mark.parametrize(
@@ -338,7 +338,7 @@ def test_lora_mode_typo_when_loading(tiny_checkpoint):
 def test_inconsistent_config_json(ckpt_copy, edit, message):
     _edit_json(ckpt_copy / "config.json", edit)
     with pytest.raises(ValueError, match=message):
-        load_fms_model(ckpt_copy)
+        load_model(ckpt_copy)
 
 
 @pytest.mark.parametrize(
@@ -370,7 +370,7 @@ def test_cli_missing_audio_file(tiny_checkpoint, tmp_path):
 
 
 def test_cli_missing_checkpoint_folder(tmp_path):
-    clip = sorted((REPO_ROOT / "fixtures" / "speech").glob("*.flac"))[0]
+    clip = sorted(SPEECH_DIR.glob("*.flac"))[0]
     missing = tmp_path / "no-checkpoint"
     result = _cli("--checkpoint", str(missing), str(clip))
     assert result.returncode != 0

@@ -13,7 +13,7 @@ import torch
 from granite_speech import lengths
 from granite_speech.model import padding_attn_kwargs
 from parity.diff import compare
-from parity.hf_compat import hf_audio_features, hf_encoder, hf_logits_to_fms, set_hf_adapter
+from parity.granite.hf import hf_audio_features, hf_encoder, hf_logits_to_fms, set_hf_adapter
 from parity.tolerances import tolerance_for
 
 AUDIO = "<|audio|>"

@@ -9,11 +9,11 @@ import torch
 from fms.models import get_model
 from safetensors.torch import load_file, save_file
 
-from granite_speech.adapter import CheckpointCoverageError
+from granite_speech.checkpoint import CheckpointCoverageError
 from granite_speech.config import _tiny_config, from_pretrained_folder
-from parity.fixtures import build_checkpoint
-from parity.hf_compat import TRANSFORMERS_VERSION
-from parity.models import load_fms_model
+from parity.granite.fixtures import build_checkpoint
+from parity.granite.hf import TRANSFORMERS_VERSION
+from granite_speech.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny_hub():
 
 @pytest.fixture(scope="module")
 def tiny_hub_model(tiny_hub):
-    return load_fms_model(tiny_hub)
+    return load_model(tiny_hub)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_tiny_variant_matches_its_hf_config(tiny_hub):
 @pytest.mark.skipif(TRANSFORMERS_VERSION.major < 5, reason="only transformers 5.x can write the tf5 layout (run on the tf5 line)")
 def test_transformers5_saved_layout_loads_identically(tiny_hub_model, probe_inputs):
     tf5 = build_checkpoint("tiny", layout="tf5")
-    assert torch.equal(_logits(load_fms_model(tf5), probe_inputs), _logits(tiny_hub_model, probe_inputs))
+    assert torch.equal(_logits(load_model(tf5), probe_inputs), _logits(tiny_hub_model, probe_inputs))
 
 
 def test_variant_entry_point_equals_hf_pretrained(tiny_hub, tiny_hub_model, probe_inputs):
@@ -84,14 +84,14 @@ def test_audit_names_a_missing_tensor(tiny_hub, tmp_path):
 
     _edit_shard(folder, drop_one_tensor)
     with pytest.raises(CheckpointCoverageError, match="missing from the checkpoint"):
-        load_fms_model(folder)
+        load_model(folder)
 
 
 def test_audit_names_an_extra_tensor(tiny_hub, tmp_path):
     folder = _copy(tiny_hub, tmp_path / "ckpt")
     _edit_shard(folder, lambda t: t.__setitem__("encoder.layers.0.attn.surprise.weight", torch.ones(2, 2)))
     with pytest.raises(CheckpointCoverageError, match=r"encoder\.layers\.0\.attn\.surprise\.weight"):
-        load_fms_model(folder)
+        load_model(folder)
 
 
 def test_audit_names_an_orphan_lora_key(tiny_hub, tmp_path):
@@ -102,7 +102,7 @@ def test_audit_names_an_orphan_lora_key(tiny_hub, tmp_path):
     tensors[key] = torch.ones_like(tensors[key.replace("k_proj", "q_proj")])
     save_file(tensors, str(adapter))
     with pytest.raises(CheckpointCoverageError, match=r"LoRA tensors with no matching .*lora\.layers\.0\.k_proj"):
-        load_fms_model(folder)
+        load_model(folder)
 
 
 def test_lora_scale_comes_from_adapter_config(tiny_hub, tiny_hub_model, tmp_path, probe_inputs):
@@ -111,6 +111,6 @@ def test_lora_scale_comes_from_adapter_config(tiny_hub, tiny_hub_model, tmp_path
     adapter_config = json.loads(config_path.read_text())
     adapter_config["lora_alpha"] = adapter_config["lora_alpha"] * 2
     config_path.write_text(json.dumps(adapter_config))
-    rescaled = load_fms_model(folder)
+    rescaled = load_model(folder)
     assert rescaled.config.lora_scaling == 2 * tiny_hub_model.config.lora_scaling
     assert not torch.allclose(_logits(rescaled, probe_inputs), _logits(tiny_hub_model, probe_inputs), atol=1e-4)

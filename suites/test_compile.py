@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from parity.diff import compare
-from parity.models import load_fms_model
+from granite_speech.checkpoint import load_model
 from parity.tolerances import tolerance_for
 
 
@@ -74,7 +74,7 @@ def fp32_model(checkpoint_dir, device, dtype):
 
     def get():
         if "model" not in loaded:
-            loaded["model"] = load_fms_model(checkpoint_dir, dtype=torch.float32, device=device)
+            loaded["model"] = load_model(checkpoint_dir, dtype=torch.float32, device=device)
         return loaded["model"]
 
     yield get

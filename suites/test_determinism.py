@@ -19,8 +19,8 @@ from fms.utils.generation import generate
 from safetensors.torch import load_file
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
-from parity.fixtures import build_checkpoint
-from parity.models import load_fms_model
+from parity.granite.fixtures import build_checkpoint
+from granite_speech.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # adapter_config.json records where its base model was written (as PEFT does): the one field allowed to differ
@@ -47,7 +47,7 @@ def seeded_inputs(config, seed: int, device="cpu", dtype=torch.float32):
 def logits_digest(folder: str, seed: int, num_threads: int) -> str:
     """sha256 of the tiny model's logits on seeded inputs; also run in a fresh process by the test below."""
     torch.set_num_threads(num_threads)
-    model = load_fms_model(folder)
+    model = load_model(folder)
     ids, features = seeded_inputs(model.config, seed)
     with torch.no_grad():
         return tensor_digest(model(ids, input_features=features))

@@ -15,9 +15,9 @@ from fms.utils.generation import generate
 
 from granite_speech.fast_generate import StaticGenerator, generate_static
 from granite_speech.model import padding_attn_kwargs
-from parity.fixtures import build_checkpoint
-from parity.hf_compat import load_hf_model
-from parity.models import load_fms_model
+from parity.granite.fixtures import build_checkpoint
+from parity.granite.hf import load_hf_model
+from granite_speech.checkpoint import load_model
 
 NEW_TOKENS = 32
 LOGITS_ATOL = 1e-4
@@ -48,12 +48,12 @@ def hf_model(checkpoint):
 @pytest.fixture(scope="module")
 def fms_model(checkpoint):
     # the adapter kept separate: on with audio, off without (HF generate's behaviour)
-    return load_fms_model(checkpoint, lora_mode="audio_only")
+    return load_model(checkpoint, lora_mode="audio_only")
 
 
 @pytest.fixture(scope="module")
 def sharp_model(checkpoint):
-    model = load_fms_model(checkpoint, lora_mode="audio_only")
+    model = load_model(checkpoint, lora_mode="audio_only")
     with torch.no_grad():
         for block in model.language_model.base_model.layers:
             in_proj = block.attn.in_proj

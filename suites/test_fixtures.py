@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from parity.fixtures import (
+from parity.granite.fixtures import (
     CONFIG_VARIANTS,
     FIXTURES_DIR,
     build_checkpoint,
@@ -44,7 +44,7 @@ def _read_safetensors(folder, pattern):
 
 
 def _legacy_state_dict(model):
-    from parity._checkpoint import legacy_key
+    from parity.granite.fixtures.checkpoint import legacy_key
 
     state = model.state_dict()  # with LoRA attached the base weight lives at `<proj>.base_layer.weight`
     return {legacy_key(k.replace(".base_layer.", ".")): v for k, v in state.items() if ".lora_" not in k}
@@ -133,7 +133,7 @@ def test_real_configs_match_published_dimensions():
 @pytest.mark.parametrize("variant", ["2b", "8b"])
 def test_real_variants_plan_on_the_meta_device(variant):
     """The 2b/8b weights are built on the GPU runner; here only the streamed write plan is checked (no memory)."""
-    from parity._checkpoint import _meta_model, _tensors_to_write
+    from parity.granite.fixtures.checkpoint import _meta_model, _tensors_to_write
 
     raw = load_hf_config(variant)
     text = raw["text_config"]

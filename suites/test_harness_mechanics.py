@@ -21,18 +21,9 @@ from parity.adapters import build_adapter
 from parity.capture import Captures, ModelRun, capture_model, capture_pair, checkpoint_param_bytes, plan_phases
 from parity.diff import Status, compare, diff_captures
 from parity.hooks import HookSet, assert_no_hooks, attached_hooks, leftover_hooks
-from parity.probes import (
-    HF_LAYOUT_ALIASES,
-    GraniteSpeechDims,
-    Probe,
-    ProbeResolutionError,
-    Repeat,
-    expand,
-    granite_decoder_rows,
-    granite_speech_probes,
-    hf_divides_logits,
-    resolve_module,
-)
+from parity.granite.hf import hf_divides_logits
+from parity.granite.probes import HF_LAYOUT_ALIASES, GraniteSpeechDims, granite_decoder_rows, granite_speech_probes
+from parity.probes import Probe, ProbeResolutionError, Repeat, expand, resolve_module
 from parity.report import build_report, read_json, render_html, render_terminal, result_from_report, run_metadata, write_json
 from parity.tolerances import Tolerance, tolerance_for, ulp
 
@@ -682,7 +673,8 @@ def _hf_as_candidate(probes, model):
 def test_granite_speech_table_captures_and_localizes_a_planted_fault(tiny_hf_speech):
     config, model, inputs = tiny_hf_speech
     probes = _hf_as_candidate(granite_speech_probes(config), model)
-    same = capture_pair(probes, ModelRun(model, inputs), ModelRun(model, inputs), mode="teacher_forced")
+    same = capture_pair(probes, ModelRun(model, inputs), ModelRun(model, inputs), mode="teacher_forced",
+                        hf_aliases=HF_LAYOUT_ALIASES)
     clean = diff_captures(same)
     assert clean.passed and clean.first_divergence is None
     assert all(p.calls_hf == 1 for p in clean.probes)
@@ -693,7 +685,8 @@ def test_granite_speech_table_captures_and_localizes_a_planted_fault(tiny_hf_spe
     encoder = faulty.model.encoder if hasattr(faulty, "model") else faulty.encoder
     with torch.no_grad():
         encoder.layers[1].conv.down_conv.bias.add_(0.05)
-    result = diff_captures(capture_pair(probes, ModelRun(model, inputs), ModelRun(faulty, inputs), mode="teacher_forced"))
+    result = diff_captures(capture_pair(probes, ModelRun(model, inputs), ModelRun(faulty, inputs), mode="teacher_forced",
+                                        hf_aliases=HF_LAYOUT_ALIASES))
     assert result.first_divergence == "encoder.block.1.conv"
     assert result.first_own_error == "encoder.block.1.conv"
     assert result.probe("encoder.block.1.conv").attribution == "own"
@@ -741,7 +734,7 @@ def test_granite_speech_table_resolves_and_substitutes_on_both_real_models(
     """Every probe of the table (detailed decoder rows included) resolves on the HF reference AND the FMS port, every
     take applies, and every teacher-forced input can be substituted: the run yields numbers for every probe.
     (Whether those numbers are within tolerance is the parity suites' claim, not this one's.)"""
-    from parity.hf_compat import set_hf_adapter
+    from parity.granite.hf import set_hf_adapter
 
     set_hf_adapter(hf_model, True)
     clip = torch.tensor(speech_dataset[0]["audio"]["array"], dtype=torch.float32)
@@ -750,7 +743,7 @@ def test_granite_speech_table_resolves_and_substitutes_on_both_real_models(
               "input_features_mask": batch["input_features_mask"].to(device)}
     probes = granite_speech_probes(hf_model.config, detail=True, fms_fused_weights=fms_model.config.fused_weights)
     pair = capture_pair(probes, ModelRun(hf_model, {**common, "use_cache": False}), ModelRun(fms_model, common),
-                        mode="teacher_forced")
+                        mode="teacher_forced", hf_aliases=HF_LAYOUT_ALIASES)
     result = diff_captures(pair, dtype=dtype, device=device)
     assert_no_hooks(hf_model)
     assert_no_hooks(fms_model)

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoConfig
 
 from parity.capture import checkpoint_param_bytes
-from parity.granite_run import make_inputs, run_parity
-from parity.hf_compat import load_hf_model
-from parity.models import load_fms_model
+from parity.granite.run import make_inputs, run_parity
+from parity.granite.hf import load_hf_model
+from granite_speech.checkpoint import load_model
 from parity.report import render_terminal
 
 
@@ -34,15 +34,16 @@ def test_every_probe_within_tolerance(
     request, pytestconfig, mode, checkpoint_dir, layer_inputs, device, dtype, seed,
     tolerance_overrides, write_parity_report, record_property,
 ):
-    two_phase = pytestconfig.getoption("--parity-mode") == "two-phase"
-    if two_phase:
+    phases = pytestconfig.getoption("--parity-phases")
+    if phases == "two":
         # one model in memory at a time: hand over factories and never touch the session's loaded models
         hf, fms = (lambda: load_hf_model(checkpoint_dir, dtype, str(device))), (
-            lambda: load_fms_model(checkpoint_dir, dtype, device))
+            lambda: load_model(checkpoint_dir, dtype, device))
     else:
         hf, fms = request.getfixturevalue("hf_model"), request.getfixturevalue("fms_model")
     result, report = run_parity(
-        hf, fms, layer_inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint_dir)), mode=mode, dtype=dtype, device=device,
+        hf, fms, layer_inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint_dir)), mode=mode, phases=phases, dtype=dtype,
+        device=device,
         overrides=tolerance_overrides, param_bytes=checkpoint_param_bytes(checkpoint_dir, dtype),
         seed=seed, checkpoint=str(checkpoint_dir),
     )

@@ -11,8 +11,8 @@ from fms.utils.generation import generate
 from granite_speech.model import padding_attn_kwargs
 from parity.diff import compare
 from parity.tolerances import dtype_name, tolerance_for
-from parity.hf_compat import hf_audio_features, hf_encoder, hf_logits_to_fms, set_hf_adapter
-from parity.models import load_fms_model
+from parity.granite.hf import hf_audio_features, hf_encoder, hf_logits_to_fms, set_hf_adapter
+from granite_speech.checkpoint import load_model
 
 PROMPT = "<|audio|> please transcribe this clip."
 TEXT_PROMPTS = ["the quick brown fox", "a much longer prompt about the middle classes and their gospel", "hi there"]
@@ -54,7 +54,7 @@ def audio_batch(request, clips, hf_processor, device, dtype):
 
 @pytest.fixture(scope="module")
 def fms_audio_only(checkpoint_dir, device, dtype):
-    return load_fms_model(checkpoint_dir, dtype=dtype, device=device, lora_mode="audio_only")
+    return load_model(checkpoint_dir, dtype=dtype, device=device, lora_mode="audio_only")
 
 
 def _position_ids(attention_mask):

@@ -8,7 +8,7 @@ from packaging.version import Version
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
 from granite_speech.processor import GraniteSpeechProcessor
-from parity.fixtures import build_tokenizer, hf_config_path
+from parity.granite.fixtures import build_tokenizer, hf_config_path
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from parity.faults import CATALOGUE
-from parity.granite_run import make_inputs, run_parity
-from parity.models import load_fms_model
+from parity.granite.faults import CATALOGUE
+from parity.granite.run import make_inputs, run_parity
+from granite_speech.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def fault_inputs(speech_dataset, hf_processor, device, dtype):
 
 @pytest.mark.parametrize("fault", CATALOGUE, ids=[f.name for f in CATALOGUE])
 def test_planted_fault_is_caught_and_located(fault, hf_model, checkpoint_dir, fault_inputs, device, dtype):
-    model = load_fms_model(checkpoint_dir, dtype=dtype, device=device, lora_mode=fault.lora_mode)
+    model = load_model(checkpoint_dir, dtype=dtype, device=device, lora_mode=fault.lora_mode)
     with torch.no_grad():
         fault.apply(model)
     result, report = run_parity(

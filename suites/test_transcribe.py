@@ -5,9 +5,10 @@ which would make the text comparison weak."""
 import pytest
 import torch
 
-from granite_speech.__main__ import DEFAULT_PROMPT, build_prompt, read_audio, transcribe
-from parity.fixtures import SPEECH_DIR, build_checkpoint
-from parity.hf_compat import load_hf_model, set_hf_adapter
+from granite_speech.__main__ import DEFAULT_PROMPT, build_prompt, transcribe
+from granite_speech.audio import read_audio
+from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
+from parity.granite.hf import load_hf_model, set_hf_adapter
 
 CLIPS = [SPEECH_DIR / "9002-102-0000.flac", SPEECH_DIR / "9004-104-0000.flac"]
 NEW_TOKENS = 12

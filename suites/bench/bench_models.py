@@ -6,7 +6,6 @@ Environment:
   GRANITE_SPEECH_BENCH_DEVICE    torch device (default "cuda"; "cpu" runs the same code at tiny dims to debug it)
 """
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Dict
 
 import torch
 
-from bench_results import REPO_ROOT
+from parity.granite.fixtures import load_hf_config
 
 VARIANTS = tuple(v for v in os.environ.get("GRANITE_SPEECH_BENCH_VARIANTS", "2b,8b").split(",") if v)
 DEVICE = torch.device(os.environ.get("GRANITE_SPEECH_BENCH_DEVICE", "cuda"))
@@ -99,7 +98,7 @@ def build_models(variant: str) -> BenchModels:
     from granite_speech import GraniteSpeech, from_hf_config
 
     start = time.perf_counter()
-    hf_config = json.loads((REPO_ROOT / "fixtures" / "configs" / f"{variant}.json").read_text())
+    hf_config = load_hf_config(variant)
     torch.manual_seed(SEED)
     with torch.device(DEVICE):
         hf = GraniteSpeechForConditionalGeneration._from_config(GraniteSpeechConfig.from_dict(hf_config), dtype=DTYPE)

@@ -20,7 +20,7 @@ from fms.utils.generation import generate
 
 from bench_models import DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, BenchModels, synchronize
 from granite_speech.model import padding_attn_kwargs
-from parity.hf_compat import hf_audio_features
+from parity.granite.hf import hf_audio_features
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.gpu]
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from granite_speech.adapter import _rope_permute
+from granite_speech.checkpoint.adapter import rope_permute
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,16 @@ def _rope_rows_not_permuted(model):
     q_rows = text.nheads * text.head_dim
     permuted = qkv.data[:q_rows]
     for _ in range(_permutation_order(text.head_dim) - 1):
-        permuted = _rope_permute(permuted, text.head_dim)
+        permuted = rope_permute(permuted, text.head_dim)
     qkv.data[:q_rows] = permuted
 
 
 def _permutation_order(head_dim: int) -> int:
     """How many applications of the RoPE row permutation give back the identity (its inverse is order-1 of them)."""
     rows = torch.arange(head_dim).unsqueeze(-1).float()
-    current, order = _rope_permute(rows, head_dim), 1
+    current, order = rope_permute(rows, head_dim), 1
     while not torch.equal(current, rows):
-        current, order = _rope_permute(current, head_dim), order + 1
+        current, order = rope_permute(current, head_dim), order + 1
     return order
 
 

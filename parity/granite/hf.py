@@ -27,7 +27,7 @@ def load_hf_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32, 
     from transformers import GraniteSpeechForConditionalGeneration
 
     dtype_kw = {"torch_dtype": dtype} if TRANSFORMERS_VERSION.major < 5 else {"dtype": dtype}
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(folder), **dtype_kw)
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True, **dtype_kw)
     if (Path(folder) / "adapter_config.json").is_file() and not getattr(model, "_hf_peft_config_loaded", False):
         raise RuntimeError(f"{folder} has an adapter_config.json but transformers did not attach the adapter")
     return model.to(device).eval()

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-MODEL_CHOICES = ("tiny", "2b", "8b")
-MODES = ("propagated", "teacher-forced", "two-phase")
+from granite_speech.config import VARIANTS
+
+MODES = ("propagated", "teacher-forced")
+PHASES = ("auto", "one", "two")
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("granite-speech parity")
-    group.addoption("--model", choices=MODEL_CHOICES, default="tiny", help="variant whose dimensions are tested")
+    group.addoption("--model", choices=tuple(VARIANTS), default="tiny", help="variant whose dimensions are tested")
     group.addoption(
         "--checkpoint",
         default=None,
@@ -26,7 +28,10 @@ def pytest_addoption(parser):
     group.addoption("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     group.addoption("--parity-report", default=None, help="write the layer-diff HTML report here")
     group.addoption("--parity-json", default=None, help="write the layer-diff JSON report here")
-    group.addoption("--parity-mode", default="propagated", choices=MODES)
+    group.addoption("--parity-mode", default="propagated", choices=MODES,
+                    help="what the layer suite compares (teacher-forced always runs beside it)")
+    group.addoption("--parity-phases", default="auto", choices=PHASES,
+                    help="memory schedule of the layer suite: both models at once, one at a time, or by size")
     group.addoption("--atol", type=float, default=None, help="override the tolerance table's atol")
     group.addoption("--rtol", type=float, default=None, help="override the tolerance table's rtol")
     group.addoption("--seed", type=int, default=0, help="seed of the random fixture weights and inputs")
@@ -97,29 +102,29 @@ def checkpoint_dir(pytestconfig, model_variant, seed) -> Path:
         if not (folder / "config.json").is_file():
             raise pytest.UsageError(f"--checkpoint {folder} has no config.json; pass a Hugging Face checkpoint folder")
         return folder
-    from parity.fixtures import build_checkpoint
+    from parity.granite.fixtures import build_checkpoint
 
     return build_checkpoint(model_variant, seed=seed)
 
 
 @pytest.fixture(scope="session")
 def hf_model(checkpoint_dir, device, dtype):
-    from parity.hf_compat import load_hf_model
+    from parity.granite.hf import load_hf_model
 
     return load_hf_model(checkpoint_dir, dtype=dtype, device=str(device))
 
 
 @pytest.fixture(scope="session")
 def fms_model(checkpoint_dir, device, dtype):
-    from parity.models import load_fms_model
+    from granite_speech.checkpoint import load_model
 
-    return load_fms_model(checkpoint_dir, dtype=dtype, device=device)
+    return load_model(checkpoint_dir, dtype=dtype, device=device)
 
 
 @pytest.fixture(scope="session")
 def speech_dataset():
     # rows of the librispeech_asr_dummy schema; suites/test_fixtures.py proves them equal to load_speech_dataset()'s
-    from parity.fixtures import read_speech_rows
+    from parity.granite.fixtures import read_speech_rows
 
     return read_speech_rows()
 

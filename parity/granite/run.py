@@ -11,8 +11,8 @@ import torch
 
 from parity.capture import ModelRun, capture_pair
 from parity.diff import diff_captures
-from parity.hf_compat import set_hf_adapter
-from parity.probes import granite_speech_probes
+from parity.granite.hf import set_hf_adapter
+from parity.granite.probes import HF_LAYOUT_ALIASES, granite_speech_probes
 from parity.report import build_report, run_metadata
 
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
@@ -41,6 +41,7 @@ def run_parity(
     *,
     hf_config: Any,
     mode: str = "propagated",
+    phases: str = "auto",
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     overrides: Optional[Mapping[str, float]] = None,
@@ -49,7 +50,7 @@ def run_parity(
     workdir: Optional[Path] = None,
     **meta: Any,
 ):
-    """One propagated / teacher-forced / two-phase run of every probe with the modality LoRA on (audio prompt).
+    """One propagated or teacher-forced run (in one or two phases) of every probe with the modality LoRA on (audio prompt).
     Returns (ParityResult, report dict). `hf`/`fms` may be factories (needed for two-phase runs)."""
     probes = granite_speech_probes(hf_config, detail=detail)
 
@@ -62,8 +63,11 @@ def run_parity(
         ModelRun(hf, hf_forward, param_bytes=param_bytes, device=device),
         ModelRun(fms, dict(inputs), param_bytes=param_bytes, device=device),
         mode=mode,
+        phases=phases,
         workdir=workdir,
+        hf_aliases=HF_LAYOUT_ALIASES,
     )
     result = diff_captures(pair, dtype=dtype, device=device, overrides=overrides)
-    report = build_report(result, run_metadata(device=device, dtype=dtype, mode=mode, **meta))
+    report = build_report(result, run_metadata(device=device, dtype=dtype, mode=mode, phases=pair.plan.to_dict(),
+                                               **meta))
     return result, report

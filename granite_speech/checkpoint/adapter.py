@@ -1,4 +1,4 @@
-"""HF -> FMS checkpoint adapter for Granite Speech, and the weight-coverage audit.
+"""HF -> FMS checkpoint adapter steps for Granite Speech (the audit they feed is `coverage`).
 
 Steps registered for source "hf", in order:
   hf_to_fms_names  both HF layouts (hub/4.57 `encoder.*`, `language_model.model.*`; transformers-5 in-memory
@@ -6,7 +6,7 @@ Steps registered for source "hf", in order:
                    `num_batches_tracked` is dropped (eval BatchNorm never reads it)
   hf_to_fms_rope   HF rotates halves, FMS interleaved pairs: permute q/k rows (and the LoRA B rows feeding them)
   weight_fusion    q/k/v and gate/up fusion of the decoder (FMS's own steps)
-  coverage_ledger  records every key handed to the model, for `audit_loaded_checkpoint`
+  coverage_ledger  checks shapes and records every key handed to the model, for `coverage.audit_loaded_checkpoint`
 
 FMS hands each step a *partial* state dict (one layer's keys, grouped by substring), so every step here maps keys
 independently except fusion, whose inputs always share a layer prefix. The LoRA pairs are therefore loaded as
@@ -14,7 +14,7 @@ parameters of `ModalityLoRA` and merged in `post_init`, never inside a step.
 """
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -22,40 +22,22 @@ from fms.models.granite import _hf_to_fms_names as _granite_hf_to_fms_names
 from fms.utils import serialization
 
 from granite_speech import conformer, projector
+from granite_speech.checkpoint import coverage, layout
+from granite_speech.checkpoint.coverage import CheckpointCoverageError
 from granite_speech.config import GraniteSpeechConfig
 
 _architecture_name = "granite_speech"
 
-# transformers >= 5.10.1 in-memory layout -> hub layout (the inverse of its conversion_mapping)
-_TF5_TO_HUB: List[Tuple[str, str]] = [
-    (r"^model\.encoder\.", "encoder."),
-    (r"^model\.projector\.", "projector."),
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
-_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 _LORA_KEY = re.compile(
     r"^language_model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(lora_A|lora_B)(?:\.default)?\.weight$"
 )
-_SKIPPED = re.compile(r"\.num_batches_tracked$")
-
-_LEDGER_ATTR = "_checkpoint_keys_loaded"
-
-
-def _to_hub_layout(key: str) -> str:
-    key = _PEFT_PREFIX.sub("", key)
-    for pattern, repl in _TF5_TO_HUB:
-        key, n = re.subn(pattern, repl, key)
-        if n:
-            break
-    return key
 
 
 def hf_to_fms_name(key: str) -> Optional[str]:
     """FMS name of one HF checkpoint key; None for keys deliberately skipped. Unknown keys are kept verbatim so
     the coverage audit names them."""
-    key = _to_hub_layout(key)
-    if _SKIPPED.search(key):
+    key = layout.to_hub(key)
+    if coverage.SKIPPED.search(key):
         return None
     lora = _LORA_KEY.match(key)
     if lora:
@@ -94,11 +76,6 @@ def _beyond_config(name: str, model_config: Optional[GraniteSpeechConfig]) -> bo
     return False
 
 
-def _record(model_config: Optional[GraniteSpeechConfig], keys) -> None:
-    if model_config is not None:
-        model_config.__dict__.setdefault(_LEDGER_ATTR, []).extend(keys)
-
-
 def _hf_to_fms_names(
     input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
@@ -108,7 +85,7 @@ def _hf_to_fms_names(
         if name is None:
             continue
         if _beyond_config(name, model_config):
-            _record(model_config, [name])
+            coverage.record(model_config, [name])
             continue
         if name in new_sd:
             raise ValueError(f"checkpoint keys collide on {name!r} (one of them is {key!r}); is a layout mixed?")
@@ -116,7 +93,7 @@ def _hf_to_fms_names(
     return new_sd
 
 
-def _rope_permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+def rope_permute(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """HF half-rotation row order -> FMS interleaved row order, per head (rows = output features)."""
     heads = weight.size(0) // head_dim
     return weight.view(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
@@ -134,7 +111,7 @@ def _hf_to_fms_rope(
     if model_config is None:
         raise ValueError("the granite_speech rope step needs model_config (the text head_dim differs per variant)")
     head_dim = model_config.text_config.head_dim
-    return {k: _rope_permute(v, head_dim) if _ROPE_KEY.match(k) else v for k, v in input_sd.items()}
+    return {k: rope_permute(v, head_dim) if _ROPE_KEY.match(k) else v for k, v in input_sd.items()}
 
 
 _FUSED_GROUPS = (
@@ -167,94 +144,12 @@ def _weight_fusion(
     return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
 
 
-_SHAPES_ATTR = "_expected_shapes"
-
-
-def _expected_shapes(model_config: GraniteSpeechConfig) -> Dict[str, Tuple[int, ...]]:
-    """Parameter shapes of the model this config builds (a meta-device replica, built once per load)."""
-    shapes = model_config.__dict__.get(_SHAPES_ATTR)
-    if shapes is None:
-        from granite_speech.model import GraniteSpeech
-
-        with torch.device("meta"):
-            replica = GraniteSpeech(model_config)
-        shapes = {k: tuple(v.shape) for k, v in replica.state_dict().items()}
-        model_config.__dict__[_SHAPES_ATTR] = shapes
-    return shapes
-
-
 def _coverage_ledger(
     input_sd: Mapping[str, Any], model_config: Optional[GraniteSpeechConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
-    if model_config is not None:
-        # FMS's copy reports a bare size mismatch without the tensor's name: check here, before it copies
-        expected = _expected_shapes(model_config)
-        wrong = sorted(
-            f"{k}: checkpoint {list(v.shape)}, model {list(expected[k])}"
-            for k, v in input_sd.items()
-            if k in expected and tuple(v.shape) != expected[k]
-        )
-        if wrong:
-            raise CheckpointCoverageError(
-                "shape mismatch between the checkpoint and the model built from its config.json (are the config's "
-                "dimensions those of the weights?):\n- " + "\n- ".join(wrong)
-            )
-    _record(model_config, input_sd.keys())
+    coverage.check_shapes(model_config, input_sd)
+    coverage.record(model_config, input_sd.keys())
     return input_sd
-
-
-class CheckpointCoverageError(ValueError):
-    """The checkpoint does not cover the model exactly: missing, extra or duplicated tensors."""
-
-
-def _required_keys(model: torch.nn.Module) -> set:
-    keys = {k for k in model.state_dict().keys() if not _SKIPPED.search(k)}
-    if model.config.text_config.tie_heads:
-        # tied in post_init; checkpoints of tied models carry only the embedding
-        keys.discard("language_model.head.weight")
-    return keys
-
-
-def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
-    """Every checkpoint tensor consumed exactly once and every model tensor loaded; else raise listing the keys.
-
-    Runs from `GraniteSpeech.post_init` when the model was loaded through FMS's serialization (the ledger exists);
-    a randomly initialised model has nothing to audit.
-    """
-    model.config.__dict__.pop(_SHAPES_ATTR, None)
-    ledger = model.config.__dict__.pop(_LEDGER_ATTR, None)
-    if ledger is None:
-        return
-    seen: Dict[str, int] = {}
-    for key in ledger:
-        seen[key] = seen.get(key, 0) + 1
-    required = _required_keys(model)
-    loaded = set(seen)
-    if model.config.text_config.tie_heads:
-        loaded.discard("language_model.head.weight")  # an explicit copy of a tied head is allowed
-    problems = []
-    missing = sorted(required - loaded)
-    extra = sorted(loaded - required)
-    duplicated = sorted(k for k, n in seen.items() if n > 1)
-    if missing:
-        problems.append(f"{len(missing)} model tensors missing from the checkpoint: {missing}")
-    if extra:
-        orphans = [k for k in extra if k.startswith("lora.")]
-        hint = (
-            f" ({len(orphans)} are LoRA tensors with no matching decoder projection or adapter_config target)"
-            if orphans
-            else ""
-        )
-        problems.append(f"{len(extra)} checkpoint tensors the model has no place for{hint}: {extra}")
-    if duplicated:
-        problems.append(f"checkpoint tensors consumed more than once: {duplicated}")
-    if model.lora is not None:
-        expected = model.lora.pair_count()
-        pairs = len({k.rsplit(".", 2)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
-        if pairs != expected:
-            problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
-    if problems:
-        raise CheckpointCoverageError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
 
 
 serialization.register_adapter_step(_architecture_name, "hf_to_fms_names", _hf_to_fms_names)

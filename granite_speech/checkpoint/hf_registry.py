@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 
-from granite_speech.checkpoint_files import check_checkpoint_folder
+from granite_speech.checkpoint.files import check_checkpoint_folder
 from granite_speech.config import from_hf_config, read_lora_config
 
 HF_ARCHITECTURE = "GraniteSpeechForConditionalGeneration"

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from granite_speech.config import VARIANTS
+
 
 def _progress(message: str, start: float) -> None:
     print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -20,13 +22,13 @@ def _progress(message: str, start: float) -> None:
 def compare(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoProcessor
 
-    from granite_speech.__main__ import read_audio
-    from granite_speech.checkpoint_files import check_checkpoint_folder
+    from granite_speech.audio import read_audio
+    from granite_speech.checkpoint.files import check_checkpoint_folder
     from parity.capture import checkpoint_param_bytes
-    from parity.fixtures import build_checkpoint, load_speech_dataset
-    from parity.granite_run import make_inputs, run_parity
-    from parity.hf_compat import load_hf_model
-    from parity.models import load_fms_model
+    from parity.granite.fixtures import build_checkpoint, load_speech_dataset
+    from parity.granite.run import make_inputs, run_parity
+    from parity.granite.hf import load_hf_model
+    from granite_speech.checkpoint import load_model
     from parity.report import render_terminal, write_html, write_json
 
     start = time.monotonic()
@@ -61,14 +63,15 @@ def compare(args: argparse.Namespace) -> int:
 
     def load_fms():
         _progress("loading the FMS model (get_model hf_pretrained)", start)
-        return load_fms_model(checkpoint, dtype, device)
+        return load_model(checkpoint, dtype, device)
 
-    two_phase = args.mode == "two-phase"
-    hf, fms = (load_hf, load_fms) if two_phase else (load_hf(), load_fms())
+    # factories: capture_pair loads both at once or one at a time, as the memory plan (--phases) decides
+    hf, fms = load_hf, load_fms
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
     _progress(f"capturing every probe ({args.mode})", start)
     result, report = run_parity(
-        hf, fms, inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint)), mode=args.mode, dtype=dtype,
+        hf, fms, inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint)), mode=args.mode, phases=args.phases,
+        dtype=dtype,
         device=device, overrides=overrides, param_bytes=checkpoint_param_bytes(checkpoint, dtype),
         seed=args.seed, checkpoint=str(checkpoint), audio=[str(a) for a in args.audio] or ["bundled"],
     )
@@ -86,12 +89,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="FMS vs HF, layer by layer, with a report")
     cmp.add_argument("--checkpoint", type=Path, help="local HF checkpoint folder (default: the seeded --model fixture)")
-    cmp.add_argument("--model", default="tiny", choices=("tiny", "2b", "8b"), help="fixture variant when no checkpoint")
+    cmp.add_argument("--model", default="tiny", choices=tuple(VARIANTS), help="fixture variant when no checkpoint")
     cmp.add_argument("--audio", type=Path, nargs="*", default=[], help="audio files (default: a bundled clip)")
     cmp.add_argument("--prompt", default="<|audio|>can you transcribe the speech into a written format?")
     cmp.add_argument("--device", default=None)
     cmp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    cmp.add_argument("--mode", default="propagated", choices=("propagated", "teacher-forced", "two-phase"))
+    cmp.add_argument("--mode", default="propagated", choices=("propagated", "teacher-forced"),
+                     help="what is compared: each side's own propagation, or each FMS module re-run on HF's inputs too")
+    cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
+                     help="memory schedule: both models at once, one at a time (HF captures on disk), or decide by size")
     cmp.add_argument("--atol", type=float)
     cmp.add_argument("--rtol", type=float)
     cmp.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,120 @@
+"""The weight-coverage audit: every checkpoint tensor consumed exactly once, every model tensor loaded.
+
+FMS loads a checkpoint in partial state dicts through the registered adapter steps and gives each step only
+`model_config`. The model opens a ledger for its config when it is built (`open_ledger`); the `coverage_ledger`
+step checks shapes against the model and records each key handed over; `GraniteSpeech.post_init` closes the
+ledger with `audit_loaded_checkpoint`. Ledgers live here, keyed by the config object, not inside the config.
+"""
+
+import re
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+SKIPPED = re.compile(r"\.num_batches_tracked$")  # eval BatchNorm never reads it
+
+
+class CheckpointCoverageError(ValueError):
+    """The checkpoint does not cover the model exactly: missing, extra or duplicated tensors, or wrong shapes."""
+
+
+class _Ledger:
+    def __init__(self, model: torch.nn.Module):
+        self.model = weakref.ref(model)
+        self.keys: List[str] = []
+        self.used = False  # a load went through the adapter (randomly initialised models have nothing to audit)
+        self._shapes: Optional[Dict[str, tuple]] = None
+
+    def shapes(self) -> Dict[str, tuple]:
+        if self._shapes is None:
+            model = self.model()
+            self._shapes = {} if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return self._shapes
+
+
+_LEDGERS: Dict[int, _Ledger] = {}
+
+
+def open_ledger(model: torch.nn.Module) -> None:
+    """Called by the model's constructor: the adapter steps of a load into `model` record into this ledger."""
+    _LEDGERS[id(model.config)] = _Ledger(model)
+
+
+def _ledger(model_config) -> Optional[_Ledger]:
+    ledger = _LEDGERS.get(id(model_config))
+    if ledger is None or ledger.model() is None or ledger.model().config is not model_config:
+        return None
+    return ledger
+
+
+def record(model_config, keys) -> None:
+    """Note keys handed to the model (or set aside) during a load."""
+    ledger = _ledger(model_config)
+    if ledger is not None:
+        ledger.used = True
+        ledger.keys.extend(keys)
+
+
+def check_shapes(model_config, state_dict) -> None:
+    """FMS's copy reports a bare size mismatch without the tensor's name: check here, before it copies."""
+    ledger = _ledger(model_config)
+    if ledger is None:
+        return
+    expected = ledger.shapes()
+    wrong = sorted(
+        f"{k}: checkpoint {list(v.shape)}, model {list(expected[k])}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    )
+    if wrong:
+        raise CheckpointCoverageError(
+            "shape mismatch between the checkpoint and the model built from its config.json (are the config's "
+            "dimensions those of the weights?):\n- " + "\n- ".join(wrong)
+        )
+
+
+def _required_keys(model: torch.nn.Module) -> set:
+    keys = {k for k in model.state_dict().keys() if not SKIPPED.search(k)}
+    if model.config.text_config.tie_heads:
+        # tied in post_init; checkpoints of tied models carry only the embedding
+        keys.discard("language_model.head.weight")
+    return keys
+
+
+def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
+    """Close the model's ledger; raise listing the keys unless the checkpoint covered the model exactly.
+    A model that was not loaded through the adapter has nothing to audit."""
+    ledger = _LEDGERS.pop(id(model.config), None)
+    if ledger is None or ledger.model() is not model or not ledger.used:
+        return
+    seen: Dict[str, int] = {}
+    for key in ledger.keys:
+        seen[key] = seen.get(key, 0) + 1
+    required = _required_keys(model)
+    loaded = set(seen)
+    if model.config.text_config.tie_heads:
+        loaded.discard("language_model.head.weight")  # an explicit copy of a tied head is allowed
+    problems = []
+    missing = sorted(required - loaded)
+    extra = sorted(loaded - required)
+    duplicated = sorted(k for k, n in seen.items() if n > 1)
+    if missing:
+        problems.append(f"{len(missing)} model tensors missing from the checkpoint: {missing}")
+    if extra:
+        orphans = [k for k in extra if k.startswith("lora.")]
+        hint = (
+            f" ({len(orphans)} are LoRA tensors with no matching decoder projection or adapter_config target)"
+            if orphans
+            else ""
+        )
+        problems.append(f"{len(extra)} checkpoint tensors the model has no place for{hint}: {extra}")
+    if duplicated:
+        problems.append(f"checkpoint tensors consumed more than once: {duplicated}")
+    if model.lora is not None:
+        expected = model.lora.pair_count()
+        pairs = len({k.rsplit(".", 2)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
+        if pairs != expected:
+            problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
+    if problems:
+        raise CheckpointCoverageError("checkpoint does not match the model:\n- " + "\n- ".join(problems))

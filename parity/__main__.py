@@ -1,5 +1,0 @@
-import sys
-
-from parity.cli import main
-
-sys.exit(main())

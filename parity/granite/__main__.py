@@ -1,0 +1,5 @@
+import sys
+
+from parity.granite.cli import main
+
+sys.exit(main())
