@@ -3,9 +3,15 @@
 Returns plain dataclasses (no printing). Statuses are distinct so a report can say *what* went wrong:
     pass, fail (numbers outside tolerance), nonfinite (NaN/Inf where the other side is finite or differently so),
     shape_mismatch, dtype_mismatch (numbers still measured after upcasting), missing (path did not resolve or the
-    module never ran), capture_error (the take / adapter could not be applied, or a teacher re-run failed),
+    module never ran), capture_error (the take / adapter / validity mask could not be applied, or a teacher re-run
+    failed), empty (no element was compared: all masked out or non-finite on both sides -- never a pass),
     not_applicable / not_run (teacher-forced column only).
 All arithmetic is float64 on CPU. The reference is HF: relative error and the tolerance bound use |hf|.
+
+Localisation is a second, sharper judgement beside the pass/fail gate: given the captures of a reference run that
+differs only in rounding (e.g. HF in float64), each probe gets a measured noise floor, and an error far above it
+(`floor_factor` times) marks the probe `suspect` even inside tolerance. The first divergence is then the first probe
+that fails *or* stands far above its floor, so a fault cannot hide under a tolerance that is loose for its scale.
 """
 
 import math
@@ -33,8 +39,10 @@ class Status:
     CAPTURE_ERROR = "capture_error"
     NOT_APPLICABLE = "not_applicable"
     NOT_RUN = "not_run"
+    EMPTY = "empty"
 
-    ALL = (PASS, FAIL, NONFINITE, SHAPE_MISMATCH, DTYPE_MISMATCH, MISSING, CAPTURE_ERROR, NOT_APPLICABLE, NOT_RUN)
+    ALL = (PASS, FAIL, NONFINITE, SHAPE_MISMATCH, DTYPE_MISMATCH, MISSING, CAPTURE_ERROR, NOT_APPLICABLE, NOT_RUN,
+           EMPTY)
     # teacher-forced statuses that say nothing about the module's own error
     NO_VERDICT = (NOT_APPLICABLE, NOT_RUN)
 
@@ -65,6 +73,7 @@ class Metrics:
     worst_fms: float
     nonfinite_hf: int = 0
     nonfinite_fms: int = 0
+    masked_out: int = 0  # elements excluded by the probe's validity mask
 
     def to_dict(self) -> dict:
         return {k: (_float_out(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -120,6 +129,11 @@ class ProbeResult:
     teacher: Comparison
     attribution: str  # ok | inherited | own | unknown
     note: str = ""
+    noise_floor: Optional[float] = None  # max |reference - rounding-only reference| (None: not measured)
+    floor_ratio: Optional[float] = None  # propagated max_abs / effective floor
+    own_floor_ratio: Optional[float] = None  # teacher-forced (own) max_abs / effective floor
+    suspect: bool = False  # inside tolerance but far above the floor
+    valid: str = ""  # validity mask applied
 
     @property
     def status(self) -> str:
@@ -129,11 +143,17 @@ class ProbeResult:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(tolerance=self.tolerance.to_dict(), propagated=self.propagated.to_dict(),
                     teacher=self.teacher.to_dict())
+        for name in ("noise_floor", "floor_ratio", "own_floor_ratio"):
+            if isinstance(data[name], float):
+                data[name] = _float_out(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ProbeResult":
         data = dict(data)
+        for name in ("noise_floor", "floor_ratio", "own_floor_ratio"):
+            if data.get(name) is not None:
+                data[name] = _float_in(data[name])
         data.update(tolerance=Tolerance.from_dict(data["tolerance"]),
                     propagated=Comparison.from_dict(data["propagated"]), teacher=Comparison.from_dict(data["teacher"]))
         return cls(**data)
@@ -146,10 +166,14 @@ class ParityResult:
     first_divergence: Optional[str]  # name of the earliest probe (execution order) whose status is not pass
     first_own_error: Optional[str]  # teacher-forced: earliest probe whose own (teacher-forced) comparison fails
     plan: dict = field(default_factory=dict)
+    first_suspect: Optional[str] = None  # earliest probe inside tolerance but far above its noise floor
+    strict: bool = False  # suspects fail the run too
+    floor_factor: Optional[float] = None  # None: no floors measured
 
     @property
     def passed(self) -> bool:
-        return all(p.status == Status.PASS for p in self.probes)
+        gate = all(p.status == Status.PASS for p in self.probes)
+        return gate and not (self.strict and any(p.suspect for p in self.probes))
 
     def probe(self, name: str) -> ProbeResult:
         for result in self.probes:
@@ -165,13 +189,15 @@ class ParityResult:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "first_divergence": self.first_divergence, "first_own_error": self.first_own_error,
+                "first_suspect": self.first_suspect, "strict": self.strict, "floor_factor": self.floor_factor,
                 "plan": self.plan, "probes": [p.to_dict() for p in self.probes]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ParityResult":
         return cls(mode=data["mode"], probes=[ProbeResult.from_dict(p) for p in data["probes"]],
                    first_divergence=data["first_divergence"], first_own_error=data["first_own_error"],
-                   plan=dict(data.get("plan") or {}))
+                   plan=dict(data.get("plan") or {}), first_suspect=data.get("first_suspect"),
+                   strict=bool(data.get("strict", False)), floor_factor=data.get("floor_factor"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,20 +222,43 @@ def _bound_slack(ref_abs: torch.Tensor, tol: Tolerance, ulp_dtype: Optional[str]
     return slack
 
 
-def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: Optional[str] = None) -> Comparison:
+def _expand_valid(valid: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A validity mask over the leading dims of `shape`, broadcast to the full shape."""
+    valid = valid.detach().to("cpu").bool()
+    if tuple(valid.shape) != tuple(shape[: valid.dim()]):
+        raise ValueError(f"validity mask of shape {list(valid.shape)} does not cover the leading dims of {list(shape)}")
+    return valid.reshape(*valid.shape, *([1] * (len(shape) - valid.dim()))).expand(shape)
+
+
+def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: Optional[str] = None,
+            valid: Optional[torch.Tensor] = None) -> Comparison:
     """Measure fms against the reference hf and judge it with `tol`. `ulp_dtype` (default: hf's dtype) sizes the
-    tolerance's ulp term."""
+    tolerance's ulp term; `valid` (bool, over the leading dims) excludes positions that are undefined on both sides
+    (e.g. padding). Nothing compared is never a pass."""
     shapes = dict(hf_shape=list(hf.shape), fms_shape=list(fms.shape), hf_dtype=_dtype_str(hf), fms_dtype=_dtype_str(fms))
     if hf.shape != fms.shape:
         return Comparison(Status.SHAPE_MISMATCH, f"shape {list(fms.shape)} (FMS) != {list(hf.shape)} (HF)", **shapes)
     ulp_dtype = ulp_dtype or _dtype_str(hf)
     a, b = fms.detach().to("cpu", torch.float64), hf.detach().to("cpu", torch.float64)
-    finite = torch.isfinite(a) & torch.isfinite(b)
+    in_mask = torch.ones(a.shape, dtype=torch.bool)
+    if valid is not None:
+        try:
+            in_mask = _expand_valid(valid, a.shape)
+        except ValueError as err:
+            return Comparison(Status.CAPTURE_ERROR, str(err), **shapes)
+    masked_out = int((~in_mask).sum())
+    a, b = torch.where(in_mask, a, 0.0), torch.where(in_mask, b, 0.0)
+    finite = torch.isfinite(a) & torch.isfinite(b) & in_mask
     nonfinite_hf, nonfinite_fms = int((~torch.isfinite(b)).sum()), int((~torch.isfinite(a)).sum())
     patterns_equal = _nonfinite_patterns_equal(a, b)
     a, b = a[finite], b[finite]
     metrics = _metrics(a, b, tol, ulp_dtype, hf.shape, finite)
-    metrics.nonfinite_hf, metrics.nonfinite_fms = nonfinite_hf, nonfinite_fms
+    metrics.nonfinite_hf, metrics.nonfinite_fms, metrics.masked_out = nonfinite_hf, nonfinite_fms, masked_out
+    if metrics.numel == 0:
+        why = (f"all {masked_out} elements masked out" if masked_out == a.numel() and masked_out
+               else f"no finite element on both sides ({nonfinite_hf} HF / {nonfinite_fms} FMS non-finite, "
+                    f"{masked_out} masked out)" if a.numel() else "empty tensors")
+        return Comparison(Status.EMPTY, f"nothing compared: {why}", metrics, **shapes)
     allowed = math.floor(tol.max_outside_fraction * metrics.numel)
     numbers_pass = metrics.outside_count <= allowed
     numeric = (f"{metrics.outside_count} of {metrics.numel} elements outside atol={tol.atol:g} rtol={tol.rtol:g}"
@@ -288,15 +337,29 @@ def _side_value(captures, key: str, side: str, adapter_spec: str) -> Tuple[Optio
         return None, Comparison(Status.CAPTURE_ERROR, f"{side}: adapter {adapter_spec!r} failed: {err}")
 
 
-def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Tolerance, ulp_dtype) -> Comparison:
+def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Tolerance, ulp_dtype, valid=None,
+                  fms_adapter: Optional[str] = None) -> Comparison:
     hf_value, hf_problem = _side_value(hf_caps, hf_key, "HF", probe.hf_adapter)
-    fms_value, fms_problem = _side_value(fms_caps, fms_key, "FMS", probe.fms_adapter)
+    fms_value, fms_problem = _side_value(fms_caps, fms_key, "FMS", probe.fms_adapter if fms_adapter is None
+                                         else fms_adapter)
     if hf_problem or fms_problem:
         problems = [p for p in (hf_problem, fms_problem) if p]
         # a missing side outranks a capture error: it is the more basic fault
         status = Status.MISSING if any(p.status == Status.MISSING for p in problems) else problems[0].status
         return Comparison(status, "; ".join(p.detail for p in problems))
-    return compare(hf_value, fms_value, tol, ulp_dtype=ulp_dtype)
+    return compare(hf_value, fms_value, tol, ulp_dtype=ulp_dtype, valid=valid)
+
+
+# how far above its measured noise floor an error must stand to be called a divergence (localisation, not the gate)
+FLOOR_FACTOR = 20.0
+
+
+def _effective_floor(floor: float, ref_absmax: float, run_dtype: str) -> float:
+    """The measured floor, never below one ulp of the run dtype at the probe's scale (a floor of exactly 0 would
+    make any rounding difference look infinite)."""
+    if run_dtype not in _FLOAT_FORMATS:
+        return floor
+    return max(floor, float(ulp(torch.tensor([ref_absmax]), run_dtype)[0]))
 
 
 # a teacher-forced comparison with one of these statuses is the module's own numeric error
@@ -321,9 +384,17 @@ def diff_captures(
     table: Optional[Mapping] = None,
     overrides: Optional[Mapping[str, float]] = None,
     tolerances: Optional[Mapping[str, Tolerance]] = None,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    floors=None,
+    floor_factor: float = FLOOR_FACTOR,
+    strict: bool = False,
 ) -> ParityResult:
     """Judge every probe of `pair`. Tolerances: `tolerances[tolerance_class]` when given, else the table entry for
-    (`dtype` or the HF capture's dtype, `device`) with `overrides` applied."""
+    (`dtype` or the HF capture's dtype, `device`) with `overrides` applied. `masks` maps a probe's `valid` name to
+    its validity mask. `floors` are the captures of a reference run differing only in rounding (e.g. HF in float64):
+    they give each probe its noise floor, and errors `floor_factor` times above it locate the divergence (and fail
+    the run when `strict`)."""
+    masks = dict(masks or {})
     probes = tuple(probes if probes is not None else pair.probes)
     teacher_mode = pair.mode == "teacher_forced"
     results = []
@@ -338,7 +409,12 @@ def diff_captures(
             tol = tolerances[probe.tolerance_class]
         else:
             tol = tolerance_for(run_dtype, device, probe.tolerance_class, table=table, overrides=overrides)
-        propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype)
+        valid = None
+        if probe.valid:
+            if probe.valid not in masks:
+                raise ValueError(f"probe {probe.name} needs validity mask {probe.valid!r}; given {sorted(masks)}")
+            valid = masks[probe.valid]
+        propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype, valid)
         if not teacher_mode:
             teacher = Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
         elif not probe.teacher:
@@ -346,10 +422,23 @@ def diff_captures(
         elif pair.fms.error_kind(key) == "unresolved":
             teacher = Comparison(Status.MISSING, "FMS module path did not resolve")
         else:
-            teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype)
+            teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype,
+                                    valid)
             note = pair.fms.note(teacher_output_key(probe.name))
             if note:
                 teacher.detail = f"{teacher.detail}; {note}" if teacher.detail else note
+        floor = floor_ratio = own_ratio = None
+        if floors is not None and probe.tolerance_class != "exact" and propagated.metrics is not None:
+            # the rounding-only reference against the reference: both through the HF adapter
+            spread = _compare_keys(pair.hf, floors, key, key, probe, tol, run_dtype, valid,
+                                   fms_adapter=probe.hf_adapter)
+            if spread.metrics is not None and spread.metrics.numel:
+                floor = spread.metrics.max_abs
+                effective = _effective_floor(floor, propagated.metrics.ref_absmax, run_dtype)
+                floor_ratio = propagated.metrics.max_abs / effective if effective > 0 else math.inf
+                if teacher.metrics is not None and teacher.metrics.numel:
+                    own_ratio = teacher.metrics.max_abs / effective if effective > 0 else math.inf
+        suspect = propagated.passed and any(r is not None and r > floor_factor for r in (floor_ratio, own_ratio))
         hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
         results.append(ProbeResult(
             index=index, name=probe.name,
@@ -359,23 +448,35 @@ def diff_captures(
             order=hf_order if hf_order is not None else fms_order,
             calls_hf=pair.hf.calls(key), calls_fms=pair.fms.calls(key),
             propagated=propagated, teacher=teacher, attribution=_attribution(propagated, teacher), note=probe.note,
+            noise_floor=floor, floor_ratio=floor_ratio, own_floor_ratio=own_ratio, suspect=suspect, valid=probe.valid,
         ))
-    return ParityResult(pair.mode, results, first_divergence(results), first_own_error(results), pair.plan.to_dict())
+    factor = floor_factor if floors is not None else None
+    return ParityResult(pair.mode, results, first_divergence(results, factor), first_own_error(results, factor),
+                        pair.plan.to_dict(), first_suspect=next((r.name for r in _execution_sorted(results)
+                                                                 if r.suspect), None),
+                        strict=strict, floor_factor=factor)
 
 
 def _execution_sorted(results: Sequence[ProbeResult]) -> List[ProbeResult]:
     return sorted(results, key=lambda r: (r.order if r.order is not None else r.index, r.index))
 
 
-def first_divergence(results: Sequence[ProbeResult]) -> Optional[str]:
+def _above(ratio: Optional[float], factor: Optional[float]) -> bool:
+    return factor is not None and ratio is not None and ratio > factor
+
+
+def first_divergence(results: Sequence[ProbeResult], floor_factor: Optional[float] = None) -> Optional[str]:
+    """The earliest probe (execution order) that fails, or, with measured floors, stands `floor_factor` above its
+    noise floor."""
     for result in _execution_sorted(results):
-        if result.status != Status.PASS:
+        if result.status != Status.PASS or _above(result.floor_ratio, floor_factor):
             return result.name
     return None
 
 
-def first_own_error(results: Sequence[ProbeResult]) -> Optional[str]:
+def first_own_error(results: Sequence[ProbeResult], floor_factor: Optional[float] = None) -> Optional[str]:
+    """The earliest probe whose own (teacher-forced) error fails, or stands `floor_factor` above the floor."""
     for result in _execution_sorted(results):
-        if result.teacher.status in _OWN_ERROR:
+        if result.teacher.status in _OWN_ERROR or _above(result.own_floor_ratio, floor_factor):
             return result.name
     return None

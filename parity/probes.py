@@ -65,6 +65,8 @@ class Probe:
     # replaced by the HF module's captured one. () = cannot be teacher-forced (the note says why).
     teacher: Tuple[Tuple[str, str], ...] = (("input[0]", "input[0]"),)
     note: str = ""
+    # name of a validity mask (given to diff_captures) over the leading dims of this probe's tensor; "" = all valid
+    valid: str = ""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.match(self.name):

@@ -1,0 +1,57 @@
+"""`assert_parity`: the engine's judgement for test suites, one named pair of tensors at a time.
+
+    from parity.testing import assert_parity
+    assert_parity("logits", hf_logits, fms_logits, dtype=dtype, device=device, tolerance_class="logits",
+                  valid=attention_mask, record=record_property)
+
+Two bounds, both from `parity.tolerances`: the documented gate (atol = rtol = 1e-3 in fp32, the dtype table
+otherwise) and, beside it, the tight regression bound measured on a correct port, so that an error growing 100x
+fails although it is still inside the gate. Every call records its measured error (`record(name_max_abs, ...)`,
+e.g. pytest's `record_property`), and nothing compared (everything masked, all NaN) is a failure.
+"""
+
+from typing import Callable, Optional, Union
+
+import torch
+
+from parity.diff import Comparison, compare
+from parity.tolerances import Tolerance, dtype_name, regression_bound, tolerance_for
+
+
+def assert_parity(
+    name: str,
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    *,
+    dtype: Union[torch.dtype, str, None] = None,
+    device: Union[torch.device, str] = "cpu",
+    tolerance_class: str = "activation",
+    tolerance: Optional[Tolerance] = None,
+    valid: Optional[torch.Tensor] = None,
+    regression: bool = True,
+    record: Optional[Callable[[str, object], None]] = None,
+) -> Comparison:
+    """Compare `candidate` (FMS) against `reference` (HF); raise AssertionError naming what failed and by how much.
+    `dtype` (default: the reference's) and `device` pick the tolerance; `valid` masks leading dims (padding)."""
+    run_dtype = dtype_name(dtype if dtype is not None else reference.dtype)
+    gate = tolerance or tolerance_for(run_dtype, device, tolerance_class)
+    result = compare(reference.detach().cpu(), candidate.detach().cpu(), gate, ulp_dtype=run_dtype,
+                     valid=None if valid is None else valid.detach().cpu())
+    metrics = result.metrics
+    if record is not None and metrics is not None:
+        record(f"{name}_max_abs", metrics.max_abs)
+        record(f"{name}_tol_ratio", metrics.tol_ratio)
+    where = f"{name} ({run_dtype} on {torch.device(device).type}, {tolerance_class})"
+    if not result.passed:
+        raise AssertionError(f"{where}: {result.status}: {result.detail}; worst at {metrics and metrics.worst_index}: "
+                             f"HF {metrics and metrics.worst_hf} vs FMS {metrics and metrics.worst_fms}")
+    tight = regression_bound(run_dtype, device, tolerance_class) if regression and tolerance is None else None
+    if tight is not None:
+        again = compare(reference.detach().cpu(), candidate.detach().cpu(), tight, ulp_dtype=run_dtype,
+                        valid=None if valid is None else valid.detach().cpu())
+        if not again.passed:
+            raise AssertionError(
+                f"{where}: inside the gate (atol {gate.atol:g}, rtol {gate.rtol:g}) but above the regression bound "
+                f"(atol {tight.atol:g}, rtol {tight.rtol:g}: {tight.why}): {again.detail}"
+            )
+    return result
