@@ -410,7 +410,9 @@ def _teacher_rerun(probe: Probe, mod, args, kwargs, reference: Captures, suppres
     if stateful:
         notes.append(f"re-run shares stateful argument(s) {', '.join(stateful)} with the propagated run")
     with suppress, torch.no_grad():
-        output = mod.forward(*args, **kwargs)
+        # through __call__, so the model's own hooks (e.g. a LoRA added to a projection's output) apply as in the
+        # propagated run; the harness's hooks are suppressed
+        output = mod(*args, **kwargs)
     try:
         return select_output(Take.parse(probe.fms_take), output), "; ".join(notes)
     except CaptureError as err:
@@ -678,3 +680,24 @@ def capture_pair(
 
     _run_side(fms_model, fms.inputs, "FMS", probes, fms_captures, install_fms)
     return PairCaptures(hf_captures, fms_captures, mode, plan, probes)
+
+
+def pair_from_values(rows: Sequence[Tuple[Probe, Any, Any]], *, mode: str = "propagated") -> PairCaptures:
+    """Captures of values computed outside hooks (pipeline stages, generation steps): one (probe, reference value,
+    candidate value) row per probe, in execution order. A value may be a tensor, or an exception raised while
+    computing it (recorded as a capture error naming it), or None (the stage did not run: missing)."""
+    hf, fms = Captures("hf"), Captures("fms")
+    for probe, reference, candidate in rows:
+        for captures, value in ((hf, reference), (fms, candidate)):
+            key = value_key(probe.name)
+            if isinstance(value, torch.Tensor):
+                captures.put(key, value)
+            elif isinstance(value, BaseException):
+                captures.put_error(key, f"raised {type(value).__name__}: {value}")
+            elif value is None:
+                captures.put_error(key, "this stage did not run", kind="unresolved")
+            else:
+                raise TypeError(f"probe {probe.name}: a value must be a tensor, an exception or None, got "
+                                f"{type(value).__name__}")
+    plan = PhasePlan(False, "values computed outside hooks")
+    return PairCaptures(hf, fms, normalize_mode(mode), plan, tuple(row[0] for row in rows))

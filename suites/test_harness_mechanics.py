@@ -22,7 +22,14 @@ from parity.capture import Captures, ModelRun, capture_model, capture_pair, chec
 from parity.diff import Status, compare, diff_captures
 from parity.hooks import HookSet, assert_no_hooks, attached_hooks, leftover_hooks
 from parity.granite.hf import hf_divides_logits
-from parity.granite.probes import HF_LAYOUT_ALIASES, GraniteSpeechDims, granite_decoder_rows, granite_speech_probes
+from parity.granite.probes import (
+    HF_LAYOUT_ALIASES,
+    TEXT,
+    GraniteSpeechDims,
+    granite_decoder_rows,
+    granite_speech_probes,
+    text_mask,
+)
 from parity.probes import Probe, ProbeResolutionError, Repeat, expand, resolve_module
 from parity.report import build_report, read_json, render_html, render_terminal, result_from_report, run_metadata, write_json
 from parity.tolerances import Tolerance, tolerance_for, ulp
@@ -675,7 +682,7 @@ def test_granite_speech_table_captures_and_localizes_a_planted_fault(tiny_hf_spe
     probes = _hf_as_candidate(granite_speech_probes(config), model)
     same = capture_pair(probes, ModelRun(model, inputs), ModelRun(model, inputs), mode="teacher_forced",
                         hf_aliases=HF_LAYOUT_ALIASES)
-    clean = diff_captures(same)
+    clean = diff_captures(same, masks={TEXT: text_mask(inputs)})
     assert clean.passed and clean.first_divergence is None
     assert all(p.calls_hf == 1 for p in clean.probes)
     assert clean.probe("decoder.inputs_embeds").propagated.hf_shape == [1, 11, 24]
@@ -686,7 +693,7 @@ def test_granite_speech_table_captures_and_localizes_a_planted_fault(tiny_hf_spe
     with torch.no_grad():
         encoder.layers[1].conv.down_conv.bias.add_(0.05)
     result = diff_captures(capture_pair(probes, ModelRun(model, inputs), ModelRun(faulty, inputs), mode="teacher_forced",
-                                        hf_aliases=HF_LAYOUT_ALIASES))
+                                        hf_aliases=HF_LAYOUT_ALIASES), masks={TEXT: text_mask(inputs)})
     assert result.first_divergence == "encoder.block.1.conv"
     assert result.first_own_error == "encoder.block.1.conv"
     assert result.probe("encoder.block.1.conv").attribution == "own"
@@ -716,13 +723,14 @@ def test_decoder_detail_rows_match_real_fms_granite(tmp_path):
     ids = torch.tensor([[1, 5, 7, 9, 11]])  # length != kvheads (FMS sdpa quirk, see fms.md)
     pair = capture_pair(probes, ModelRun(hf, {"input_ids": ids, "use_cache": False}), ModelRun(fms, lambda m: m(ids)),
                         mode="teacher_forced", hf_aliases=())
-    result = diff_captures(pair)
+    masks = {TEXT: text_mask({"input_ids": ids})}
+    result = diff_captures(pair, masks=masks)
     assert result.passed, render_terminal(build_report(result))
     assert all(p.teacher.status == Status.PASS for p in result.probes)
     # without the RoPE permutation the q and k projections differ, v does not: the adapter is doing real work
-    no_rope = [dataclasses.replace(p, fms_adapter=p.fms_adapter.split("|")[0]) for p in probes]
+    no_rope = [dataclasses.replace(p, fms_adapter="identity") for p in probes]
     raw = diff_captures(capture_pair(no_rope, ModelRun(hf, {"input_ids": ids, "use_cache": False}),
-                                     ModelRun(fms, lambda m: m(ids)), hf_aliases=()))
+                                     ModelRun(fms, lambda m: m(ids)), hf_aliases=()), masks=masks)
     assert raw.probe("decoder.layer.0.attn.q").status == Status.FAIL
     assert raw.probe("decoder.layer.0.attn.k").status == Status.FAIL
     assert raw.probe("decoder.layer.0.attn.v").status == Status.PASS
@@ -741,10 +749,10 @@ def test_granite_speech_table_resolves_and_substitutes_on_both_real_models(
     batch = hf_processor(text=["<|audio|> transcribe this."], audio=[clip], return_tensors="pt")
     common = {"input_ids": batch["input_ids"].to(device), "input_features": batch["input_features"].to(device, dtype),
               "input_features_mask": batch["input_features_mask"].to(device)}
-    probes = granite_speech_probes(hf_model.config, detail=True, fms_fused_weights=fms_model.config.fused_weights)
+    probes = granite_speech_probes(hf_model.config, detail=True)
     pair = capture_pair(probes, ModelRun(hf_model, {**common, "use_cache": False}), ModelRun(fms_model, common),
                         mode="teacher_forced", hf_aliases=HF_LAYOUT_ALIASES)
-    result = diff_captures(pair, dtype=dtype, device=device)
+    result = diff_captures(pair, dtype=dtype, device=device, masks={TEXT: text_mask(common)})
     assert_no_hooks(hf_model)
     assert_no_hooks(fms_model)
     for probe in result.probes:

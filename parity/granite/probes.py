@@ -13,6 +13,18 @@ from parity.probes import Probe, Repeat, TableEntry, expand
 
 # hub-layout module path prefix -> 5.10.1+ in-memory prefix
 HF_LAYOUT_ALIASES: Tuple[Tuple[str, str], ...] = HUB_TO_TF5
+# the validity mask of every decoder probe: real (non-pad) text positions [batch, seq_len], from the attention mask
+TEXT = "text"
+AUDIO_PROBE_PREFIXES = ("encoder.", "projector.")
+
+
+def text_mask(inputs: Mapping[str, Any]):
+    """The `text` validity mask of a batch: its attention mask, or every position when it has none."""
+    import torch
+
+    if "attention_mask" in inputs and inputs["attention_mask"] is not None:
+        return inputs["attention_mask"].bool().cpu()
+    return torch.ones(inputs["input_ids"].shape[:2], dtype=torch.bool)
 
 @dataclass(frozen=True)
 class GraniteSpeechDims:
@@ -103,38 +115,35 @@ QFORMER_ROWS = (
 )
 
 
-def granite_decoder_rows(hf_prefix: str, fms_prefix: str, dims: GraniteSpeechDims, *, detail: bool = False,
-                         fms_fused_weights: bool = True) -> Tuple[Probe, ...]:
+def granite_decoder_rows(hf_prefix: str, fms_prefix: str, dims: GraniteSpeechDims, *,
+                         detail: bool = False) -> Tuple[Probe, ...]:
     """Per-layer decoder rows (`{i}` placeholders) for an HF GraniteModel at `hf_prefix` and an FMS GraniteHeadless at
-    `fms_prefix`. `detail` adds q/k/v, attention and MLP outputs; FMS q/k come out of the fused projection permuted
-    for interleaved RoPE, so their adapters split the fused output and undo the permutation."""
+    `fms_prefix`. `detail` adds q/k/v, attention and MLP outputs; FMS q/k come out permuted for interleaved RoPE, so their
+    adapters undo the permutation."""
     hf_layer, fms_layer = f"{hf_prefix}.layers.{{i}}", f"{fms_prefix}.layers.{{i}}"
     rows = []
     if detail:
         heads, kv, dh = dims.decoder_heads, dims.decoder_kv_heads, dims.decoder_head_dim
         if not (heads and kv and dh):
             raise ValueError(f"detailed decoder probes need decoder_heads/kv_heads/head_dim, got {dims}")
-        for part in ("q", "k", "v"):
-            if fms_fused_weights:
-                fms_path = f"{fms_layer}.attn.in_proj.qkv_fused"
-                adapter = f"qkv_split({part}, {heads}, {kv}, {dh})"
-            else:
-                fms_path = f"{fms_layer}.attn.in_proj.{ {'q': 'query', 'k': 'key', 'v': 'value'}[part] }"
-                adapter = "identity"
-            if part != "v":
-                adapter = f"{adapter} | rope_interleaved_to_halves({dh})"
-            rows.append(Probe(f"decoder.layer.{{i}}.attn.{part}", f"{hf_layer}.self_attn.{part}_proj", fms_path,
-                              fms_adapter=adapter, note=f"{part} projection before RoPE"))
+        for index, part in enumerate(("q", "k", "v")):
+            # the in_proj output (q, k, v), fused or not, after any hook on it (the audio_only LoRA adds there)
+            adapter = f"rope_interleaved_to_halves({dh})" if part != "v" else "identity"
+            rows.append(Probe(f"decoder.layer.{{i}}.attn.{part}", f"{hf_layer}.self_attn.{part}_proj",
+                              f"{fms_layer}.attn.in_proj", fms_take=f"output[{index}]", fms_adapter=adapter,
+                              note=f"{part} projection before RoPE (LoRA included)", valid=TEXT))
         rows.append(Probe("decoder.layer.{i}.attn", f"{hf_layer}.self_attn", f"{fms_layer}.attn",
-                          hf_take="output[0?]", fms_take="output[0?]", note="attention output before the residual"))
+                          hf_take="output[0?]", fms_take="output[0?]", note="attention output before the residual",
+                          valid=TEXT))
         rows.append(Probe("decoder.layer.{i}.mlp", f"{hf_layer}.mlp", f"{fms_layer}.ff_sub_layer",
-                          note="MLP output before the residual"))
-    rows.append(Probe("decoder.layer.{i}", hf_layer, fms_layer, hf_take="output[0?]", fms_take="output[0?]"))
+                          note="MLP output before the residual", valid=TEXT))
+    rows.append(Probe("decoder.layer.{i}", hf_layer, fms_layer, hf_take="output[0?]", fms_take="output[0?]",
+                      valid=TEXT))
     return tuple(rows)
 
 
-def granite_speech_table(dims: GraniteSpeechDims, transformers_version: str, *, detail: bool = False,
-                         fms_fused_weights: bool = True) -> Tuple[TableEntry, ...]:
+def granite_speech_table(dims: GraniteSpeechDims, transformers_version: str, *,
+                         detail: bool = False) -> Tuple[TableEntry, ...]:
     scaling = dims.logits_scaling
     if hf_divides_logits(transformers_version):
         hf_logits_adapter = "identity"
@@ -155,21 +164,20 @@ def granite_speech_table(dims: GraniteSpeechDims, transformers_version: str, *, 
         Probe("projector.out", "projector.linear", "projector.out_proj", note="projected audio embeddings [B, nb*Q, Dt]"),
         Probe("decoder.inputs_embeds", "language_model.model", "language_model.base_model",
               hf_take="input.inputs_embeds", fms_take="input[0]", teacher=(),
-              note="merged text+audio embeddings before the embedding multiplier; " + _NOT_TEACHER_INPUT),
+              note="merged text+audio embeddings before the embedding multiplier; " + _NOT_TEACHER_INPUT, valid=TEXT),
         Repeat("i", 0, "decoder_layers",
-               granite_decoder_rows("language_model.model", "language_model.base_model", dims, detail=detail,
-                                    fms_fused_weights=fms_fused_weights)),
-        Probe("decoder.norm", "language_model.model.norm", "language_model.base_model.dec_norm"),
+               granite_decoder_rows("language_model.model", "language_model.base_model", dims, detail=detail)),
+        Probe("decoder.norm", "language_model.model.norm", "language_model.base_model.dec_norm", valid=TEXT),
         Probe("logits.head", "language_model.lm_head", "language_model.head", tolerance_class="logits",
-              note="raw head output (no logits_scaling) on both sides"),
+              note="raw head output (no logits_scaling) on both sides", valid=TEXT),
         Probe("logits", "", "", hf_take="output.logits", fms_take="output[0?]", hf_adapter=hf_logits_adapter,
-              tolerance_class="logits", teacher=(),
-              note=logits_note + "; model output: both sides get identical inputs, nothing to teacher-force"),
+              tolerance_class="logits", teacher=(), valid=TEXT,
+              note=logits_note + "; model output: nothing to teacher-force"),
     )
 
 
-def granite_speech_probes(config_or_dims: Any, transformers_version: Optional[str] = None, *, detail: bool = False,
-                          fms_fused_weights: bool = True) -> Tuple[Probe, ...]:
+def granite_speech_probes(config_or_dims: Any, transformers_version: Optional[str] = None, *,
+                          detail: bool = False) -> Tuple[Probe, ...]:
     """The Granite Speech probe list in execution order, sized from the config; `transformers_version` (default:
     the installed one) decides the model-level logits adapter."""
     if transformers_version is None:
@@ -177,5 +185,5 @@ def granite_speech_probes(config_or_dims: Any, transformers_version: Optional[st
 
         transformers_version = transformers.__version__
     dims = granite_speech_dims(config_or_dims)
-    table = granite_speech_table(dims, transformers_version, detail=detail, fms_fused_weights=fms_fused_weights)
+    table = granite_speech_table(dims, transformers_version, detail=detail)
     return expand(table, dims.as_mapping())

@@ -12,7 +12,7 @@ import torch
 from parity.capture import ModelRun, capture_pair
 from parity.diff import diff_captures
 from parity.granite.hf import set_hf_adapter
-from parity.granite.probes import HF_LAYOUT_ALIASES, granite_speech_probes
+from parity.granite.probes import HF_LAYOUT_ALIASES, TEXT, granite_speech_probes, text_mask
 from parity.report import build_report, run_metadata
 
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
@@ -67,7 +67,7 @@ def run_parity(
         workdir=workdir,
         hf_aliases=HF_LAYOUT_ALIASES,
     )
-    result = diff_captures(pair, dtype=dtype, device=device, overrides=overrides)
+    result = diff_captures(pair, dtype=dtype, device=device, overrides=overrides, masks={TEXT: text_mask(inputs)})
     report = build_report(result, run_metadata(device=device, dtype=dtype, mode=mode, phases=pair.plan.to_dict(),
                                                **meta))
     return result, report

@@ -1,0 +1,420 @@
+"""The whole Granite Speech pipeline, FMS against HF, from the audio file to the generated tokens.
+
+For each input case (`Case`) the report gets up to three kinds of sections:
+- preprocessing: audio reading / down-mixing / resampling (FMS `read_audio` vs HF's `load_audio`), features, lengths
+  and masks (FMS feature extractor vs HF's), prompt expansion (FMS processor vs HF's), each side's own;
+- model: every probe of the Granite Speech table, each side fed by its own preprocessing (or, with
+  `feed="hf"`, both fed HF's, which isolates the model), teacher-forced by default, decoder probes judged under the
+  text validity mask, and each probe's noise floor measured by HF in float64 (for localisation);
+- generation: greedy tokens and every step's logits of eager FMS `generate` and of the static-cache fast path,
+  each against HF `generate` on HF's own inputs; the first step where they part is the first divergence.
+The HF side always gets HF's own prompt construction (its tokenizer's chat template), processor, position ids and
+generation settings; nothing the project computes is fed to it.
+"""
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from parity.capture import ModelRun, available_bytes, capture_model, capture_pair, pair_from_values
+from parity.diff import ParityResult, diff_captures
+from parity.granite.hf import hf_logits_to_fms, load_hf_model, set_hf_adapter
+from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES, TEXT, granite_speech_probes, text_mask
+from parity.probes import Probe
+
+AUDIO_TOKEN = "<|audio|>"
+DEFAULT_INSTRUCTION = f"{AUDIO_TOKEN}can you transcribe the speech into a written format?"
+SAMPLING_RATE = 16000
+FEEDS = ("own", "hf")
+FLOORS = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input of the default set: clips (bundled ids or file paths) or text-only instructions."""
+
+    name: str
+    clips: Tuple[str, ...] = ()
+    instructions: Tuple[str, ...] = ()  # one per row; default: DEFAULT_INSTRUCTION per clip
+    lora_mode: str = "merged"  # the FMS model's LoRA regime; HF's adapter is on exactly when audio is given
+    generate: int = 0  # greedy new tokens to compare (0: no generation section)
+    why: str = ""
+
+    def rows(self) -> Tuple[str, ...]:
+        return self.instructions or (DEFAULT_INSTRUCTION,) * len(self.clips)
+
+
+STEREO_44K = "stereo-44k:"  # clip prefix: the bundled clip re-written as a stereo 44.1 kHz wav (reading, resampling)
+
+
+def default_cases() -> Tuple[Case, ...]:
+    """Clips on and just past conformer-block and projector-window boundaries, a padded batch, a text-only prompt,
+    both LoRA modes and a file that must be down-mixed and resampled."""
+    return (
+        Case("clip 201 frames (real block + 1)", ("9003-103-0001",),
+             why="one full 200-frame attention block plus one frame; 13 windows + 6 frames"),
+        Case("padded batch of 3 (window + 1, on window, tiny block + 1)",
+             ("9001-101-0000", "9003-103-0000", "9001-101-0001"), generate=12,
+             why="clips of 16, 45 and 121 encoder frames: text- and audio-padded, left-padded prompts"),
+        Case("text only, adapter off", instructions=("the quick brown fox", "a much longer prompt about the harbour "
+                                                     "and the boats that came in at dawn"),
+             lora_mode="audio_only", why="no audio: HF's adapter is off, FMS applies no LoRA (audio_only mode)"),
+        Case("LoRA audio_only mode (on window and tiny block)", ("9004-104-0000",), lora_mode="audio_only",
+             why="the LoRA kept separate and switched on by the audio"),
+        Case("stereo 44.1 kHz file", (STEREO_44K + "9002-102-0000",),
+             why="down-mixing and resampling to 16 kHz before the features"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio files
+
+
+def _clip_path(clip: str, workdir: Path) -> Path:
+    from parity.granite.fixtures import SPEECH_DIR
+
+    if clip.startswith(STEREO_44K):
+        import soundfile
+        import torchaudio
+
+        source = _clip_path(clip[len(STEREO_44K):], workdir)
+        samples, rate = soundfile.read(str(source), dtype="float32")
+        mono = torchaudio.functional.resample(torch.from_numpy(samples), rate, 44100)
+        stereo = torch.stack([mono, 0.5 * mono + 0.01], dim=1).numpy()  # channels differ: a mean is needed
+        target = workdir / f"{clip[len(STEREO_44K):]}-stereo-44k.wav"
+        soundfile.write(str(target), stereo, 44100, subtype="FLOAT")
+        return target
+    bundled = SPEECH_DIR / f"{clip}.flac"
+    return bundled if bundled.is_file() else Path(clip)
+
+
+def _hf_read_audio(path: Path) -> Any:
+    """HF's own audio loading (soundfile + mean down-mix + soxr_hq, as librosa.load), as a float32 tensor."""
+    from transformers.audio_utils import load_audio
+
+    return torch.from_numpy(load_audio(str(path), sampling_rate=SAMPLING_RATE, backend="soundfile"))
+
+
+def _attempt(fn: Callable[[], Any]) -> Any:
+    """The value, or the exception it raised (recorded on the probe instead of ending the run)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - a failing stage is a finding, reported on its probe
+        return err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Models:
+    """The loaded models of a run (loaded once, shared by the cases)."""
+
+    checkpoint: Path
+    dtype: torch.dtype
+    device: torch.device
+    hf: Any = None
+    hf64: Any = None
+    fms: Dict[str, Any] = field(default_factory=dict)  # lora_mode -> model
+    hf_processor: Any = None
+    fms_processor: Any = None
+
+    def fms_model(self, lora_mode: str):
+        if lora_mode not in self.fms:
+            from granite_speech.checkpoint import load_model
+
+            self.fms[lora_mode] = load_model(self.checkpoint, self.dtype, self.device, lora_mode=lora_mode)
+        return self.fms[lora_mode]
+
+    def reference(self):
+        if self.hf is None:
+            self.hf = load_hf_model(self.checkpoint, self.dtype, str(self.device))
+        return self.hf
+
+    def reference64(self):
+        if self.hf64 is None:
+            self.hf64 = copy.deepcopy(self.reference()).to(torch.float64)
+        return self.hf64
+
+    def processors(self):
+        if self.hf_processor is None:
+            from transformers import AutoProcessor
+
+            from granite_speech.processor import GraniteSpeechProcessor
+
+            self.hf_processor = AutoProcessor.from_pretrained(str(self.checkpoint))
+            self.fms_processor = GraniteSpeechProcessor.from_pretrained(self.checkpoint)
+        return self.hf_processor, self.fms_processor
+
+
+Section = Tuple[str, str, ParityResult, dict]
+
+
+def _hf_prompt(tokenizer, instruction: str) -> str:
+    """HF's own prompt construction: the tokenizer's chat template (the model card's recipe)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    return instruction
+
+
+def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[Probe, Any, Any]], dict, dict, dict]:
+    """(probe rows, HF model inputs, FMS model inputs, extra): each side through its own preprocessing."""
+    from granite_speech.__main__ import build_prompt
+    from granite_speech.audio import read_audio
+
+    hf_processor, fms_processor = models.processors()
+    rows: List[Tuple[Probe, Any, Any]] = []
+    paths = [_clip_path(clip, workdir) for clip in case.clips]
+    hf_audio, fms_audio, inputs_meta = [], [], []
+    for i, path in enumerate(paths):
+        reference = _attempt(lambda: _hf_read_audio(path))
+        candidate = _attempt(lambda: read_audio(path, SAMPLING_RATE))
+        rows.append((Probe(f"audio.{i}.samples", "load_audio", "read_audio", teacher=(),
+                           note=f"{path.name}: decoded, down-mixed to mono, resampled to {SAMPLING_RATE} Hz"),
+                     reference, candidate))
+        hf_audio.append(reference)
+        fms_audio.append(candidate)
+        if isinstance(reference, torch.Tensor):
+            inputs_meta.append({"audio": path.name, "seconds": round(reference.numel() / SAMPLING_RATE, 3)})
+    hf_prompts = [_hf_prompt(hf_processor.tokenizer, text) for text in case.rows()]
+    fms_prompts = [build_prompt(fms_processor.tokenizer, text) for text in case.rows()]
+    if paths:
+        hf_extractor = getattr(hf_processor, "audio_processor", None) or hf_processor.feature_extractor  # 5.x / 4.57
+        hf_features = _attempt(lambda: hf_extractor([a.numpy() for a in hf_audio]))
+        fms_features = _attempt(lambda: fms_processor.feature_extractor(list(fms_audio)))
+        for key, klass in (("input_features", "activation"), ("input_features_mask", "exact"),
+                           ("audio_embed_sizes", "exact")):
+            rows.append((Probe(f"features.{key}", "feature_extractor", "feature_extractor", teacher=(),
+                               tolerance_class=klass), _field(hf_features, key), _field(fms_features, key)))
+    hf_batch = _attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
+                                             return_tensors="pt", padding=True, padding_side="left"))
+    fms_batch = _attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None, padding_side="left"))
+    for key in ("input_ids", "attention_mask"):
+        rows.append((Probe(f"processor.{key}", "processor", "processor", teacher=(), tolerance_class="exact",
+                           note="after <|audio|> expansion, left-padded"), _field(hf_batch, key),
+                     _field(fms_batch, key)))
+    for row, meta in zip(_field(hf_batch, "attention_mask").sum(-1).tolist()
+                         if isinstance(_field(hf_batch, "attention_mask"), torch.Tensor) else [], inputs_meta or
+                         [{} for _ in case.rows()]):
+        meta["tokens"] = int(row)
+    return rows, _model_inputs(hf_batch, models), _model_inputs(fms_batch, models), {"inputs": inputs_meta}
+
+
+def _field(value: Any, key: str) -> Any:
+    if isinstance(value, BaseException):
+        return value
+    got = value.get(key) if hasattr(value, "get") else None
+    if isinstance(got, (list, tuple)):
+        got = torch.tensor(got)
+    return got
+
+
+def _model_inputs(batch: Any, models: Models) -> Any:
+    if isinstance(batch, BaseException):
+        return batch
+    out = {}
+    for key in ("input_ids", "attention_mask", "input_features", "input_features_mask"):
+        if key in batch and batch[key] is not None:
+            value = batch[key]
+            out[key] = value.to(models.device, models.dtype if key == "input_features" else value.dtype)
+    return out
+
+
+def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
+    if floors == "off":
+        return False, "noise floors off (--floors off)"
+    if floors == "on":
+        return True, "HF in float64 (requested)"
+    hf = models.reference()
+    need = 2 * sum(p.numel() for p in hf.parameters()) * 8  # an fp64 copy beside what is loaded
+    free = available_bytes(models.device)
+    if free is not None and need * 1.25 > free:
+        return False, f"noise floors skipped: an fp64 copy needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+    return True, "HF in float64"
+
+
+def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, *, mode: str, floors: str,
+                   detail: bool, overrides) -> Tuple[ParityResult, dict]:
+    hf = models.reference()
+    fms = models.fms_model(case.lora_mode)
+    has_audio = "input_features" in hf_inputs
+    probes = granite_speech_probes(hf.config, detail=detail)
+    if not has_audio:  # text only: the audio modules do not run on either side
+        probes = tuple(p for p in probes if not p.name.startswith(AUDIO_PROBE_PREFIXES))
+    set_hf_adapter(hf, has_audio)  # HF's forward never toggles the adapter; its generate switches it with audio
+
+    def hf_forward(model):
+        return model(**hf_inputs, use_cache=False)
+
+    pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs)), mode=mode,
+                        phases="one", hf_aliases=HF_LAYOUT_ALIASES)
+    masks = {TEXT: text_mask(hf_inputs)}
+    extra = {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "floors": "off"}
+    floor_captures = None
+    wanted, why = _floors_wanted(floors, models)
+    extra["floors"] = why
+    if wanted:
+        hf64 = models.reference64()
+        set_hf_adapter(hf64, has_audio)
+        inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
+        floor_captures = capture_model(hf64, lambda m: m(**inputs64, use_cache=False), probes, side="hf",
+                                       aliases=HF_LAYOUT_ALIASES)
+    result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides, masks=masks,
+                           floors=floor_captures)
+    return result, extra
+
+
+def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides) -> List[Section]:
+    from fms.utils.generation import generate
+
+    from granite_speech.fast_generate import StaticGenerator
+    from granite_speech.model import padding_attn_kwargs
+
+    hf, fms = models.reference(), models.fms_model(case.lora_mode)
+    steps = case.generate
+    has_audio = "input_features" in hf_inputs
+    set_hf_adapter(hf, has_audio)
+    with torch.no_grad():
+        hf_out = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    prompt_len = hf_inputs["input_ids"].size(1)
+    scaling = fms.config.text_config.logits_scaling
+    hf_tokens = hf_out.sequences[:, prompt_len:]
+    hf_logits = [hf_logits_to_fms(step, scaling).to(models.dtype) for step in hf_out.logits]
+
+    eager_logits: List[torch.Tensor] = []
+
+    def keep(position, logits, next_val, kwargs):
+        eager_logits.append(logits[:, -1] if logits.dim() == 3 else logits)
+        return next_val, kwargs
+
+    fms_len = fms_inputs["input_ids"].size(1)
+    attn = padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype)
+    extra_kwargs = {k: v for k, v in fms_inputs.items() if k in ("input_features", "input_features_mask")}
+    with torch.no_grad():
+        eager = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
+                         do_sample=False, use_cache=True, prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
+                         post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+        fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda")
+        audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
+        fast_logits = [fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
+                                    fms_inputs["attention_mask"]).clone()]
+        for _ in range(1, steps):
+            fast_logits.append(fast.decode_step().clone())
+        fast_tokens = fast.tokens(fms_len + steps)[:, fms_len:].clone()
+
+    sections = []
+    for label, tokens, logits in (("eager FMS generate", eager, eager_logits), ("fast path", fast_tokens,
+                                                                                 fast_logits)):
+        rows = []
+        for step in range(steps):
+            rows.append((Probe(f"step.{step}.token", "generate", "generate", teacher=(), tolerance_class="exact"),
+                         hf_tokens[:, step].cpu(), tokens[:, step].cpu() if step < tokens.size(1) else None))
+            rows.append((Probe(f"step.{step}.logits", "generate", "generate", teacher=(), tolerance_class="logits"),
+                         hf_logits[step].cpu(), logits[step].to(models.dtype).cpu() if step < len(logits) else None))
+        result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
+        distinct = len(set(hf_tokens.flatten().tolist()))
+        sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result,
+                         {"new_tokens": steps, "distinct_hf_tokens": distinct,
+                          "rows_differ": bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all())}))
+    return sections
+
+
+def run_pipeline(
+    checkpoint: Union[str, Path],
+    *,
+    cases: Optional[Sequence[Case]] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    mode: str = "teacher_forced",
+    feed: str = "own",
+    floors: str = "auto",
+    detail: bool = True,
+    overrides: Optional[dict] = None,
+    models: Optional[Models] = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Tuple[List[Section], dict]:
+    """Every case through preprocessing, model and generation; returns (report sections, run extras)."""
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
+    if floors not in FLOORS:
+        raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
+    models = models or Models(Path(checkpoint), dtype, torch.device(device))
+    sections: List[Section] = []
+    inputs_meta = []
+    with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
+        for case in cases or default_cases():
+            progress(f"case: {case.name}")
+            rows, hf_inputs, fms_inputs, extra = _preprocess(case, models, Path(tmp))
+            inputs_meta.append({"case": case.name, **extra})
+            pre = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
+            sections.append((f"{case.name} · preprocessing", "preprocessing", pre, {"why": case.why}))
+            if isinstance(hf_inputs, BaseException):
+                continue  # the reference could not even be built: the preprocessing section says why
+            fed = hf_inputs if feed == "hf" or isinstance(fms_inputs, BaseException) else fms_inputs
+            result, model_extra = _model_section(case, models, hf_inputs, fed, mode=mode, floors=floors,
+                                                 detail=detail, overrides=overrides)
+            model_extra["feed"] = "HF preprocessing to both" if fed is hf_inputs else "each side its own"
+            sections.append((f"{case.name} · model", "model", result, model_extra))
+            if case.generate:
+                sections.extend(_generation_sections(case, models, hf_inputs, fed, overrides))
+    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode}
+
+
+def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
+    """sha256 over config.json, adapter_config.json and every safetensors file's name, size and header (the tensor
+    names, dtypes, shapes and offsets): identifies a checkpoint without reading gigabytes of weights."""
+    import hashlib
+    import struct
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        digest.update(f"{path.name}|{path.stat().st_size}|".encode())
+        with open(path, "rb") as handle:
+            if path.suffix == ".safetensors":
+                (length,) = struct.unpack("<Q", handle.read(8))
+                digest.update(handle.read(min(length, 100_000_000)))
+            else:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def compare_report(
+    checkpoint: Union[str, Path],
+    *,
+    seeded: Optional[str] = None,
+    cases: Optional[Sequence[Case]] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    mode: str = "teacher_forced",
+    feed: str = "own",
+    floors: str = "auto",
+    strict: bool = False,
+    overrides: Optional[dict] = None,
+    seed: Optional[int] = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """The `compare` job: every case through the pipeline, one report (JSON-able dict). `seeded` names the fixture
+    variant when the weights are the seeded random fixture rather than a real checkpoint. With `strict`, probes far
+    above their measured noise floor fail the run even inside tolerance."""
+    from parity.report import build_multi_report, run_metadata
+
+    sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
+                                   floors=floors, overrides=overrides, progress=progress)
+    if strict:
+        for _, _, result, _ in sections:
+            result.strict = True
+    meta = run_metadata(
+        device=device, dtype=dtype, seed=seed, checkpoint=str(checkpoint), mode=mode, feed=feed, strict=strict,
+        weights=f"seeded-random ({seeded}, seed {seed})" if seeded else "checkpoint",
+        checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
+        title=f"Granite Speech parity · {Path(checkpoint).name}",
+    )
+    return build_multi_report(sections, meta)
