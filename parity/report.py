@@ -1,22 +1,40 @@
 """Parity reports: the JSON document (source of truth) and renderings of it (self-contained HTML, terminal table).
 
-`build_report(result, meta)` makes the JSON-able dict; every renderer reads only that dict, so a report written on a
-GPU runner can be re-rendered anywhere (`render_html(read_json(path))`). The HTML needs no network and no JavaScript:
-inline CSS, an inline SVG plot, `<details>` for per-probe records; every string from the report is HTML-escaped.
+`build_report(result, meta)` / `build_multi_report(sections, meta)` make the JSON-able dict; every renderer reads only
+that dict, so a report written on a GPU runner can be re-rendered anywhere (`render_html(read_json(path))`). A report
+holds one section per input or pipeline stage (kind preprocessing / model / generation). The HTML is rendered
+through a jinja2 template with autoescape on (every string from the report is escaped); it needs no network and no
+JavaScript: inline CSS, inline SVG plots, `<details>` for folding. Model-agnostic: nothing here imports a model.
+
+Optional probe fields (`noise_floor`, `floor_ratio`, `suspect`, metrics `valid_elements` / `masked_out`, result
+`first_suspect`) are rendered when present and never required, so reports from older harness versions still render.
 """
 
 import html
 import json
 import math
 import platform
+import re
+import subprocess
 import sys
+from dataclasses import fields
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from parity.diff import ParityResult, Status
+from parity.diff import Comparison, Metrics, ParityResult, ProbeResult, Status
+from parity.tolerances import Tolerance
 
-SCHEMA = "granite-speech-parity-report/1"
+SCHEMA = "parity-report/2"
+LEGACY_SCHEMAS = ("granite-speech-parity-report/1",)
+SECTION_KINDS = ("preprocessing", "model", "generation")
+DEFAULT_TITLE = "Parity report"
+_VERDICT_RANK = {"pass": 0, "fail": 1}  # worst section verdict wins; unknown verdicts rank as fail
+
+# (title, kind, result, extra); the result may also be a result dict (`ParityResult.to_dict()` shape, e.g. re-read
+# from JSON or carrying optional fields this harness version does not produce)
+Section = Tuple[str, str, Union[ParityResult, Mapping], Optional[Mapping]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,9 +50,35 @@ def _version(module_name: str) -> Optional[str]:
         return None
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    """HEAD of the checkout this module lives in (with '+dirty' when the tree has changes); None outside git."""
+    root = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:  # noqa: BLE001 - no git binary, timeout: provenance is best effort
+        return None
+
+
 def run_metadata(*, device: Any = "cpu", dtype: Any = "float32", seed: Optional[int] = None,
                  checkpoint: Optional[str] = None, mode: str = "propagated", **extra: Any) -> dict:
-    """Versions, device and run settings for the report header; `extra` keys are added as given (JSON-able)."""
+    """Versions, device, git commit and run settings for the report header; `extra` keys are added as given
+    (JSON-able; the HTML knows `weights`, `checkpoint_sha256`, `inputs` (list of dicts), `title`)."""
     import torch
 
     meta = {
@@ -44,14 +88,17 @@ def run_metadata(*, device: Any = "cpu", dtype: Any = "float32", seed: Optional[
             "torch": torch.__version__,
             "transformers": _version("transformers"),
             "ibm-fms": _version("ibm-fms"),
+            "peft": _version("peft"),
+            "numpy": _version("numpy"),
         },
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda")
-                        else platform.processor() or platform.machine()),
+                        else _cpu_model()),
         "dtype": str(dtype).removeprefix("torch."),
         "seed": seed,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "mode": mode,
+        "git_commit": _git_commit(),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                  "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "argv": list(sys.argv),
@@ -60,38 +107,174 @@ def run_metadata(*, device: Any = "cpu", dtype: Any = "float32", seed: Optional[
     return meta
 
 
-def _brief(probe: Mapping) -> dict:
+def _jfloat(value: Any) -> Any:
+    """A float as JSON allows it: non-finite values as the strings 'nan' / 'inf' / '-inf' (as parity.diff does)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _float(value: Any) -> Optional[float]:
+    """A stored number (float, int or 'nan'/'inf' string) as float; None for None or anything unparseable."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _execution_order(probes: Sequence[Mapping]) -> List[Mapping]:
+    def key(p: Mapping) -> tuple:
+        order = p.get("order")
+        return (order if isinstance(order, (int, float)) else p.get("index", 0), p.get("index", 0))
+
+    return sorted(probes, key=key)
+
+
+def _metrics(probe: Mapping, side: str = "propagated") -> Mapping:
+    return (probe.get(side) or {}).get("metrics") or {}
+
+
+def _brief(probe: Mapping, section: Optional[str] = None) -> dict:
     prop = probe["propagated"]
-    metrics = prop.get("metrics") or {}
-    return {
-        "name": probe["name"], "index": probe["index"], "status": prop["status"], "detail": prop["detail"],
-        "hf_path": probe["hf_path"], "fms_path": probe["fms_path"], "attribution": probe["attribution"],
+    metrics = _metrics(probe)
+    brief = {
+        "name": probe["name"], "index": probe["index"], "status": prop["status"], "detail": prop.get("detail", ""),
+        "hf_path": probe.get("hf_path"), "fms_path": probe.get("fms_path"), "attribution": probe.get("attribution"),
         "max_abs": metrics.get("max_abs"), "min_atol": metrics.get("min_atol"), "tol_ratio": metrics.get("tol_ratio"),
-        "atol": probe["tolerance"]["atol"],
-        "rtol": probe["tolerance"]["rtol"], "worst_index": metrics.get("worst_index"),
+        "atol": probe["tolerance"]["atol"], "rtol": probe["tolerance"]["rtol"],
+        "tolerance_class": probe.get("tolerance_class"), "worst_index": metrics.get("worst_index"),
         "worst_hf": metrics.get("worst_hf"), "worst_fms": metrics.get("worst_fms"),
-        "teacher_status": probe["teacher"]["status"],
+        "teacher_status": (probe.get("teacher") or {}).get("status"),
+        "noise_floor": probe.get("noise_floor"), "floor_ratio": probe.get("floor_ratio"),
+        "suspect": bool(probe.get("suspect")),
+    }
+    if section is not None:
+        brief["section"] = section
+    return brief
+
+
+def _ratio_key(probe: Mapping) -> float:
+    """Sort key for 'worst first': tol_ratio, NaN counted as worst (it means broken numbers), no numbers lowest."""
+    value = _float(_metrics(probe).get("tol_ratio"))
+    if value is None:
+        return -1.0
+    return math.inf if math.isnan(value) else value
+
+
+def _first_suspect(data: Mapping) -> Optional[str]:
+    if data.get("first_suspect"):
+        return data["first_suspect"]
+    return next((p["name"] for p in _execution_order(data["probes"]) if p.get("suspect")), None)
+
+
+def _summary(data: Mapping, section: Optional[str] = None) -> dict:
+    """The summary of one result dict (a section, or a whole one-section report)."""
+    probes = data["probes"]
+    by_name = {p["name"]: p for p in probes}
+    counts: Dict[str, int] = {}
+    for probe in probes:
+        status = probe["propagated"]["status"]
+        counts[status] = counts.get(status, 0) + 1
+    numeric = [p for p in probes if _float(_metrics(p).get("tol_ratio")) is not None]
+    worst = max(numeric, key=_ratio_key) if numeric else None
+    margin = None if worst is None else {
+        "name": worst["name"], "tol_ratio": _metrics(worst)["tol_ratio"], "max_abs": _metrics(worst).get("max_abs"),
+        "status": worst["propagated"]["status"], "tolerance_class": worst.get("tolerance_class")}
+    if margin is not None and section is not None:
+        margin["section"] = section
+
+    def brief(name: Optional[str]) -> Optional[dict]:
+        return _brief(by_name[name], section) if name and name in by_name else None
+
+    gate = all(p["propagated"]["status"] == Status.PASS for p in probes)
+    strict_fail = bool(data.get("strict")) and any(p.get("suspect") for p in probes)  # suspects fail strict runs
+    return {
+        "verdict": "pass" if gate and not strict_fail else "fail",
+        "probes": len(probes),
+        "status_counts": counts,
+        "first_divergence": brief(data.get("first_divergence")),
+        "first_own_error": brief(data.get("first_own_error")),
+        "first_suspect": brief(_first_suspect(data)),
+        "suspects": sum(1 for p in probes if p.get("suspect")),
+        "margin": margin,
     }
 
 
-def build_report(result: ParityResult, meta: Optional[Mapping] = None) -> dict:
-    data = result.to_dict()
-    by_name = {p["name"]: p for p in data["probes"]}
-    tolerances = {}
-    for probe in data["probes"]:
-        tolerances.setdefault(probe["tolerance_class"], probe["tolerance"])
+def _combine(sections: Sequence[Mapping]) -> dict:
+    """Top-level summary: worst verdict, total probes, the firsts of the first section that has one."""
+    counts: Dict[str, int] = {}
+    for section in sections:
+        for status, n in section["summary"]["status_counts"].items():
+            counts[status] = counts.get(status, 0) + n
+    verdicts = [s["summary"]["verdict"] for s in sections] or ["pass"]
+    failing = [s for s in sections if s["summary"]["verdict"] != "pass"]
+
+    def first(key: str, pool: Sequence[Mapping]) -> Optional[dict]:
+        return next((s["summary"][key] for s in pool if s["summary"].get(key)), None)
+
+    margins = [s["summary"]["margin"] for s in sections if s["summary"].get("margin")]
+    return {
+        "verdict": max(verdicts, key=lambda v: _VERDICT_RANK.get(v, 1)),
+        "probes": sum(s["summary"]["probes"] for s in sections),
+        "status_counts": counts,
+        "first_divergence": first("first_divergence", failing),
+        "first_own_error": first("first_own_error", failing) or first("first_own_error", sections),
+        "first_suspect": first("first_suspect", sections),
+        "suspects": sum(s["summary"].get("suspects", 0) for s in sections),
+        "margin": max(margins, key=lambda m: _ratio_key({"propagated": {"metrics": m}})) if margins else None,
+        "sections": len(sections),
+    }
+
+
+def _section(title: str, kind: str, data: Mapping, extra: Optional[Mapping]) -> dict:
+    return {"title": str(title), "kind": kind, "extra": dict(extra or {}), "summary": _summary(data, str(title)),
+            "result": data}
+
+
+def build_multi_report(sections: Sequence[Section], meta: Optional[Mapping] = None) -> dict:
+    """One report over several sections: `sections` is a list of (title, kind, ParityResult, extra dict or None)."""
+    if not sections:
+        raise ValueError("a report needs at least one section")
+    built, titles = [], set()
+    for title, kind, result, extra in sections:
+        if kind not in SECTION_KINDS:
+            raise ValueError(f"section {title!r}: kind must be one of {SECTION_KINDS}, got {kind!r}")
+        if title in titles:  # titles are the keys report diffs match on
+            raise ValueError(f"duplicate section title {title!r}")
+        titles.add(title)
+        built.append(_section(title, kind, result.to_dict() if hasattr(result, "to_dict") else dict(result), extra))
+    tolerances: Dict[str, dict] = {}
+    for section in built:
+        for probe in section["result"]["probes"]:
+            tolerances.setdefault(probe["tolerance_class"], probe["tolerance"])
     return {
         "schema": SCHEMA,
         "meta": {**dict(meta or {}), "tolerances": tolerances},
-        "summary": {
-            "verdict": "pass" if result.passed else "fail",
-            "probes": len(result.probes),
-            "status_counts": result.status_counts(),
-            "first_divergence": _brief(by_name[result.first_divergence]) if result.first_divergence else None,
-            "first_own_error": _brief(by_name[result.first_own_error]) if result.first_own_error else None,
-        },
-        "result": data,
+        "summary": _combine(built),
+        "sections": built,
+        "result": built[0]["result"],  # compatibility: readers of schema 1 look here
     }
+
+
+def build_report(result: Union[ParityResult, Mapping], meta: Optional[Mapping] = None, *, section: str = "model",
+                 kind: str = "model", extra: Optional[Mapping] = None) -> dict:
+    """A one-section report (same shape as `build_multi_report`)."""
+    return build_multi_report([(section, kind, result, extra)], meta)
+
+
+def upgrade(report: Mapping) -> dict:
+    """A schema-1 report (one `result`, no sections) in the schema-2 shape; schema-2 reports are returned as is."""
+    if "sections" in report:
+        return dict(report)
+    data = report["result"]
+    title = (report.get("meta") or {}).get("section", "model")
+    sections = [_section(title, "model", data, {})]
+    summary = {**_combine(sections), **{k: v for k, v in (report.get("summary") or {}).items()
+                                        if k in ("verdict", "probes", "status_counts")}}
+    return {**report, "schema": SCHEMA, "upgraded_from": report.get("schema"), "summary": summary,
+            "sections": sections}
 
 
 def write_json(report: Mapping, path: Union[str, Path]) -> Path:
@@ -102,27 +285,66 @@ def write_json(report: Mapping, path: Union[str, Path]) -> Path:
 
 
 def read_json(path: Union[str, Path]) -> dict:
+    """Load a report; schema-1 reports are accepted and upgraded in memory (sections added)."""
     report = json.loads(Path(path).read_text())
-    if report.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a parity report (schema {report.get('schema')!r}, expected {SCHEMA!r})")
-    return report
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if schema == SCHEMA:
+        return report
+    if schema in LEGACY_SCHEMAS:
+        return upgrade(report)
+    raise ValueError(f"{path} is not a parity report (schema {schema!r}, expected {SCHEMA!r} or one of "
+                     f"{LEGACY_SCHEMAS})")
+
+
+def _known(cls: type, data: Mapping) -> dict:
+    """Only the keys `cls` has fields for: reports from newer harness versions carry optional extra fields."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _result(data: Mapping) -> ParityResult:
+    probes = []
+    for probe in data["probes"]:
+        probe = _known(ProbeResult, probe)
+        probe["tolerance"] = _known(Tolerance, probe["tolerance"])
+        for side in ("propagated", "teacher"):
+            comp = _known(Comparison, probe[side])
+            if comp.get("metrics") is not None:
+                comp["metrics"] = _known(Metrics, comp["metrics"])
+            probe[side] = comp
+        probes.append(probe)
+    return ParityResult.from_dict({**_known(ParityResult, data), "probes": probes})
 
 
 def result_from_report(report: Mapping) -> ParityResult:
-    return ParityResult.from_dict(report["result"])
+    """The first section's result (the only one of a one-section report)."""
+    return _result(upgrade(report)["sections"][0]["result"])
+
+
+def results_from_report(report: Mapping) -> List[Tuple[str, str, ParityResult]]:
+    return [(s["title"], s["kind"], _result(s["result"])) for s in upgrade(report)["sections"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# formatting helpers
+# formatting helpers (also jinja filters)
 
 
 def _num(value: Any, digits: int = 2) -> str:
+    """A number for display; stored non-finite strings and real NaN/inf as NaN / ∞, never a bare 'nan'."""
     if value is None:
         return "–"
-    if isinstance(value, str):  # "inf" / "nan" as stored in JSON
-        return {"inf": "∞", "-inf": "−∞", "nan": "NaN"}.get(value, value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):  # "inf" / "nan" as stored in JSON, or a hand-edited value shown as is
+        return {"inf": "∞", "-inf": "−∞", "nan": "NaN"}.get(value.lower(), value)
     if isinstance(value, int):
         return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
     if value == 0:
         return "0"
     if 1e-3 <= abs(value) < 1e4:
@@ -132,19 +354,53 @@ def _num(value: Any, digits: int = 2) -> str:
 
 def _cos(value: Any) -> str:
     """Cosine near 1 as '1−3.2e-09' (the distance from 1 is what matters)."""
-    if isinstance(value, (int, float)) and 0.999 < value < 1:
+    if isinstance(value, float) and 0.999 < value < 1:
         return f"1−{1 - value:.1e}"
     return _num(value, 4)
 
 
-def _float(value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    return float(value)
+def _pct(value: Any) -> str:
+    """A tolerance ratio as a percentage of the tolerance: 0.0166 -> '1.66%'."""
+    number = _float(value)
+    if number is None:
+        return _num(value)
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "∞"
+    if number == 0:
+        return "0%"
+    return f"{number * 100:.0f}%" if abs(number) >= 1 else f"{number * 100:.3g}%"  # 4059%, not 4.06e+03%
 
 
-def _execution_order(probes: Sequence[Mapping]) -> List[Mapping]:
-    return sorted(probes, key=lambda p: (p["order"] if p["order"] is not None else p["index"], p["index"]))
+def _times(value: Any) -> str:
+    """A floor ratio: 3.2 -> '3.2×'."""
+    number = _float(value)
+    return _num(value) if number is None or not math.isfinite(number) else f"{number:.3g}×"
+
+
+def margin_text(margin: Optional[Mapping], *, with_section: bool = False) -> str:
+    """'worst probe uses 2.3% of its tolerance (decoder.layer.39)'."""
+    if not margin:
+        return "no probe has numbers to measure a margin"
+    where = margin["name"] + (f" in {margin['section']}" if with_section and margin.get("section") else "")
+    ratio = _float(margin.get("tol_ratio"))
+    if ratio is not None and (math.isnan(ratio) or ratio > 1):
+        return f"worst probe is at {_pct(ratio)} of its tolerance ({where}): outside"
+    return f"worst probe uses {_pct(margin.get('tol_ratio'))} of its tolerance ({where})"
+
+
+_LAYER = re.compile(r"^\d+$")
+
+
+def group_key(name: str) -> str:
+    """The probe's layer: its name up to the first numeric segment ('decoder.layer.12.mlp' -> 'decoder.layer.12');
+    names without one group under their component ('encoder.input_linear' -> 'encoder')."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if i and _LAYER.match(part):
+            return ".".join(parts[:i + 1])
+    return parts[0]
 
 
 def _component(name: str) -> str:
@@ -155,378 +411,347 @@ def _component(name: str) -> str:
 # terminal
 
 
-def render_terminal(report: Mapping, *, max_rows: int = 30, context: int = 3, name_width: int = 34) -> str:
-    """Compact fixed-width table for pytest failure output, in execution order: every non-passing probe and the
-    `context` probes before the first one; when all pass, the first `max_rows` probes."""
-    summary, meta = report["summary"], report["meta"]
-    probes = _execution_order(report["result"]["probes"])
+def _row(probe: Mapping, name_width: int, floors: bool, teacher_mode: bool) -> str:
+    m = _metrics(probe)
+    name = probe["name"] if len(probe["name"]) <= name_width else "…" + probe["name"][-(name_width - 1):]
+    line = (f"{probe['index']:>4} {name:<{name_width}} {probe['propagated']['status']:<14} "
+            f"{_pct(m.get('tol_ratio')):>8} {_num(m.get('max_abs')):>9} {_cos(_float(m.get('cosine'))):>9}")
+    if floors:
+        line += f" {_times(probe.get('floor_ratio')):>7}" + (" suspect" if probe.get("suspect") else "        ")
+    if teacher_mode:
+        line += f" {(probe.get('teacher') or {}).get('status', ''):<14} {_pct(_metrics(probe, 'teacher').get('tol_ratio')):>8}"
+    return line + f" {probe.get('attribution', '')}"
+
+
+def _brief_lines(label: str, brief: Optional[Mapping], several: bool) -> List[str]:
+    if not brief:
+        return []
+    section = f" ({brief['section']})" if several and brief.get("section") else ""
+    lines = [f"{label}: #{brief['index']} {brief['name']} [{brief['status']}]{section} "
+             f"err/tol={_num(brief['tol_ratio'])} ({_pct(brief['tol_ratio'])}) max|d|={_num(brief['max_abs'])} "
+             f"needs atol>={_num(brief['min_atol'])} (atol {_num(brief['atol'])}, rtol {_num(brief['rtol'])})"
+             + (f" floor ratio {_times(brief.get('floor_ratio'))}" if brief.get("floor_ratio") is not None else "")
+             + f"; cause: {brief['attribution']}"]
+    if brief.get("worst_index") is not None:
+        lines.append(f"    largest |d| at {brief['worst_index']}: HF {_num(brief['worst_hf'], 5)} "
+                     f"FMS {_num(brief['worst_fms'], 5)}")
+    if brief["status"] not in (Status.FAIL, Status.PASS):
+        lines.append(f"    {brief['detail']}")
+    return lines
+
+
+def render_terminal(report: Mapping, *, max_rows: int = 15, max_failing: int = 40, name_width: int = 34,
+                    context: Optional[int] = None) -> str:
+    """Text for pytest failure output: a verdict line with the margin, the firsts, then per section the `max_rows`
+    worst probes by error/tolerance and every other non-passing probe (at most `max_failing`). `context` is
+    accepted for callers of the old signature and ignored (worst-first needs no context rows)."""
+    report = upgrade(report)
+    summary, meta, sections = report["summary"], report.get("meta") or {}, report["sections"]
+    several = len(sections) > 1
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["status_counts"].items()))
+    first = summary.get("first_divergence")
     lines = [
-        f"PARITY {summary['verdict'].upper()}  {summary['probes']} probes: {counts}  "
-        f"(mode={meta.get('mode')}, dtype={meta.get('dtype')}, device={meta.get('device')})"
+        f"PARITY {str(summary['verdict']).upper()}  {margin_text(summary.get('margin'), with_section=several)}; "
+        f"first divergence: {first['name'] if first else 'none'}",
+        f"  {summary['probes']} probes: {counts}" + (f" in {len(sections)} sections" if several else "")
+        + f"  (mode={meta.get('mode')}, dtype={meta.get('dtype')}, device={meta.get('device')})",
     ]
-    for label, key in (("first divergence", "first_divergence"), ("first own error", "first_own_error")):
-        brief = summary.get(key)
-        if brief:
-            lines.append(
-                f"{label}: #{brief['index']} {brief['name']} [{brief['status']}] err/tol={_num(brief['tol_ratio'])} "
-                f"max|d|={_num(brief['max_abs'])} "
-                f"needs atol>={_num(brief['min_atol'])} (atol {_num(brief['atol'])}, rtol {_num(brief['rtol'])}); "
-                f"cause: {brief['attribution']}"
-            )
-            if brief["worst_index"] is not None:
-                lines.append(f"    worst element {brief['worst_index']}: HF {_num(brief['worst_hf'], 5)} "
-                             f"FMS {_num(brief['worst_fms'], 5)}")
-            if brief["status"] != Status.FAIL:
-                lines.append(f"    {brief['detail']}")
-    teacher_mode = report["result"].get("mode") == "teacher_forced"
-    header = (f"{'#':>4} {'probe':<{name_width}} {'status':<14} {'err/tol':>9} {'max|d|':>9} {'atol need':>9} "
-              f"{'cosine':>9} {'SQNR dB':>8}" + (f" {'TF status':<14} {'TF er/tol':>9} cause" if teacher_mode else ""))
-    lines += [header, "-" * len(header)]
-    failing = [i for i, p in enumerate(probes) if p["propagated"]["status"] != Status.PASS]
-    if failing:  # every failing probe, plus the passing probes just before the first one (context)
-        shown = set(failing) | set(range(max(failing[0] - context, 0), failing[0]))
-    else:
-        shown = set(range(min(max_rows, len(probes))))
-    hidden = 0
-    for position, probe in enumerate(probes):
-        if position not in shown:
-            hidden += 1
-            continue
-        prop, teach = probe["propagated"], probe["teacher"]
-        m, tm = prop.get("metrics") or {}, teach.get("metrics") or {}
-        name = probe["name"] if len(probe["name"]) <= name_width else "…" + probe["name"][-(name_width - 1):]
-        lines.append(
-            f"{probe['index']:>4} {name:<{name_width}} {prop['status']:<14} {_num(m.get('tol_ratio')):>9} "
-            f"{_num(m.get('max_abs')):>9} {_num(m.get('min_atol')):>9} {_cos(m.get('cosine')):>9} "
-            f"{_num(m.get('sqnr_db'), 1):>8}"
-            + (f" {teach['status']:<14} {_num(tm.get('tol_ratio')):>9} {probe['attribution']}" if teacher_mode else "")
-        )
-    if hidden:
-        lines.append(f"     ... {hidden} passing probe(s) not shown (full table in the HTML/JSON report)")
+    lines += _brief_lines("first divergence", first, several)
+    lines += _brief_lines("first own error", summary.get("first_own_error"), several)
+    lines += _brief_lines("first suspect", summary.get("first_suspect"), several)
+    for section in sections:
+        data, ssum = section["result"], section["summary"]
+        probes = data["probes"]
+        floors = any(p.get("floor_ratio") is not None or p.get("suspect") for p in probes)
+        teacher_mode = data.get("mode") == "teacher_forced"
+        if several:
+            lines.append(f"== {section['title']} ({section['kind']}): {str(ssum['verdict']).upper()}, "
+                         f"{ssum['probes']} probes; {margin_text(ssum.get('margin'))}")
+        header = (f"{'#':>4} {'probe':<{name_width}} {'status':<14} {'err/tol':>8} {'max|d|':>9} {'cosine':>9}"
+                  + (f" {'floor×':>7} {'':7}" if floors else "")
+                  + (f" {'TF status':<14} {'TF e/tol':>8}" if teacher_mode else "") + " cause")
+        worst = sorted((p for p in probes if _ratio_key(p) > 0), key=_ratio_key, reverse=True)[:max_rows]
+        shown = {p["name"] for p in worst}
+        lines.append(f"worst {len(worst)} of {len(probes)} probes by error/tolerance:" if worst
+                     else f"all {len(probes)} probes match exactly (or have no numbers)")
+        if worst:
+            lines += [header, "-" * len(header)] + [_row(p, name_width, floors, teacher_mode) for p in worst]
+        failing = [p for p in _execution_order(probes)
+                   if p["propagated"]["status"] != Status.PASS and p["name"] not in shown]
+        if failing:
+            lines.append(f"other non-passing probes ({len(failing)}), execution order:")
+            lines += [_row(p, name_width, floors, teacher_mode) for p in failing[:max_failing]]
+            if len(failing) > max_failing:
+                lines.append(f"     ... {len(failing) - max_failing} more non-passing probe(s) (see the HTML/JSON report)")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HTML
-
-_e = html.escape
-
-_CSS = """
-:root { --pass:#1a7f37; --fail:#cf222e; --warn:#9a6700; --muted:#59636e; --line:#d1d9e0; --bg:#f6f8fa; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color:#1f2328; margin:0; background:#fff; }
-main { max-width: 1360px; margin: 0 auto; padding: 24px 28px 60px; }
-h1 { font-size: 22px; margin: 0 0 4px; display:flex; align-items:center; gap:12px; }
-h2 { font-size: 17px; margin: 30px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-.sub { color: var(--muted); margin: 0 0 18px; }
-code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; }
-.badge { display:inline-block; padding: 2px 10px; border-radius: 999px; color:#fff; font-size: 13px; font-weight:600; }
-.badge.pass { background: var(--pass); } .badge.fail { background: var(--fail); }
-.chip { display:inline-block; padding: 0 7px; border-radius: 4px; font-size: 12px; font-weight:600; white-space:nowrap;
-        border:1px solid transparent; }
-.s-pass { color: var(--pass); background:#dafbe1; border-color:#aceebb; }
-.s-fail, .s-nonfinite, .s-shape_mismatch, .s-missing, .s-capture_error, .s-dtype_mismatch
-        { color: var(--fail); background:#ffebe9; border-color:#ffcecb; }
-.s-dtype_mismatch, .s-capture_error { color: var(--warn); background:#fff8c5; border-color:#f5e0a0; }
-.s-not_applicable, .s-not_run { color: var(--muted); background: var(--bg); border-color: var(--line); }
-.cards { display:grid; grid-template-columns: repeat(auto-fit, minmax(330px, 1fr)); gap: 14px; }
-.card { border:1px solid var(--line); border-radius: 8px; padding: 14px 16px; background:#fff; }
-.card.alert { border-color:#ff8182; background:#fff5f5; }
-.card.ok { border-color:#aceebb; background:#f4fdf6; }
-.card h3 { margin:0 0 8px; font-size: 15px; }
-.card .big { font-size: 18px; font-weight: 600; word-break: break-all; }
-.kv { display:grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 8px 0 0; }
-.kv dt { color: var(--muted); } .kv dd { margin:0; word-break: break-word; }
-.counts { display:flex; flex-wrap:wrap; gap:8px; margin: 12px 0 0; }
-table { border-collapse: collapse; width: 100%; }
-table.probes { font-size: 12.5px; }
-th, td { padding: 3px 6px; border-bottom: 1px solid #eaeef2; text-align: right; white-space: nowrap; }
-th { position: sticky; top: 0; background: var(--bg); font-weight: 600; font-size: 12.5px;
-     border-bottom: 1px solid var(--line); }
-td.l, th.l { text-align: left; }
-tr.bad td { background: #fff5f5; }
-tr.first td { background: #ffebe9; font-weight: 600; }
-tr.sep td { background: var(--bg); color: var(--muted); font-weight:600; text-align:left; font-size:12px; }
-.tablewrap { max-height: 720px; overflow: auto; border:1px solid var(--line); border-radius: 8px; }
-a { color: #0969da; text-decoration: none; } a:hover { text-decoration: underline; }
-details { border:1px solid var(--line); border-radius:6px; margin: 6px 0; background:#fff; }
-details[open] { background: #fcfdfe; }
-details > summary { cursor: pointer; padding: 6px 10px; list-style-position: inside; }
-details > div { padding: 4px 14px 12px; }
-.plot { border:1px solid var(--line); border-radius: 8px; padding: 8px; overflow-x:auto; }
-.legend { color: var(--muted); font-size: 12.5px; margin: 6px 4px 0; }
-.meta td, .meta th { text-align:left; white-space: normal; }
-.note { color: var(--muted); }
-.cmp { display:grid; grid-template-columns: 1fr 1fr; gap: 0 28px; } h4 { margin: 12px 0 2px; font-size: 13.5px; }
-.c-own { color: var(--fail); font-weight: 600; } .c-inherited { color: var(--warn); }
-.c-ok, .c-unknown { color: var(--muted); }
-"""
+# HTML: the view model (plain dicts and numbers) the template renders; all escaping happens in the template
 
 
-def _chip(status: str) -> str:
-    return f'<span class="chip s-{_e(status)}">{_e(status)}</span>'
+@lru_cache(maxsize=1)
+def template_environment():
+    """The jinja2 environment for the report templates: autoescape on for everything, and every value goes through
+    `html.escape` (quotes included) so no interpolation can produce markup."""
+    import jinja2
+    from markupsafe import Markup
+
+    def finalize(value: Any) -> Any:
+        if isinstance(value, Markup):  # only jinja's own macro output is Markup; it was escaped when built
+            return value
+        return Markup(html.escape("–" if value is None else str(value), quote=True))  # None reads as a dash
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                             autoescape=True, finalize=finalize, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=_num, cos=lambda v: _cos(_float(v) if isinstance(v, str) else v), pct=_pct, times=_times,
+                       tojson_text=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False),
+                       kvtext=lambda v: " · ".join(f"{k} {_num(x)}" for k, x in v.items()) if isinstance(v, Mapping)
+                       else json.dumps(v, ensure_ascii=False))
+    return env
 
 
-def _kv(pairs: Sequence[tuple]) -> str:
-    rows = "".join(f"<dt>{_e(str(k))}</dt><dd>{v}</dd>" for k, v in pairs)
-    return f'<dl class="kv">{rows}</dl>'
+_PLOT_W, _PLOT_H = 900, 400
+_LEFT, _RIGHT, _TOP, _BOTTOM = 62, 14, 32, 116  # _BOTTOM: the zero lane, labels and legend below the plot
+_CHAR = 7.6  # estimated width of one label character in viewBox units (13 px sans-serif)
 
 
-def _brief_card(title: str, brief: Optional[Mapping], empty: str, teacher_mode: bool) -> str:
-    if not brief:
-        return f'<div class="card ok"><h3>{_e(title)}</h3><div class="big">{_e(empty)}</div></div>'
-    cause = {"own": "own error (still wrong when fed HF inputs)", "inherited": "inherited (correct when fed HF inputs)",
-             "unknown": "unknown (no teacher-forced verdict)", "ok": "ok"}.get(brief["attribution"], brief["attribution"])
-    pairs = [
-        ("status", _chip(brief["status"])),
-        ("HF module", f"<code>{_e(brief['hf_path'] or '<model>')}</code>"),
-        ("FMS module", f"<code>{_e(brief['fms_path'] or '<model>')}</code>"),
-        ("error / tolerance", _e(_num(brief["tol_ratio"])) + " <span class='note'>(worst element; ≤ 1 passes)</span>"),
-        ("max |Δ|", _e(_num(brief["max_abs"]))),
-        ("atol needed", f"{_e(_num(brief['min_atol']))} <span class='note'>(table: atol {_e(_num(brief['atol']))}, "
-                        f"rtol {_e(_num(brief['rtol']))})</span>"),
-    ]
-    if brief["worst_index"] is not None:
-        pairs.append(("worst element", f"<code>{_e(str(brief['worst_index']))}</code>: HF {_e(_num(brief['worst_hf'], 5))}"
-                                       f" · FMS {_e(_num(brief['worst_fms'], 5))}"))
-    if teacher_mode:
-        pairs.append(("cause", _e(cause)))
-    pairs.append(("detail", f"<span class='note'>{_e(brief['detail'])}</span>"))
-    link = f'<a href="#probe-{brief["index"]}">#{brief["index"]} {_e(brief["name"])}</a>'
-    return f'<div class="card alert"><h3>{_e(title)}</h3><div class="big">{link}</div>{_kv(pairs)}</div>'
+def _scale(probe: Mapping) -> Optional[float]:
+    """The tolerance bound at the largest-|Δ| element (atol + rtol |HF|): converts a noise floor into tolerance units."""
+    tol, m = probe["tolerance"], _metrics(probe)
+    ref = _float(m.get("worst_hf"))
+    bound = (_float(tol.get("atol")) or 0.0) + (_float(tol.get("rtol")) or 0.0) * abs(ref if ref is not None else 0.0)
+    return bound if bound > 0 and math.isfinite(bound) else None
 
 
-def _ratio(comp: Mapping) -> Optional[float]:
-    value = _float((comp.get("metrics") or {}).get("tol_ratio"))
-    return value if value is not None and not math.isnan(value) else None
-
-
-def _svg_plot(probes: Sequence[Mapping], width: int = 1240, height: int = 330) -> str:
-    """Error relative to the tolerance bound per probe, log scale, in execution order: max |fms - hf| / (atol +
-    rtol |hf| + ulps ulp) at the worst element. The dashed line at 1 is the tolerance: above it a probe fails.
-    Teacher-forced (own error) values as diamonds; exact matches (0) in a lane under the axis."""
-    left, right, top, bottom = 78, 16, 26, 62
-    n = len(probes)
-    plot_w, plot_h = width - left - right, height - top - bottom
-    values = [v for p in probes for v in (_ratio(p["propagated"]), _ratio(p["teacher"])) if v and math.isfinite(v)]
-    lo = math.floor(math.log10(min(values))) if values else -6
-    hi = math.ceil(math.log10(max(values))) if values else 1
-    lo, hi = min(lo, -1), max(hi, 1)  # the tolerance line (1e0) is always inside the plot
-    floor_y = top + plot_h + 14  # exact matches (0) sit in a lane below the log axis
-
-    def x(i: int) -> float:
-        return left + plot_w * (i + 0.5) / max(n, 1)
-
-    def y(v: float) -> float:
-        if v <= 0:
-            return floor_y
-        if not math.isfinite(v):
-            return top
-        v = min(max(math.log10(v), lo), hi)
-        return top + plot_h * (hi - v) / (hi - lo)
-
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           'aria-label="error relative to tolerance per probe" font-family="Helvetica, Arial, sans-serif" font-size="11">']
-    start, bands = 0, []
-    for i in range(1, n + 1):
-        if i == n or _component(probes[i]["name"]) != _component(probes[start]["name"]):
-            bands.append((start, i, _component(probes[start]["name"])))
-            start = i
-    for k, (s, t, label) in enumerate(bands):
-        x0, x1 = left + plot_w * s / n, left + plot_w * t / n
-        shade = ("#f6f8fa", "#ffffff")[k % 2]
-        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{plot_h}" fill="{shade}"/>')
-        if x1 - x0 >= 7 * len(label):  # skip labels that would not fit their band
-            out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top - 8}" text-anchor="middle" fill="#59636e">{_e(label)}</text>')
-    step = max(1, math.ceil((hi - lo) / 10))
-    for d in range(lo, hi + 1, step):
-        gy = y(10.0 ** d)
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{gy:.1f}" y2="{gy:.1f}" stroke="#d1d9e0" stroke-width="0.7"/>')
-        out.append(f'<text x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end" fill="#59636e">1e{d}</text>')
-    out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{floor_y:.1f}" y2="{floor_y:.1f}" stroke="#d1d9e0" '
-               'stroke-width="0.7" stroke-dasharray="2 3"/>')
-    out.append(f'<text x="{left - 6}" y="{floor_y + 4:.1f}" text-anchor="end" fill="#59636e">0 (exact)</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
-    one = y(1.0)
-    out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{one:.1f}" y2="{one:.1f}" stroke="#cf222e" '
-               'stroke-width="1.4" stroke-dasharray="6 4"/>')
-    out.append(f'<text x="{left + 4}" y="{one - 5:.1f}" fill="#cf222e">tolerance</text>')
-    line = []
-    for i, p in enumerate(probes):
-        v = _ratio(p["propagated"])
-        if v is not None:
-            line.append(f"{'M' if not line else 'L'}{x(i):.1f},{y(v):.1f}")
-    if line:
-        out.append(f'<path d="{" ".join(line)}" fill="none" stroke="#0969da" stroke-width="1.2" opacity="0.6"/>')
-    r = 3.2 if n <= 80 else 2.4
-    for i, p in enumerate(probes):
-        prop, teach = p["propagated"], p["teacher"]
-        m, tm = prop.get("metrics") or {}, teach.get("metrics") or {}
-        tip = (f"#{p['index']} {p['name']} [{prop['status']}] err/tol {_num(m.get('tol_ratio'))}, max|Δ| "
-               f"{_num(m.get('max_abs'))}, atol needed {_num(m.get('min_atol'))}; teacher-forced {teach['status']} "
-               f"err/tol {_num(tm.get('tol_ratio'))}")
-        v = _ratio(prop)
-        if v is None:
-            if prop["status"] != Status.PASS:  # no numbers: structural problem, mark it at the top
-                out.append(f'<g><title>{_e(tip)}</title><text x="{x(i):.1f}" y="{top + 12}" text-anchor="middle" '
-                           f'fill="#cf222e" font-size="14" font-weight="bold">×</text></g>')
+def _layer_groups(probes: Sequence[Mapping]) -> List[Tuple[str, int, int]]:
+    """Contiguous runs of probes (execution order) with the same group key: (key, start, stop)."""
+    runs: List[Tuple[str, int, int]] = []
+    for i, probe in enumerate(probes):
+        key = group_key(probe["name"])
+        if runs and runs[-1][0] == key:
+            runs[-1] = (key, runs[-1][1], i + 1)
         else:
-            color = "#1a7f37" if prop["status"] == Status.PASS else "#cf222e"
-            out.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{r}" fill="{color}"><title>{_e(tip)}</title></circle>')
-        tv = _ratio(teach)
-        if tv is not None:
-            cx, cy, size = x(i), y(tv), r + 0.8
-            out.append(f'<path d="M{cx:.1f},{cy - size:.1f} L{cx + size:.1f},{cy:.1f} L{cx:.1f},{cy + size:.1f} '
-                       f'L{cx - size:.1f},{cy:.1f} Z" fill="none" stroke="#bc4c00" stroke-width="1.2">'
-                       f'<title>{_e(tip)}</title></path>')
-    tick_every = max(1, math.ceil(n / 24))
-    for i in range(0, n, tick_every):
-        out.append(f'<text x="{x(i):.1f}" y="{floor_y + 22:.1f}" text-anchor="middle" fill="#59636e">{i}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" fill="#1f2328">'
-               'probe (execution order)</text>')
-    out.append(f'<text x="16" y="{top + plot_h / 2:.1f}" text-anchor="middle" fill="#1f2328" '
-               f'transform="rotate(-90 16 {top + plot_h / 2:.1f})">max |Δ| / allowed</text>')
-    out.append("</svg>")
-    return "".join(out)
+            runs.append((key, i, i + 1))
+    return runs
 
 
-_COLUMNS = ("#", "probe", "status", "err/tol", "max |Δ|", "mean |Δ|", "max rel", "cosine", "SQNR dB", "outside",
-            "atol need", "atol / rtol", "TF status", "TF err/tol", "TF atol need", "cause")
-_LEFT = (1, 2, 12, 15)  # left-aligned columns
-_TEACHER_COLUMNS = (12, 13, 14, 15)  # shown only for teacher-forced runs
+def _legend(items: Sequence[Tuple[str, str]], top: float) -> List[dict]:
+    """Legend entries laid out in rows from `top` (widths estimated from the label length)."""
+    out, x, row = [], _LEFT, 0
+    for label, shape in items:
+        width = 34 + 8 * len(label)
+        if x + width > _PLOT_W - _RIGHT:
+            x, row = _LEFT, row + 1
+        out.append({"label": label, "shape": shape, "x": x, "y": top + 20 * row})
+        x += width
+    return out
 
 
-def _row(p: Mapping, first: Optional[str], teacher_mode: bool) -> str:
-    prop, teach = p["propagated"], p["teacher"]
-    m, tm, tol = prop.get("metrics") or {}, teach.get("metrics") or {}, p["tolerance"]
-    classes = "first" if p["name"] == first else ("bad" if prop["status"] != Status.PASS else "")
-    outside = "–" if not m else f"{m['outside_fraction'] * 100:.3g}%"
-    cells = [
-        str(p["index"]),
-        f'<a href="#probe-{p["index"]}" class="mono">{_e(p["name"])}</a>',
-        _chip(prop["status"]),
-        _e(_num(m.get("tol_ratio"))), _e(_num(m.get("max_abs"))), _e(_num(m.get("mean_abs"))), _e(_num(m.get("max_rel"))),
-        _e(_cos(m.get("cosine"))), _e(_num(m.get("sqnr_db"), 1)), _e(outside), _e(_num(m.get("min_atol"))),
-        _e(f"{_num(tol['atol'])} / {_num(tol['rtol'])}" + (f" +{_num(tol['ulps'])}ulp" if tol.get("ulps") else "")),
-        _chip(teach["status"]), _e(_num(tm.get("tol_ratio"))), _e(_num(tm.get("min_atol"))),
-        f'<span class="c-{_e(p["attribution"])}">{_e(p["attribution"])}</span>',
-    ]
-    tds = "".join(f'<td class="{"l" if k in _LEFT else ""}">{c}</td>' for k, c in enumerate(cells)
-                  if teacher_mode or k not in _TEACHER_COLUMNS)
-    return f'<tr class="{classes}">{tds}</tr>'
-
-
-def _comparison_block(label: str, comp: Mapping) -> str:
-    m = comp.get("metrics") or {}
-    pairs = [("status", _chip(comp["status"])), ("detail", _e(comp.get("detail") or "–"))]
-    if comp.get("hf_shape") is not None:
-        pairs.append(("shape / dtype", _e(f"HF {comp['hf_shape']} {comp['hf_dtype']} · FMS {comp['fms_shape']} "
-                                          f"{comp['fms_dtype']}")))
-    if m:
-        pairs += [
-            ("max |Δ| · mean |Δ|", _e(f"{_num(m['max_abs'])} · {_num(m['mean_abs'])}")),
-            ("max rel · cosine · SQNR", _e(f"{_num(m['max_rel'])} · {_cos(m['cosine'])} · {_num(m['sqnr_db'], 1)} dB")),
-            ("outside tolerance", _e(f"{m['outside_count']} of {m['numel']} ({m['outside_fraction'] * 100:.3g}%)")),
-            ("error / tolerance", _e(_num(m["tol_ratio"]))),
-            ("atol needed", _e(_num(m["min_atol"]))),
-            ("worst element", _e(f"{m['worst_index']}: HF {_num(m['worst_hf'], 6)} · FMS {_num(m['worst_fms'], 6)}")),
-            ("|HF| max", _e(_num(m["ref_absmax"]))),
-        ]
-        if m.get("nonfinite_hf") or m.get("nonfinite_fms"):
-            pairs.append(("NaN/Inf", _e(f"HF {m['nonfinite_hf']} · FMS {m['nonfinite_fms']}")))
-    return f"<h4>{_e(label)}</h4>{_kv(pairs)}"
-
-
-def _probe_details(p: Mapping, first: Optional[str]) -> str:
-    tol = p["tolerance"]
-    pairs = [
-        ("HF", f"<code>{_e(p['hf_path'] or '<model>')}</code> take <code>{_e(p['hf_take'])}</code> adapter "
-               f"<code>{_e(p['hf_adapter'])}</code> · calls {p['calls_hf']}"),
-        ("FMS", f"<code>{_e(p['fms_path'] or '<model>')}</code> take <code>{_e(p['fms_take'])}</code> adapter "
-                f"<code>{_e(p['fms_adapter'])}</code> · calls {p['calls_fms']}"),
-        ("tolerance", _e(f"{p['tolerance_class']}: atol {tol['atol']:g}, rtol {tol['rtol']:g}, ulps {tol['ulps']:g}, "
-                         f"allowed outside {tol['max_outside_fraction']:g} ({tol.get('why', '')})")),
-        ("execution rank", _e(str(p["order"]))),
-    ]
-    if p.get("note"):
-        pairs.append(("note", f"<span class='note'>{_e(p['note'])}</span>"))
-    if p["teacher"]["status"] == Status.NOT_RUN:
-        body = _kv(pairs) + _comparison_block("propagated", p["propagated"])
-    else:
-        body = _kv(pairs) + ('<div class="cmp"><div>' + _comparison_block("propagated", p["propagated"]) + "</div><div>"
-                             + _comparison_block("teacher-forced (own error)", p["teacher"]) + "</div></div>")
-    is_open = " open" if p["name"] == first else ""
-    summary = (f'{_chip(p["propagated"]["status"])} <span class="mono">#{p["index"]} {_e(p["name"])}</span> '
-               f'<span class="note">cause: {_e(p["attribution"])}</span>')
-    return f'<details id="probe-{p["index"]}"{is_open}><summary>{summary}</summary><div>{body}</div></details>'
-
-
-def _meta_table(meta: Mapping) -> str:
-    rows = []
-    for key, value in meta.items():
-        if key == "tolerances":
-            continue
-        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-        rows.append(f"<tr><th>{_e(str(key))}</th><td class='mono'>{_e(text)}</td></tr>")
-    for cls, tol in (meta.get("tolerances") or {}).items():
-        rows.append(f"<tr><th>tolerance: {_e(cls)}</th><td class='mono'>{_e(json.dumps(tol, sort_keys=True))}</td></tr>")
-    return f'<table class="meta">{"".join(rows)}</table>'
-
-
-def render_html(report: Mapping, *, title: str = "Granite Speech parity report") -> str:
-    meta, summary = report["meta"], report["summary"]
-    result = report["result"]
-    probes = _execution_order(result["probes"])
-    first = result.get("first_divergence")
-    teacher_mode = result.get("mode") == "teacher_forced"
-    verdict = summary["verdict"]
-    versions = meta.get("versions") or {}
-    subtitle = " · ".join(_e(f"{k} {v}") for k, v in (
-        ("mode", meta.get("mode", result.get("mode"))), ("dtype", meta.get("dtype")), ("device", meta.get("device")),
-        ("seed", meta.get("seed")), ("checkpoint", meta.get("checkpoint")), ("torch", versions.get("torch")),
-        ("transformers", versions.get("transformers")), ("ibm-fms", versions.get("ibm-fms"))) if v is not None)
-    counts = "".join(f'<span>{_chip(s)} {n}</span>' for s, n in sorted(summary["status_counts"].items()))
-    cards = [_brief_card("First divergence (execution order)", summary.get("first_divergence"),
-                         "none: every probe is within tolerance", teacher_mode)]
-    if teacher_mode:
-        cards.append(_brief_card("First module with its own error (teacher-forced)", summary.get("first_own_error"),
-                                 "none: every module matches when fed HF inputs", teacher_mode))
-    rows, previous = [], None
+def _plot(probes: Sequence[Mapping], summary: Mapping, teacher_mode: bool, *,
+          grid_label: Optional[Callable[[int], str]] = None, y_title: str = "error / tolerance (log scale)",
+          names: Optional[Mapping[str, str]] = None) -> dict:
+    """Geometry of the error-vs-depth plot (viewBox units): log10 error/tolerance per probe in execution order.
+    `grid_label(decade)` labels the y grid, `names` renames legend entries (the report diff plots growth factors)."""
+    names = {"pass": "pass", "fail": "fail", "layer max": "layer max", "tolerance": "tolerance", **(names or {})}
+    n = max(len(probes), 1)
+    plot_w, plot_h = _PLOT_W - _LEFT - _RIGHT, _PLOT_H - _TOP - _BOTTOM
+    ratios = [_float(_metrics(p).get("tol_ratio")) for p in probes]
+    teacher = [_float(_metrics(p, "teacher").get("tol_ratio")) for p in probes]
+    floors = []
     for p in probes:
-        component = _component(p["name"])
-        if component != previous:
-            rows.append(f'<tr class="sep"><td colspan="{len(_COLUMNS)}">{_e(component)}</td></tr>')  # colspan may exceed
-            previous = component
-        rows.append(_row(p, first, teacher_mode))
-    head = "".join(f'<th class="{"l" if k in _LEFT else ""}">{_e(c)}</th>' for k, c in enumerate(_COLUMNS)
-                   if teacher_mode or k not in _TEACHER_COLUMNS)
-    legend = ("Blue line / circles: propagated error relative to the tolerance bound atol + rtol·|HF| (+ ulps), at the "
-              "worst element (green pass, red fail); above the dashed line = outside tolerance. Orange diamonds: the "
-              "same for the teacher-forced re-run (the module's own error). × at the top: no numbers (missing, shape "
-              "or capture problem). Hover a point for its numbers.")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{_CSS}</style></head>
-<body><main>
-<h1>{_e(title)} <span class="badge {_e(verdict)}">{_e(verdict.upper())}</span></h1>
-<p class="sub">{subtitle}</p>
-<div class="cards">{''.join(cards)}</div>
-<div class="counts">{summary['probes']} probes: {counts}</div>
-<h2>Error vs depth</h2>
-<div class="plot">{_svg_plot(probes)}<p class="legend">{_e(legend)}</p></div>
-<h2>All probes</h2>
-<div class="tablewrap"><table class="probes"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>
-<h2>Per-probe records</h2>
-{''.join(_probe_details(p, first) for p in probes)}
-<h2>Run</h2>
-{_meta_table(meta)}
-</main></body></html>
-"""
+        floor, scale = _float(p.get("noise_floor")), _scale(p)
+        floors.append(None if floor is None or scale is None else floor / scale)
+    finite = [v for v in ratios + teacher + floors if v is not None and math.isfinite(v) and v > 0]
+    lo = max(math.floor(math.log10(min(finite))), -15) if finite else -6
+    hi = math.ceil(math.log10(max(finite))) if finite else 1
+    lo, hi = min(lo, -1), max(hi, 1)  # the tolerance line (1e0) is always inside the plot
+    lane = _TOP + plot_h + 14  # exact matches (0) sit in a lane below the log axis
+
+    def x(i: float) -> float:
+        return round(_LEFT + plot_w * (i + 0.5) / n, 2)
+
+    def y(v: Optional[float]) -> float:
+        if v is None or math.isnan(v) or math.isinf(v):
+            return _TOP + 6  # no usable number: top edge (markers say why)
+        if v <= 0:
+            return lane
+        return round(_TOP + plot_h * (hi - min(max(math.log10(v), lo), hi)) / (hi - lo), 2)
+
+    points = []
+    for i, (p, v) in enumerate(zip(probes, ratios)):
+        m = _metrics(p)
+        status = p["propagated"]["status"]
+        kind = ("none" if v is None else "nan" if math.isnan(v) else "inf" if math.isinf(v)
+                else "fail" if status != Status.PASS else "pass")
+        if kind == "none" and status == Status.PASS:
+            continue
+        tip = (f"#{p['index']} {p['name']} [{status}] {_pct(m.get('tol_ratio'))} of tolerance, max|Δ| "
+               f"{_num(m.get('max_abs'))}" + (f", {_times(p.get('floor_ratio'))} noise floor"
+                                               if p.get("floor_ratio") is not None else ""))
+        points.append({"x": x(i), "y": y(v), "kind": kind, "tip": tip})
+    teacher_points = [{"x": x(i), "y": y(v)} for i, v in enumerate(teacher) if teacher_mode and v is not None]
+    floor_path = " ".join(f"{'M' if i == 0 or floors[i - 1] is None else 'L'}{x(i)},{y(v)}"
+                          for i, v in enumerate(floors) if v is not None and v > 0)
+    groups = _layer_groups(probes)
+    envelope = []
+    for key, start, stop in groups:
+        values = [v for v in ratios[start:stop] if v is not None and math.isfinite(v)]
+        if values and max(values) > 0:
+            top = y(max(values))
+            envelope.append(f"M{round(_LEFT + plot_w * start / n, 2)},{top} H{round(_LEFT + plot_w * stop / n, 2)}")
+    # x ticks at every group start; labels where they fit: component starts first, then layers in between
+    ticks, candidates = [], []
+    for k, (key, start, stop) in enumerate(groups):
+        gx = round(_LEFT + plot_w * start / n, 2)
+        new_component = k == 0 or _component(key) != _component(groups[k - 1][0])
+        ticks.append({"x": gx, "major": new_component})
+        parts = key.split(".")
+        if new_component:  # component starts carry the component's name (projector, decoder)
+            text = parts[0]
+        elif len(parts) > 1:  # layers: block.4, layer.12
+            text = ".".join(parts[-2:])
+        else:  # a component's own probe between its layers (encoder.ctc_mid -> ctc_mid)
+            text = probes[start]["name"].split(".", 1)[-1]
+        candidates.append({"x": gx, "text": text, "major": new_component})
+    # layer labels at a round stride (every 1, 2, 4, 5, 10... layers) chosen per component so they do not collide
+    stride: Dict[str, int] = {}
+    for comp in dict.fromkeys(_component(key) for key, _, _ in groups):
+        layered = [(key, start, stop) for key, start, stop in groups if _component(key) == comp and "." in key]
+        if layered:
+            width = plot_w * sum(stop - start for _, start, stop in layered) / n / len(layered)
+            need = max(_CHAR * len(".".join(key.split(".")[-2:])) for key, _, _ in layered) + 10
+            stride[comp] = next((k for k in (1, 2, 4, 5, 10, 20, 25, 50, 100) if k * width >= need), 1000)
+    labels: List[dict] = []
+    size: Dict[str, int] = {}
+    for p in probes:
+        size[_component(p["name"])] = size.get(_component(p["name"]), 0) + 1
+    # big components claim their label first (decoder before a 3-probe projector next to it)
+    ranked = sorted(zip(candidates, groups), key=lambda cg: -size[_component(cg[1][0])] if cg[0]["major"] else 0)
+    for major in (True, False):
+        for c, (key, _, _) in ranked:
+            number = key.rsplit(".", 1)[-1]
+            if c["major"] != major or c["x"] + _CHAR * len(c["text"]) > _PLOT_W or (
+                    not major and number.isdigit() and int(number) % stride.get(_component(key), 1)):
+                continue
+            if all(c["x"] + _CHAR * len(c["text"]) + 8 <= o["x"] or o["x"] + _CHAR * len(o["text"]) + 8 <= c["x"]
+                   for o in labels):
+                labels.append(c)
+    bands = []
+    for k, key in enumerate(dict.fromkeys(_component(p["name"]) for p in probes)):
+        idx = [i for i, p in enumerate(probes) if _component(p["name"]) == key]
+        x0, x1 = _LEFT + plot_w * idx[0] / n, _LEFT + plot_w * (idx[-1] + 1) / n
+        bands.append({"x": round(x0, 2), "w": round(x1 - x0, 2), "label": key if x1 - x0 >= 9 * len(key) else "",
+                      "cx": round((x0 + x1) / 2, 2), "shade": k % 2 == 0})
+    markers = []
+    by_name = {p["name"]: i for i, p in enumerate(probes)}
+    for key, shape, label in (("first_divergence", "tri", "first divergence"), ("first_own_error", "diamond",
+                              "first own error"), ("first_suspect", "square", "first suspect")):
+        brief = summary.get(key)
+        if brief and brief["name"] in by_name:
+            i = by_name[brief["name"]]
+            markers.append({"x": x(i), "y": y(ratios[i]), "shape": shape, "label": label,
+                            "tip": f"{label}: #{brief['index']} {brief['name']} ({_pct(brief['tol_ratio'])})"})
+    grid_label = grid_label or (lambda d: f"{100 * 10.0 ** d:g}%" if d >= -4 else f"1e{d + 2}%")
+    step = max(1, math.ceil((hi - lo) / 8))  # decades multiple of `step`, so the tolerance line (1e0) is one
+    grid = [{"y": y(10.0 ** d), "label": grid_label(d)} for d in range(lo, hi + 1) if d % step == 0]
+    legend = [(names["pass"], "circle-pass"), (names["fail"], "circle-fail"), (names["layer max"], "envelope"),
+              (names["tolerance"], "tolerance")]
+    if teacher_points:
+        legend.append(("teacher-forced", "teacher"))
+    if floor_path:
+        legend.append(("noise floor", "floor"))
+    legend += [(m["label"], m["shape"]) for m in markers]
+    entries = _legend(legend, lane + 70)
+    return {
+        "w": _PLOT_W, "h": round(entries[-1]["y"] + 12), "left": _LEFT, "right": _PLOT_W - _RIGHT, "top": _TOP, "bottom": _TOP + plot_h,
+        "plot_w": plot_w, "plot_h": plot_h, "lane": lane, "one": y(1.0), "grid": grid, "points": points,
+        "teacher": teacher_points, "floor_path": floor_path, "envelope": " ".join(envelope), "ticks": ticks,
+        "labels": labels, "bands": bands, "markers": markers, "r": 3.4 if n <= 80 else 2.4,
+        "legend": entries, "y_title": y_title,
+    }
 
 
-def write_html(report: Mapping, path: Union[str, Path]) -> Path:
+def _probe_view(probe: Mapping, anchor: str) -> dict:
+    m = _metrics(probe)
+    status = probe["propagated"]["status"]
+    ratio = _float(m.get("tol_ratio"))
+    max_abs = _float(m.get("max_abs"))
+    return {"p": probe, "m": m, "tm": _metrics(probe, "teacher"), "id": f"{anchor}-p{probe['index']}",
+            "status": status, "bad": status != Status.PASS, "suspect": bool(probe.get("suspect")),
+            "zero": max_abs == 0 and status == Status.PASS, "ratio": ratio}
+
+
+def _section_view(section: Mapping, k: int) -> dict:
+    data = section["result"]
+    anchor = f"s{k}"
+    probes = _execution_order(data["probes"])
+    views = [_probe_view(p, anchor) for p in probes]
+    teacher_mode = data.get("mode") == "teacher_forced"
+    # failing first, then non-zero error worst first: the part of the table worth reading
+    flagged = sorted((v for v in views if v["bad"] or v["suspect"] or not v["zero"]),
+                     key=lambda v: (not v["bad"], not v["suspect"], -_ratio_key(v["p"])))
+    components: List[dict] = []
+    for key, start, stop in _layer_groups(probes):
+        component = _component(key)
+        if not components or components[-1]["name"] != component:
+            components.append({"name": component, "groups": []})
+        members = views[start:stop]
+        label = key if key != component else component + ": " + ", ".join(
+            v["p"]["name"].split(".", 1)[-1] for v in members[:3]) + (" …" if len(members) > 3 else "")
+        components[-1]["groups"].append({"key": key, "label": label, "probes": members})
+    for comp in components + [g for c in components for g in c["groups"]]:
+        members = comp.get("probes") or [v for g in comp["groups"] for v in g["probes"]]
+        counts: Dict[str, int] = {}
+        for v in members:
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+        worst = max(members, key=lambda v: _ratio_key(v["p"]))
+        prefix = (comp.get("key") or comp.get("name")) + "."
+        short = worst["p"]["name"][len(prefix):] if worst["p"]["name"].startswith(prefix) else worst["p"]["name"]
+        comp.update(worst_short=short or "output", count=len(members), counts=sorted(counts.items(), key=lambda kv: (kv[0] == "pass", kv[0])),
+                    worst=worst, bad=any(v["bad"] for v in members), zero=all(v["zero"] for v in members),
+                    suspect=any(v["suspect"] for v in members))
+    return {"title": section["title"], "kind": section["kind"], "extra": section.get("extra") or {},
+            "summary": section["summary"], "anchor": anchor, "mode": data.get("mode"), "teacher_mode": teacher_mode,
+            "views": views, "flagged": flagged, "zeros": sum(1 for v in views if v["zero"]),
+            "components": components, "plot": _plot(probes, section["summary"], teacher_mode),
+            "floors": any(p.get("noise_floor") is not None for p in probes), "ids": {p["name"]: v["id"]
+                                                                                   for p, v in zip(probes, views)}}
+
+
+_META_SHOWN = ("title", "weights", "checkpoint", "checkpoint_sha256", "git_commit", "device", "device_name", "dtype",
+               "mode", "seed", "versions", "inputs", "tolerances", "created", "argv", "tf32")
+
+
+def _provenance(meta: Mapping) -> dict:
+    weights = meta.get("weights")
+    inputs = meta.get("inputs") if isinstance(meta.get("inputs"), list) else []
+    rows = [r for r in inputs if isinstance(r, Mapping)]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return {
+        "weights": "seeded random weights" if weights == "seeded-random" else weights,
+        "inputs": {"columns": columns, "rows": [[r.get(c) for c in columns] for r in rows]},
+        "other": [(k, v) for k, v in meta.items() if k not in _META_SHOWN],
+    }
+
+
+def render_html(report: Mapping, *, title: Optional[str] = None) -> str:
+    """The self-contained HTML page; `title` defaults to meta['title'] or the model-neutral 'Parity report'."""
+    report = upgrade(report)
+    meta = report.get("meta") or {}
+    title = title or meta.get("title") or DEFAULT_TITLE
+    sections = [_section_view(s, k) for k, s in enumerate(report["sections"])]
+    ids = {(s["title"], name): anchor for s in sections for name, anchor in s["ids"].items()}
+    return template_environment().get_template("report.html.j2").render(
+        title=str(title), report=report, meta=meta, summary=report["summary"], sections=sections, ids=ids,
+        provenance=_provenance(meta), margin=margin_text(report["summary"].get("margin"),
+                                                         with_section=len(sections) > 1),
+        margin_for=margin_text, several=len(sections) > 1, ok=Status.PASS)
+
+
+def write_html(report: Mapping, path: Union[str, Path], *, title: Optional[str] = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report), encoding="utf-8")
+    path.write_text(render_html(report, title=title), encoding="utf-8")
     return path

@@ -1,0 +1,357 @@
+"""Parity reports: JSON shape (sections, summary, schema-1 compatibility), HTML (verdict, margin, escaping, plot,
+no-JS folding), terminal output (worst probes first) and report diffs over time. CPU only, no models."""
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.diff import Comparison, ParityResult, ProbeResult, Status, compare
+from parity.report import (SCHEMA, build_multi_report, build_report, read_json, render_html, render_terminal,
+                           result_from_report, results_from_report, write_json)
+from parity.report_diff import assert_no_growth, diff_reports, render_diff_html, render_diff_terminal
+from parity.tolerances import Tolerance
+
+REAL = Path(__file__).resolve().parent.parent / "results" / "gpu-h100-2b" / "report.json"
+FP32 = Tolerance(1e-3, 1e-3, 0.0, 0.0, "fp32 target atol=rtol=1e-3")
+EXACT = Tolerance(0.0, 0.0, 0.0, 0.0, "integers: must be equal")
+HOSTILE = "<script>x</script>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic results: real `compare` metrics on small float64 tensors with a planted error of known size
+
+
+def _pair(seed: int, eps: float, at=(1, 3), shape=(4, 8)) -> tuple:
+    hf = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    fms = hf.clone()
+    fms[at] += eps
+    return hf, fms
+
+
+def expected_ratio(seed: int, eps: float, at=(1, 3), tol: Tolerance = FP32) -> float:
+    """The error/tolerance of `_pair` computed by hand: eps / (atol + rtol |hf|) at the planted element."""
+    hf, _ = _pair(seed, eps, at)
+    return abs(eps) / (tol.atol + tol.rtol * abs(float(hf[at])))
+
+
+def _probe(index: int, name: str, eps: float, *, tol=FP32, cls="activation", teacher_eps=None,
+           ints=False) -> ProbeResult:
+    if ints:  # token ids: exact class
+        hf = torch.arange(8, dtype=torch.int64)
+        fms = hf.clone()
+        fms[3] += int(eps)
+    else:
+        hf, fms = _pair(index, eps)
+    prop = compare(hf, fms, tol)
+    if teacher_eps is None:
+        teacher = Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
+        attribution = "ok" if prop.passed else "unknown"
+    else:
+        teacher = compare(*_pair(index + 1000, teacher_eps), tol)
+        attribution = ("own" if not teacher.passed else "ok") if prop.passed else (
+            "inherited" if teacher.passed else "own")
+    return ProbeResult(index=index, name=name, hf_path=f"hf.{name}", fms_path=f"fms.{name}", hf_take="output",
+                       fms_take="output", hf_adapter="identity", fms_adapter="identity", tolerance_class=cls,
+                       tolerance=tol, order=index, calls_hf=1, calls_fms=1, propagated=prop, teacher=teacher,
+                       attribution=attribution)
+
+
+def _result(mode: str, rows) -> ParityResult:
+    probes = [_probe(i, name, eps, **kw) for i, (name, eps, kw) in enumerate(rows)]
+    order = sorted(probes, key=lambda p: p.order)
+    first = next((p.name for p in order if p.status != Status.PASS), None)
+    own = next((p.name for p in order if p.teacher.status == Status.FAIL), None)
+    return ParityResult(mode, probes, first, own)
+
+
+def model_rows(fail_at: int = 5):  # 99: nothing fails
+    """An encoder (4 blocks) -> projector -> decoder (8 layers) -> logits table; decoder layer `fail_at` has its own
+    error in attn, everything downstream inherits it."""
+    rows = [("encoder.input_linear", 0.0, {})]
+    for b in range(4):
+        rows += [(f"encoder.block.{b}.{s}", 1e-7 * (b + 1), {}) for s in ("ff1", "attn", "conv")]
+        rows.append((f"encoder.block.{b}", 2e-7 * (b + 1), {}))
+    rows.append(("projector.out", 3e-7, {}))
+    for layer in range(8):
+        broken = layer >= fail_at
+        own = layer == fail_at
+        for s in ("attn", "mlp"):
+            eps = 1e-2 * (layer - fail_at + 1) if broken else 1e-6 * (layer + 1)
+            rows.append((f"decoder.layer.{layer}.{s}", eps, {"teacher_eps": 5e-3 if own and s == "attn" else 1e-7}))
+        rows.append((f"decoder.layer.{layer}", (1e-2 * (layer - fail_at + 1.5)) if broken else 1.5e-6 * (layer + 1),
+                     {"teacher_eps": 1e-7}))
+    rows.append(("logits", 5e-2 if fail_at < 8 else 5e-6, {"teacher_eps": 1e-7}))
+    return rows
+
+
+def _with_floors(result: ParityResult, suspect: str) -> dict:
+    """The result dict with the optional noise-floor / validity-mask fields a newer parity.diff adds."""
+    data = result.to_dict()
+    for probe in data["probes"]:
+        m = probe["propagated"]["metrics"]
+        floor = 1e-8 if probe["name"] == suspect else max(float(m["max_abs"]) / 3, 1e-9)
+        probe.update(noise_floor=floor, floor_ratio=float(m["max_abs"]) / floor, suspect=probe["name"] == suspect)
+        m.update(valid_elements=m["numel"] - 2, masked_out=2)
+    data["first_suspect"] = suspect
+    return data
+
+
+def synthetic_report(*, fail: bool = True, hostile: bool = False) -> dict:
+    """Three sections: preprocessing (pass, exact ids), model (decoder layer 5 fails when `fail`), generation
+    (token ids, exact tolerance class; step 4 differs when `fail`)."""
+    pre = _result("propagated", [("features.waveform", 0.0, {}), ("features.fbank", 2e-7, {}),
+                                 ("features.stacked", 2e-7, {}), ("input_ids", 0, {"tol": EXACT, "cls": "exact",
+                                                                                   "ints": True})])
+    rows = model_rows(5 if fail else 99)
+    if hostile:
+        rows[2] = (HOSTILE, rows[2][1], rows[2][2])
+    model = _with_floors(_result("teacher_forced", rows), suspect="decoder.layer.2.mlp")
+    gen = _result("propagated", [(f"generate.step.{i}", 1 if fail and i == 4 else 0,
+                                  {"tol": EXACT, "cls": "exact", "ints": True}) for i in range(6)])
+    meta = {"mode": "teacher_forced", "dtype": "float64", "device": "cpu", "device_name": "x86_64",
+            "weights": "seeded-random", "checkpoint": "/tmp/tiny", "checkpoint_sha256": "ab" * 32,
+            "git_commit": "0123456789abcdef", "versions": {"python": "3.12", "torch": "2.9.1", "peft": "0.21.0"},
+            "inputs": [{"audio": "9001-101-0000.flac", "seconds": 3.25, "tokens": 41},
+                       {"audio": HOSTILE if hostile else "9002-102-0001.flac", "seconds": 1.5, "tokens": 23}]}
+    return build_multi_report([("features", "preprocessing", pre, {"sample_rate": 16000}),
+                               ("clip 9001-101-0000", "model", model, {"audio": "9001-101-0000.flac"}),
+                               ("greedy decode", "generation", gen, None)], meta)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return read_json(REAL)
+
+
+@pytest.fixture(scope="module")
+def failing():
+    return synthetic_report()
+
+
+def _text(page: str) -> str:
+    """The page's visible text (tags dropped), for checks that must not be fooled by attribute values."""
+    return re.sub(r"<[^>]+>", " ", page)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON shape
+
+
+def test_schema_1_report_loads_as_one_section(real, tmp_path):
+    assert real["schema"] == SCHEMA and real["upgraded_from"] == "granite-speech-parity-report/1"
+    assert [(s["title"], s["kind"], s["summary"]["probes"]) for s in real["sections"]] == [("model", "model", 345)]
+    assert real["summary"]["verdict"] == "pass" and real["summary"]["probes"] == 345
+    assert len(result_from_report(real).probes) == 345
+    [(title, kind, result)] = results_from_report(real)
+    assert (title, kind, result.passed) == ("model", "model", True)
+    again = read_json(write_json(real, tmp_path / "upgraded.json"))  # an upgraded report re-reads as schema 2
+    assert again["sections"][0]["summary"] == real["sections"][0]["summary"]
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"schema": "something-else/1"}))
+    with pytest.raises(ValueError, match="not a parity report"):
+        read_json(bogus)
+
+
+def test_multi_section_summary_takes_the_worst_section(failing):
+    s = failing["summary"]
+    assert s["verdict"] == "fail" and s["sections"] == 3
+    assert s["probes"] == sum(len(sec["result"]["probes"]) for sec in failing["sections"]) == 4 + 43 + 6
+    assert [sec["summary"]["verdict"] for sec in failing["sections"]] == ["pass", "fail", "fail"]
+    # the first failing section is the model: its firsts, tagged with the section title
+    assert s["first_divergence"]["name"] == "decoder.layer.5.attn"
+    assert s["first_divergence"]["section"] == "clip 9001-101-0000"
+    assert s["first_own_error"]["name"] == "decoder.layer.5.attn"
+    assert s["first_suspect"]["name"] == "decoder.layer.2.mlp"
+    assert failing["result"] is failing["sections"][0]["result"]  # compatibility key: the first section
+    assert [(t, k) for t, k, _ in results_from_report(failing)] == [
+        ("features", "preprocessing"), ("clip 9001-101-0000", "model"), ("greedy decode", "generation")]
+    assert result_from_report(failing).probes[0].name == "features.waveform"
+    gen = failing["sections"][2]["summary"]
+    assert gen["first_divergence"]["name"] == "generate.step.4" and gen["margin"]["tol_ratio"] == "inf"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_multi_report([("x", "decoding", result_from_report(failing), None)])
+
+
+def test_one_section_report_has_the_multi_section_shape():
+    result = _result("propagated", [("a.layer.0", 1e-6, {}), ("a.layer.1", 2e-3, {})])
+    report = build_report(result, {"mode": "propagated"})
+    assert report["schema"] == SCHEMA and len(report["sections"]) == 1
+    assert set(report["sections"][0]) == {"title", "kind", "extra", "summary", "result"}
+    assert report["summary"]["first_divergence"]["name"] == "a.layer.1"
+    assert report["result"] == result.to_dict()
+    json.dumps(report, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _worst(report: dict) -> tuple:
+    """Independently of parity.report: the probe with the largest tol_ratio, straight from the JSON."""
+    probes = [p for s in report["sections"] for p in s["result"]["probes"]]
+    best = max(probes, key=lambda p: float(p["propagated"]["metrics"]["tol_ratio"]))
+    return best["name"], float(best["propagated"]["metrics"]["tol_ratio"])
+
+
+def test_real_report_header_has_verdict_margin_and_a_fitting_plot(real):
+    page = render_html(real)
+    name, ratio = _worst(real)
+    assert name == "decoder.layer.39"
+    assert "<title>PASS · Parity report · 345 probes</title>" in page
+    assert f"worst probe uses {ratio * 100:.3g}% of its tolerance ({name})" in page
+    assert "1.66%" in page
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    assert 'width="100%"' in svg and 'viewBox="0 0 ' in svg and "1240" not in svg
+    labels = re.findall(r"<text [^>]*>([^<]+)</text>", svg)
+    assert {"encoder", "decoder", "block.5", "layer.10", "layer.35"} <= set(labels)  # component / layer ticks
+    assert "<script" not in page and "http" not in page.replace('http-equiv', '')
+    assert "not recorded" in page and "NVIDIA H100 80GB HBM3" in page  # provenance, even from an old report
+    assert render_html(real, title="Granite Speech parity").startswith("<!DOCTYPE html>")
+    assert "<title>PASS · Granite Speech parity · 345 probes</title>" in render_html(real, title="Granite Speech parity")
+
+
+def test_failing_report_header_plot_markers_and_folding(failing):
+    page = render_html(failing)
+    assert "<title>FAIL · Parity report · 53 probes</title>" in page
+    text = _text(page)
+    # the margin is the worst probe over all sections; the generation section's exact mismatch is infinite
+    assert "worst probe is at ∞ of its tolerance (generate.step.4 in greedy decode): outside" in text
+    ratio = expected_ratio(42, 5e-2)  # logits: probe index 42 of the model section, eps 5e-2
+    assert ratio > 1 and f"{ratio * 100:.0f}%" in text  # percentages >= 100% are printed as integers
+    assert page.count("<svg") == 3  # one plot per section
+    model_svg = page.split("<svg")[2].split("</svg>")[0]
+    assert "first divergence" in model_svg and "first own error" in model_svg and "first suspect" in model_svg
+    assert 'stroke-dasharray="3 2"' in model_svg  # the measured noise floor series
+    # folding without JavaScript: the failing layer's group is open, a passing one is closed
+    assert re.search(r'<details class="grp bad"[^>]* open>\s*<summary><span class="mono">decoder\.layer\.5</span>', page)
+    assert re.search(r'<details class="grp">\s*<summary><span class="mono">decoder\.layer\.1</span>', page)
+    assert 'class="hz"' in page and ".hz:checked ~ .layers .zero" in page
+    # the failing-only list comes before the per-layer view and holds the failing element
+    failing_list = page[page.index("Failing and non-zero probes", page.index('id="s1"')):page.index("All probes", page.index('id="s1"'))]
+    assert "decoder.layer.5.attn" in failing_list and "[1, 3]" in failing_list
+    assert "seeded random weights" in text and "ab" * 32 in text and "0123456789abcdef" in text
+    assert "9001-101-0000.flac" in text and "3.25" in text and "peft" in text
+    assert "masked out" in text and "suspect" in text
+
+
+def test_html_escapes_names_and_hand_edited_fields(tmp_path):
+    report = synthetic_report(hostile=True)
+    edited = json.loads(json.dumps(report))
+    probe = edited["sections"][1]["result"]["probes"][3]
+    probe["index"] = "<b evil>7</b>"  # integer fields replaced by strings in a hand-edited JSON
+    probe["calls_hf"] = "<img evil src=x onerror=alert(1)>"
+    probe["propagated"]["metrics"]["numel"] = "<i evil>n</i>"
+    probe["propagated"]["metrics"]["outside_count"] = "<u evil>9</u>"
+    probe["tolerance"]["atol"] = "<s evil>0</s>"
+    edited["sections"][1]["extra"]["note"] = "\"'><svg evil onload=x>"
+    edited["meta"]["versions"]["<em evil>pkg</em>"] = "<em evil>1</em>"
+    edited["meta"]["inputs"][0]["tokens"] = "<q evil>41</q>"
+    path = write_json(edited, tmp_path / "edited.json")
+    page = render_html(read_json(path), title="<h1 evil>t</h1>")
+    assert HOSTILE not in page and not re.search(r"<\w+ evil", page)  # no hostile tag made it through raw
+    for escaped in ("&lt;script&gt;x&lt;/script&gt;", "&lt;img evil src=x onerror=alert(1)&gt;", "&lt;b evil&gt;7",
+                    "&lt;i evil&gt;n", "&lt;u evil&gt;9", "&lt;s evil&gt;0", "&#x27;&gt;&lt;svg evil onload=x&gt;",
+                    "&lt;em evil&gt;pkg", "&lt;q evil&gt;41", "&lt;h1 evil&gt;t"):
+        assert escaped in page, escaped
+    render_terminal(read_json(path))  # the terminal renderer survives the same edits
+
+
+def test_nonfinite_numbers_are_shown_as_nan_and_infinity(failing):
+    edited = copy.deepcopy(failing)
+    edited["sections"][1]["result"]["probes"][7]["propagated"]["metrics"]["cosine"] = "nan"
+    edited["sections"][1]["result"]["probes"][8]["propagated"]["metrics"]["max_abs"] = "nan"
+    page, term = render_html(edited), render_terminal(edited)
+    assert not re.search(r"\bnan\b", _text(page)) and not re.search(r"\bnan\b", term)
+    assert "NaN" in _text(page) and "∞" in _text(page) and "∞" in term
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# terminal
+
+
+def test_terminal_shows_the_worst_probes_not_the_first_ones(real):
+    text = render_terminal(real)
+    assert text.splitlines()[0].startswith("PARITY PASS  worst probe uses 1.66% of its tolerance (decoder.layer.39)")
+    probes = real["sections"][0]["result"]["probes"]
+    worst = sorted(probes, key=lambda p: -float(p["propagated"]["metrics"]["tol_ratio"]))
+    for p in worst[:15]:
+        assert re.search(rf"^\s*{p['index']} {re.escape(p['name'])}\s", text, re.M), p["name"]
+    assert worst[15]["name"] + " " not in text
+    assert probes[0]["name"] == "encoder.input_linear" and probes[0]["propagated"]["metrics"]["max_abs"] == 0
+    assert "encoder.input_linear" not in text
+
+
+def test_terminal_lists_every_failing_probe_per_section(failing):
+    text = render_terminal(failing, max_rows=5)
+    assert text.startswith("PARITY FAIL")
+    assert "first divergence: #33 decoder.layer.5.attn [fail] (clip 9001-101-0000)" in text
+    assert "first suspect: #25 decoder.layer.2.mlp" in text
+    assert "== greedy decode (generation): FAIL" in text and "== features (preprocessing): PASS" in text
+    failing_names = [p["name"] for s in failing["sections"] for p in s["result"]["probes"]
+                     if p["propagated"]["status"] != "pass"]
+    assert len(failing_names) == 11
+    for name in failing_names:
+        assert re.search(rf"^\s*\d+ {re.escape(name)}\s", text, re.M), name
+    assert "suspect" in text and "×" in text  # floor ratios when present
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reports over time
+
+
+def _scaled(report: dict, factors: dict) -> dict:
+    new = copy.deepcopy(report)
+    for probe in new["sections"][0]["result"]["probes"]:
+        if probe["name"] in factors:
+            m = probe["propagated"]["metrics"]
+            m["max_abs"] *= factors[probe["name"]]
+            m["tol_ratio"] *= factors[probe["name"]]
+    return new
+
+
+def test_diff_flags_a_100x_growth_and_not_a_2x_one(real):
+    new = _scaled(real, {"decoder.layer.20.mlp": 100.0, "decoder.layer.21.mlp": 2.0})
+    diff = diff_reports(real, new)
+    json.dumps(diff, allow_nan=False)
+    rows = {r["name"]: r for r in diff["probes"]}
+    assert rows["decoder.layer.20.mlp"]["grew"] and not rows["decoder.layer.21.mlp"]["grew"]
+    assert rows["decoder.layer.20.mlp"]["growth"] == pytest.approx(100.0)
+    assert diff["summary"]["verdict"] == "regressed" and diff["summary"]["grew"] == 1
+    assert diff["summary"]["matched"] == 345 and diff["summary"]["max_growth"]["name"] == "decoder.layer.20.mlp"
+    term = render_diff_terminal(diff)
+    assert term.startswith("REPORT DIFF REGRESSED") and "decoder.layer.20.mlp" in term.split("largest growth")[0]
+    page = render_diff_html(diff)
+    assert "<title>REGRESSED · Parity report diff · 345 probes matched</title>" in page
+    assert page.count("<svg") == 1 and "decoder.layer.20.mlp" in page
+    assert diff_reports(real, real)["summary"]["verdict"] == "ok"
+
+
+def test_diff_status_regression_zero_floor_and_unmatched_probes(failing):
+    old = synthetic_report(fail=False)
+    diff = diff_reports(old, failing)
+    rows = {(r["section"], r["name"]): r for r in diff["probes"]}
+    step = rows[("greedy decode", "generate.step.4")]
+    assert step["regressed"] and step["status_changed"] and step["old"]["max_abs"] == 0
+    assert diff["summary"]["verdict"] == "regressed"
+    # 0 -> 1e-12 is below floor_abs: no growth flag
+    new = _scaled(old, {"features.waveform": 1.0})
+    new["sections"][0]["result"]["probes"][0]["propagated"]["metrics"]["max_abs"] = 1e-12
+    quiet = diff_reports(old, new)
+    assert quiet["summary"]["verdict"] == "ok" and quiet["summary"]["grew"] == 0
+    renamed = copy.deepcopy(old)
+    renamed["sections"][1]["title"] = "clip 2"
+    moved = diff_reports(old, renamed)
+    assert moved["summary"]["only_in_old"] == moved["summary"]["only_in_new"] == 43
+    assert "only in old (43)" in render_diff_terminal(moved)
+
+
+def test_assert_no_growth(real, tmp_path):
+    baseline = write_json(real, tmp_path / "baseline.json")
+    assert assert_no_growth(baseline, real)["summary"]["verdict"] == "ok"
+    with pytest.raises(AssertionError, match=r"(?s)REPORT DIFF REGRESSED.*decoder\.layer\.3\.attn\.q"):
+        assert_no_growth(baseline, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}))
+    assert_no_growth(real, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}), growth=2000.0)
