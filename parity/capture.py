@@ -83,6 +83,8 @@ def select_output(take: Take, output: Any) -> torch.Tensor:
         raise CaptureError(f"take {take} is not an output spec")
     value = output
     if isinstance(take.key, int):
+        if isinstance(output, Mapping) and not isinstance(output, torch.Tensor):
+            output = tuple(output.values())  # a mapping output (e.g. a ModelOutput): its fields in order
         if isinstance(output, (tuple, list)):
             if take.key >= len(output):
                 raise CaptureError(f"output[{take.key}] requested but the output is a {_describe(output)}")

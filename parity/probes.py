@@ -7,7 +7,7 @@ with the glue of each model family (e.g. `parity.granite.probes`), never here.
 
 Take specs (what a hook records):
     output            the module output; must be a tensor
-    output[0]         element 0 of a tuple/list output
+    output[0]         element 0 of a tuple/list output (or the first field of a mapping, e.g. a ModelOutput)
     output[0?]        element 0 if the output is a tuple/list, else the tensor itself (versions differ: HF 4.57
                       decoder layers return a 1-tuple, 5.x a tensor; FMS GraniteBlock returns (x, cache) with use_cache)
     output.logits     an attribute / key of the output (ModelOutput)

@@ -13,7 +13,8 @@ def load_model(
     lora_mode: str = "merged",
 ):
     """The FMS Granite Speech model of a local HF checkpoint folder, in eval mode."""
-    import granite_speech  # noqa: F401  (registers the architecture, adapter and HF config mapping)
+    from granite_speech import model as _model  # noqa: F401  (registers the architecture)
+    from granite_speech.checkpoint import adapter as _adapter, hf_registry as _registry  # noqa: F401  (and its loading)
     from fms.models import get_model
 
     from granite_speech.checkpoint.files import check_checkpoint_folder
