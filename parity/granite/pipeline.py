@@ -43,6 +43,7 @@ class Case:
     lora_mode: str = "merged"  # the FMS model's LoRA regime; HF's adapter is on exactly when audio is given
     generate: int = 0  # greedy new tokens to compare (0: no generation section)
     why: str = ""
+    dtype: Optional[str] = None  # run this case in another dtype than the run's (e.g. bf16 as users run it)
 
     def rows(self) -> Tuple[str, ...]:
         return self.instructions or (DEFAULT_INSTRUCTION,) * len(self.clips)
@@ -67,6 +68,9 @@ def default_cases() -> Tuple[Case, ...]:
              why="the LoRA kept separate and switched on by the audio"),
         Case("stereo 44.1 kHz file", (STEREO_44K + "9002-102-0000",),
              why="down-mixing and resampling to 16 kHz before the features"),
+        Case("bf16 as users run it (padded batch of 2)", ("9002-102-0000", "9004-104-0001"), generate=8,
+             dtype="bfloat16", why="FMS bf16 (eager and fast path) vs HF bf16, judged against HF's own bf16 "
+                                   "rounding error (HF float64): a missing fp32 upcast shows here, not in fp32"),
     )
 
 
@@ -113,33 +117,38 @@ def _attempt(fn: Callable[[], Any]) -> Any:
 
 @dataclass
 class Models:
-    """The loaded models of a run (loaded once, shared by the cases)."""
+    """The loaded models of a run (loaded once, shared by the cases); `dtype` is the one in use (`at(dtype)`)."""
 
     checkpoint: Path
     dtype: torch.dtype
     device: torch.device
-    hf: Any = None
-    hf64: Any = None
-    fms: Dict[str, Any] = field(default_factory=dict)  # lora_mode -> model
+    hf: Dict[torch.dtype, Any] = field(default_factory=dict)
+    fms: Dict[Tuple[torch.dtype, str], Any] = field(default_factory=dict)  # (dtype, lora_mode) -> model
     hf_processor: Any = None
     fms_processor: Any = None
 
+    def at(self, dtype: torch.dtype) -> "Models":
+        """The same store, working in `dtype` (models are shared, not copied)."""
+        view = copy.copy(self)
+        view.dtype = dtype
+        return view
+
     def fms_model(self, lora_mode: str):
-        if lora_mode not in self.fms:
+        if (self.dtype, lora_mode) not in self.fms:
             from granite_speech.checkpoint import load_model
 
-            self.fms[lora_mode] = load_model(self.checkpoint, self.dtype, self.device, lora_mode=lora_mode)
-        return self.fms[lora_mode]
+            self.fms[self.dtype, lora_mode] = load_model(self.checkpoint, self.dtype, self.device, lora_mode=lora_mode)
+        return self.fms[self.dtype, lora_mode]
 
     def reference(self):
-        if self.hf is None:
-            self.hf = load_hf_model(self.checkpoint, self.dtype, str(self.device))
-        return self.hf
+        if self.dtype not in self.hf:
+            self.hf[self.dtype] = load_hf_model(self.checkpoint, self.dtype, str(self.device))
+        return self.hf[self.dtype]
 
     def reference64(self):
-        if self.hf64 is None:
-            self.hf64 = copy.deepcopy(self.reference()).to(torch.float64)
-        return self.hf64
+        if torch.float64 not in self.hf:
+            self.hf[torch.float64] = copy.deepcopy(self.reference()).to(torch.float64)
+        return self.hf[torch.float64]
 
     def processors(self):
         if self.hf_processor is None:
@@ -349,8 +358,10 @@ def run_pipeline(
     sections: List[Section] = []
     inputs_meta = []
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
+        base = models
         for case in cases or default_cases():
             progress(f"case: {case.name}")
+            models = base.at(getattr(torch, case.dtype)) if case.dtype else base
             rows, hf_inputs, fms_inputs, extra = _preprocess(case, models, Path(tmp))
             inputs_meta.append({"case": case.name, **extra})
             pre = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
