@@ -249,24 +249,32 @@ def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
 
 
 def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, *, mode: str, floors: str,
-                   detail: bool, overrides) -> Tuple[ParityResult, dict]:
-    hf = models.reference()
-    fms = models.fms_model(case.lora_mode)
+                   detail: bool, overrides, phases: str = "one") -> Tuple[ParityResult, dict]:
+    from transformers import AutoConfig
+
     has_audio = "input_features" in hf_inputs
-    probes = granite_speech_probes(hf.config, detail=detail)
+    probes = granite_speech_probes(AutoConfig.from_pretrained(str(models.checkpoint)), detail=detail)
     if not has_audio:  # text only: the audio modules do not run on either side
         probes = tuple(p for p in probes if not p.name.startswith(AUDIO_PROBE_PREFIXES))
-    set_hf_adapter(hf, has_audio)  # HF's forward never toggles the adapter; its generate switches it with audio
 
     def hf_forward(model):
+        set_hf_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
         return model(**hf_inputs, use_cache=False)
 
+    if phases == "two":  # one model in memory at a time: factories, HF captures on disk in between
+        from granite_speech.checkpoint import load_model
+
+        hf = lambda: load_hf_model(models.checkpoint, models.dtype, str(models.device))  # noqa: E731
+        fms = lambda: load_model(models.checkpoint, models.dtype, models.device, lora_mode=case.lora_mode)  # noqa
+    else:
+        hf, fms = models.reference(), models.fms_model(case.lora_mode)
     pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs)), mode=mode,
-                        phases="one", hf_aliases=HF_LAYOUT_ALIASES)
+                        phases=phases, hf_aliases=HF_LAYOUT_ALIASES)
     masks = {TEXT: text_mask(hf_inputs)}
-    extra = {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "floors": "off"}
+    extra = {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "phases": pair.plan.reason}
     floor_captures = None
-    wanted, why = _floors_wanted(floors, models)
+    wanted, why = (False, "noise floors off in a two-phase run") if phases == "two" else _floors_wanted(floors,
+                                                                                                        models)
     extra["floors"] = why
     if wanted:
         hf64 = models.reference64()
@@ -344,12 +352,15 @@ def run_pipeline(
     mode: str = "teacher_forced",
     feed: str = "own",
     floors: str = "auto",
+    phases: str = "one",
     detail: bool = True,
     overrides: Optional[dict] = None,
     models: Optional[Models] = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Tuple[List[Section], dict]:
-    """Every case through preprocessing, model and generation; returns (report sections, run extras)."""
+    """Every case through preprocessing, model and generation; returns (report sections, run extras). With
+    `phases="two"` (a model too large for two copies in memory) the model sections load one model at a time and
+    generation, which needs both side by side, is left out (said in the section's extras)."""
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     if floors not in FLOORS:
@@ -370,10 +381,12 @@ def run_pipeline(
                 continue  # the reference could not even be built: the preprocessing section says why
             fed = hf_inputs if feed == "hf" or isinstance(fms_inputs, BaseException) else fms_inputs
             result, model_extra = _model_section(case, models, hf_inputs, fed, mode=mode, floors=floors,
-                                                 detail=detail, overrides=overrides)
+                                                 detail=detail, overrides=overrides, phases=phases)
             model_extra["feed"] = "HF preprocessing to both" if fed is hf_inputs else "each side its own"
+            if case.generate and phases == "two":
+                model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
             sections.append((f"{case.name} · model", "model", result, model_extra))
-            if case.generate:
+            if case.generate and phases != "two":
                 sections.extend(_generation_sections(case, models, hf_inputs, fed, overrides))
     return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode}
 
@@ -407,6 +420,7 @@ def compare_report(
     mode: str = "teacher_forced",
     feed: str = "own",
     floors: str = "auto",
+    phases: str = "one",
     strict: bool = False,
     overrides: Optional[dict] = None,
     seed: Optional[int] = None,
@@ -418,7 +432,7 @@ def compare_report(
     from parity.report import build_multi_report, run_metadata
 
     sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
-                                   floors=floors, overrides=overrides, progress=progress)
+                                   floors=floors, phases=phases, overrides=overrides, progress=progress)
     if strict:
         for _, _, result, _ in sections:
             result.strict = True
