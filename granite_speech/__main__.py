@@ -1,13 +1,43 @@
-"""`python -m granite_speech transcribe --checkpoint DIR clip.flac ...`: feature extraction -> FMS generate -> decode."""
+"""`granite-speech transcribe --checkpoint DIR clip.flac ...` (also `python -m granite_speech transcribe`): feature
+extraction -> FMS generate -> decode, one line `clip<TAB>transcript` per clip.
+
+Every input (checkpoint folder, audio files, prompt, device, dtype, token budget) is checked before the model loads;
+a bad one exits 2 with one line `error: ...`. Clips are down-mixed to mono and resampled to the model's rate (said on
+stderr). Rows of a batch end at their own eos, as with HF `generate`.
+"""
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from granite_speech.audio import DEFAULT_MAX_SECONDS, read_audio
+from granite_speech.cli_errors import (
+    ArgumentParser,
+    UsageError,
+    adapter_warning,
+    check_device,
+    check_dtype,
+    check_model_folder,
+    check_prompt,
+    exit_codes_epilog,
+    one_line,
+    positive_int,
+    positive_seconds,
+    run_main,
+    version_string,
+)
+
+PROG = "granite-speech"
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def build_prompt(tokenizer, instruction: str) -> str:
@@ -18,78 +48,172 @@ def build_prompt(tokenizer, instruction: str) -> str:
     return instruction
 
 
-def transcribe(
-    checkpoint: Path,
-    clips: Sequence[Path],
+def _audio_settings(folder: Path) -> tuple:
+    """(sampling rate, audio placeholder) from the folder's processor files, without building the processor."""
+    import json
+
+    rate = json.loads((folder / "preprocessor_config.json").read_text()).get("sampling_rate", 16000)
+    token = "<|audio|>"
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file():
+        token = json.loads(processor_config.read_text()).get("audio_token") or token
+    return int(rate), token
+
+
+@dataclass
+class TranscribeJob:
+    """Checked inputs of one transcription: nothing here needs a model."""
+
+    checkpoint: Path
+    names: List[str]
+    audio: List[torch.Tensor]
+    instruction: str
+    max_new_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def check_transcribe_inputs(
+    checkpoint: Union[str, Path],
+    clips: Sequence[Union[str, Path]],
     *,
     instruction: str = DEFAULT_PROMPT,
     max_new_tokens: int = 64,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> List[str]:
-    from fms.utils.generation import generate
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype] = torch.float32,
+    max_audio_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
+    notify: Callable[[str], None] = _stderr,
+    cli: bool = False,
+) -> TranscribeJob:
+    """Every check of a transcription, before any model loads; raises UsageError (AudioInputError for audio)."""
+    opt = (lambda flag, name: flag) if cli else (lambda flag, name: name)
+    dtype = check_dtype(dtype, opt("--dtype", "dtype"))
+    device = check_device(device, dtype, opt("--device", "device"))
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"{opt('--max-new-tokens', 'max_new_tokens')} must be a whole number >= 1, got "
+                         f"{max_new_tokens!r}")
+    if isinstance(clips, (str, Path)) or not clips:
+        raise UsageError("no audio clips given; expected one or more audio files")
+    folder = check_model_folder(checkpoint, opt("--checkpoint", "checkpoint"))
+    rate, audio_token = _audio_settings(folder)
+    check_prompt(instruction, audio_token)
+    audio = [read_audio(Path(clip), rate, max_seconds=max_audio_seconds, notify=notify) for clip in clips]
+    return TranscribeJob(folder, [str(c) for c in clips], audio, instruction, max_new_tokens, device, dtype)
 
+
+def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
+    """Load the processor and the FMS model and transcribe the checked clips as one batch."""
+    from granite_speech.checkpoint import CheckpointCoverageError, load_model
+    from granite_speech.generation import generate_greedy
     from granite_speech.model import padding_attn_kwargs
     from granite_speech.processor import GraniteSpeechProcessor
-    from granite_speech.audio import read_audio
-    from granite_speech.checkpoint import load_model
 
-    processor = GraniteSpeechProcessor.from_pretrained(checkpoint)
-    model = load_model(checkpoint, dtype=dtype, device=device)
-    audio = [read_audio(Path(c), processor.feature_extractor.sampling_rate) for c in clips]
-    prompt = build_prompt(processor.tokenizer, instruction)
-    inputs = processor([prompt] * len(audio), audio, padding_side="left")
-    input_ids = inputs["input_ids"].to(device)
-    attn = padding_attn_kwargs(inputs["attention_mask"].to(device), dtype=dtype)
-    with torch.no_grad():
-        output = generate(
-            model,
-            input_ids,
-            max_seq_len=input_ids.size(1) + max_new_tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            prepare_model_inputs_hook=model.prepare_inputs_for_generation,
-            extra_kwargs={
-                "input_features": inputs["input_features"].to(device),
-                "input_features_mask": inputs["input_features_mask"].to(device),
-                **attn,
-            },
-        )
+    warning = adapter_warning(job.checkpoint, "merged")
+    if warning:
+        notify(warning)
+    processor = GraniteSpeechProcessor.from_pretrained(job.checkpoint)
+    try:
+        model = load_model(job.checkpoint, dtype=job.dtype, device=job.device)
+    except CheckpointCoverageError as err:
+        raise UsageError(f"checkpoint {job.checkpoint} does not fit its config.json: {one_line(err)}") from err
+    prompt = build_prompt(processor.tokenizer, job.instruction)
+    inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")
+    input_ids = inputs["input_ids"].to(job.device)
     eos = processor.tokenizer.eos_token_id
+    output = generate_greedy(
+        model,
+        input_ids,
+        max_new_tokens=job.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        extra_kwargs={
+            "input_features": inputs["input_features"].to(job.device, job.dtype),
+            "input_features_mask": inputs["input_features_mask"].to(job.device),
+            **padding_attn_kwargs(inputs["attention_mask"].to(job.device), dtype=job.dtype),
+        },
+    )
     texts = []
-    for row in output[:, input_ids.size(1) :].tolist():
-        # FMS's generate keeps going for rows that already ended while others have not: cut at the first eos
-        texts.append(processor.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True))
+    for name, row in zip(job.names, output[:, input_ids.size(1):].tolist()):
+        ended = eos in row
+        text = processor.decode(row[: row.index(eos)] if ended else row, skip_special_tokens=True)
+        if not text.strip():
+            notify(f"warning: {name}: empty transcript (the model emitted {row.index(eos) if ended else len(row)} "
+                   f"token(s) before end-of-text); expected with random or adapter-less weights, otherwise check the "
+                   f"audio and --prompt")
+        texts.append(text)
     return texts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m granite_speech", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("transcribe", help="transcribe audio files with the FMS model")
-    tr.add_argument("--checkpoint", required=True, type=Path, help="local HF checkpoint folder")
-    tr.add_argument("clips", nargs="+", type=Path, help="audio files (flac/wav), mono")
-    tr.add_argument("--prompt", default=DEFAULT_PROMPT, help="user instruction; must contain <|audio|>")
-    tr.add_argument("--max-new-tokens", type=int, default=64)
-    tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    args = parser.parse_args(argv)
-    for clip in args.clips:
-        if not clip.is_file():
-            parser.error(f"no such audio file: {clip}")
-    texts = transcribe(
-        args.checkpoint,
-        args.clips,
-        instruction=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
+def transcribe(
+    checkpoint: Union[str, Path],
+    clips: Sequence[Union[str, Path]],
+    *,
+    instruction: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 64,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Union[str, torch.dtype] = torch.float32,
+    max_audio_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
+) -> List[str]:
+    """Transcripts of `clips` (audio file paths) with the FMS model of `checkpoint`, one per clip. Bad input raises
+    UsageError (a ValueError; AudioInputError for audio files) before the model loads."""
+    job = check_transcribe_inputs(checkpoint, clips, instruction=instruction, max_new_tokens=max_new_tokens,
+                                  device=device, dtype=dtype, max_audio_seconds=max_audio_seconds)
+    return run_transcription(job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="IBM Granite Speech natively in IBM FMS.",
+        epilog=exit_codes_epilog(ok=": every clip transcribed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for clip, text in zip(args.clips, texts):
-        print(f"{clip}\t{text}")
+    parser.add_argument("--version", action="version", version=version_string(PROG),
+                        help="print the version of granite-speech-fms, torch, transformers and ibm-fms, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tr = sub.add_parser(
+        "transcribe",
+        help="transcribe audio files with the FMS model",
+        description=__doc__,
+        epilog=exit_codes_epilog(ok=": every clip transcribed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                    help="local Hugging Face Granite Speech folder: config.json, *.safetensors (never pickle), "
+                         "adapter_config.json + adapter_model.safetensors, tokenizer, preprocessor_config.json")
+    tr.add_argument("clips", nargs="+", type=Path, metavar="CLIP",
+                    help="audio files (WAV, FLAC, OGG, MP3); multi-channel audio is down-mixed to mono and any "
+                         "sampling rate resampled to the model's (16 kHz)")
+    tr.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT",
+                    help="user instruction, with <|audio|> exactly once where the clip goes; the checkpoint's chat "
+                         "template wraps it (default: %(default)r)")
+    tr.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                    help="at most N generated tokens per clip, each clip stopping at its own end-of-text "
+                         "(default: %(default)s)")
+    tr.add_argument("--device", default=None, metavar="DEVICE",
+                    help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    tr.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="weights and activations dtype (default: %(default)s)")
+    tr.add_argument("--max-audio-seconds", type=positive_seconds, default=DEFAULT_MAX_SECONDS, metavar="S",
+                    help="refuse clips longer than S seconds (default: %(default)g)")
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    job = check_transcribe_inputs(
+        args.checkpoint, args.clips, instruction=args.prompt, max_new_tokens=args.max_new_tokens, device=args.device,
+        dtype=args.dtype, max_audio_seconds=args.max_audio_seconds, cli=True,
+    )
+    texts = run_transcription(job)
+    for name, text in zip(job.names, texts):
+        print(f"{name}\t{text}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `granite-speech` command: returns the exit code (0 done, 2 usage or input error, 3 internal error)."""
+    return run_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -703,3 +703,59 @@ def pair_from_values(rows: Sequence[Tuple[Probe, Any, Any]], *, mode: str = "pro
                                 f"{type(value).__name__}")
     plan = PhasePlan(False, "values computed outside hooks")
     return PairCaptures(hf, fms, normalize_mode(mode), plan, tuple(row[0] for row in rows))
+
+
+def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun, *, mode: str = "propagated",
+                    fms_aliases: Sequence[Tuple[str, str]] = ()) -> PairCaptures:
+    """The candidate run against reference captures recorded earlier, in another process or on another machine
+    (`save_capture_sets` / `load_capture_sets`): the reference model is never loaded here."""
+    mode = normalize_mode(mode)
+    if mode == "teacher_forced" and not any("#tf_input:" in key for key in reference.keys()):
+        raise ValueError("teacher-forced comparison needs reference captures recorded in teacher-forced mode "
+                         "(they hold the inputs each module is re-run on); these hold none")
+    probes = tuple(probes)
+    fms_captures = Captures("fms")
+
+    def install(hooks, model, ps, caps):
+        _install_candidate(hooks, model, ps, caps, reference=reference if mode == "teacher_forced" else None,
+                           aliases=fms_aliases)
+
+    model = fms.model if fms.loaded else fms.model()
+    _run_side(model, fms.inputs, "FMS", probes, fms_captures, install)
+    return PairCaptures(reference, fms_captures, mode, PhasePlan(False, "reference captures read from disk"), probes)
+
+
+def save_capture_sets(path: Union[str, Path], sets: Mapping[str, Captures]) -> Path:
+    """Several named capture stores of one side in one safetensors file (keys prefixed by the store's position)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, index = {}, []
+    for position, (name, store) in enumerate(sets.items()):
+        for key in store.keys():
+            if store.has_tensor(key):
+                tensors[f"{position}|{key}"] = store.get(key).contiguous()
+        index.append({"name": name, "side": store.side, "records": store._records, "resolved": store.resolved,
+                      "next_order": store._next_order})
+    sides = {store.side for store in sets.values()}
+    meta = {"side": sides.pop() if len(sides) == 1 else "mixed", "sets": index}
+    save_file(tensors, str(path), metadata={"parity_captures": json.dumps(meta)})
+    return path
+
+
+def load_capture_sets(path: Union[str, Path]) -> Dict[str, Captures]:
+    """The stores written by `save_capture_sets`, by name (tensors read into memory)."""
+    reader = safe_open(str(path), framework="pt", device="cpu")
+    raw = (reader.metadata() or {}).get("parity_captures")
+    meta = json.loads(raw) if raw else {}
+    if "sets" not in meta:
+        raise ValueError(f"{path} holds no named capture sets (not written by save_capture_sets)")
+    stored = set(reader.keys())
+    out = {}
+    for position, entry in enumerate(meta["sets"]):
+        store = Captures(entry["side"])
+        store._records, store.resolved, store._next_order = entry["records"], entry["resolved"], entry["next_order"]
+        for key in store._records:
+            if f"{position}|{key}" in stored:
+                store._tensors[key] = reader.get_tensor(f"{position}|{key}")
+        out[entry["name"]] = store
+    return out

@@ -1,7 +1,9 @@
-"""`granite-speech-parity compare` (also `python -m parity compare`): the main job.
+"""`granite-speech-parity` (also `python -m parity.granite`): FMS against the HF reference.
 
-Compares the FMS model against the HF reference on one checkpoint and audio, writes the JSON + HTML layer-diff
-report, prints the summary, and exits 1 on divergence (2 on bad usage).
+  compare  one checkpoint and audio, layer by layer: JSON + HTML report, summary on stdout
+  diff     two reports of `compare --json`, probe by probe: did an error grow or a probe regress?
+
+Every argument is checked before any model loads (a bad one exits 2 with one line `error: ...`).
 """
 
 import argparse
@@ -12,102 +14,225 @@ from typing import Optional, Sequence
 
 import torch
 
+from granite_speech.audio import DEFAULT_MAX_SECONDS
+from granite_speech.cli_errors import (
+    ArgumentParser,
+    UsageError,
+    adapter_warning,
+    exit_codes_epilog,
+    growth_factor,
+    nonnegative_int,
+    positive_int,
+    one_line,
+    positive_seconds,
+    run_main,
+    tolerance,
+    version_string,
+)
 from granite_speech.config import VARIANTS
+from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args
+
+PROG = "granite-speech-parity"
+DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
+COMPARE_EXIT = exit_codes_epilog(ok=": parity holds (every probe within tolerance)",
+                                 failed="parity fails: a probe is out of tolerance (the report says where)")
+DIFF_EXIT = exit_codes_epilog(ok=": no probe grew more than --growth and none went from pass to not-pass",
+                              failed="regressed: a probe's max |diff| grew more than --growth, or it stopped passing")
+TOP_EXIT = exit_codes_epilog(ok=" (compare: parity holds; diff: nothing grew or regressed)",
+                             failed="compare: parity fails; diff: a probe grew more than --growth or regressed")
 
 
 def _progress(message: str, start: float) -> None:
     print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def compare(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoProcessor
+def _write_outputs(writes, verdict: str) -> list:
+    """Write the outputs after the verdict was printed; a failure keeps the verdict visible and exits 2."""
+    written = []
+    for option, write, path in writes:
+        try:
+            written.append(write(path))
+        except OSError as err:
+            raise UsageError(f"the verdict above ({verdict}) stands, but {option} {path} could not be written: "
+                             f"{one_line(err)}") from err
+    return written
 
-    from granite_speech.audio import read_audio
-    from granite_speech.checkpoint.files import check_checkpoint_folder
-    from parity.capture import checkpoint_param_bytes
-    from parity.granite.fixtures import build_checkpoint, load_speech_dataset
-    from parity.granite.run import make_inputs, run_parity
-    from parity.granite.hf import load_hf_model
-    from granite_speech.checkpoint import load_model
+
+def run_compare(run: CompareRun) -> int:
+    """The run of a checked `compare`: 0 when parity holds, 1 when it fails."""
+    from granite_speech.checkpoint import CheckpointCoverageError
+    from parity.capture import available_bytes, checkpoint_param_bytes
+    from parity.granite.fixtures import build_checkpoint
+    from parity.granite.pipeline import Case, compare_report, default_cases
     from parity.report import render_terminal, write_html, write_json
 
     start = time.monotonic()
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = run.device, run.dtype
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if args.checkpoint:
-        try:
-            checkpoint = check_checkpoint_folder(args.checkpoint)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    if run.checkpoint is not None:
+        checkpoint = run.checkpoint
+        warning = adapter_warning(checkpoint, "merged")
+        if warning:
+            print(warning, file=sys.stderr)
     else:
-        _progress(f"building (or reusing) the seeded {args.model} fixture checkpoint", start)
-        checkpoint = build_checkpoint(args.model, seed=args.seed)
+        _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start)
+        checkpoint = build_checkpoint(run.model, seed=run.seed)
     _progress(f"checkpoint {checkpoint}", start)
-
-    processor = AutoProcessor.from_pretrained(str(checkpoint))
-    if args.audio:
-        clips = [read_audio(path, 16000) for path in args.audio]
-    else:  # the bundled clip of 4.02 s: one full encoder block + 1 frame
-        row = min(load_speech_dataset(), key=lambda r: abs(len(r["audio"]["array"]) - 64320))
-        clips = [torch.tensor(row["audio"]["array"], dtype=torch.float32)]
-        _progress(f"bundled clip {row['file']} ({len(clips[0]) / 16000:.2f} s)", start)
-    inputs = make_inputs(processor, clips, device, dtype, prompt=args.prompt)
-
-    def load_hf():
-        _progress("loading the HF reference", start)
-        return load_hf_model(checkpoint, dtype, str(device))
-
-    def load_fms():
-        _progress("loading the FMS model (get_model hf_pretrained)", start)
-        return load_model(checkpoint, dtype, device)
-
-    # factories: capture_pair loads both at once or one at a time, as the memory plan (--phases) decides
-    hf, fms = load_hf, load_fms
-    overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
-    _progress(f"capturing every probe ({args.mode})", start)
-    result, report = run_parity(
-        hf, fms, inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint)), mode=args.mode, phases=args.phases,
-        dtype=dtype,
-        device=device, overrides=overrides, param_bytes=checkpoint_param_bytes(checkpoint, dtype),
-        seed=args.seed, checkpoint=str(checkpoint), audio=[str(a) for a in args.audio] or ["bundled"],
-    )
-    json_path = write_json(report, args.json)
-    html_path = write_html(report, args.report)
+    if run.clips:  # the user's clips: one case (a padded batch when several), generation included
+        names = tuple(name for name, _ in run.clips)
+        cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
+                      instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
+    else:
+        cases = default_cases()
+    phases = run.phases
+    if phases == "auto":  # both models (and HF in float64 for the floors) at once, if they fit
+        needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
+        free = available_bytes(device)
+        phases = "two" if free is not None and needed > free else "one"
+        _progress(f"memory plan: {phases} phase(s) ({needed / 2**30:.1f} GiB needed for both models)", start)
+    try:
+        report = compare_report(
+            checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
+            device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, strict=run.strict,
+            overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
+            reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
+        )
+    except CheckpointCoverageError as err:
+        raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
     print(render_terminal(report))
-    verdict = "PASS" if result.passed else f"FAIL (first divergence: {result.first_divergence})"
-    print(f"{verdict}: {report['summary']['probes']} probes, report {html_path}, json {json_path}")
+    summary = report["summary"]
+    passed = summary["verdict"] == "pass"
+    first = summary.get("first_divergence") or {}
+    verdict = "PASS" if passed else f"FAIL (first divergence: {first.get('name')} in {first.get('section')})"
+    print(f"{verdict}: {summary['probes']} probes in {len(report['sections'])} sections", flush=True)
+    html_path, json_path = _write_outputs(
+        [("--report", lambda p: write_html(report, p), run.report), ("--json", lambda p: write_json(report, p), run.json)],
+        verdict.split(" ")[0],
+    )
+    print(f"report: {html_path}\njson: {json_path}")
+    if run.save_captures is not None:
+        print(f"captures: {run.save_captures}")
     _progress("done", start)
-    return 0 if result.passed else 1
+    return 0 if passed else 1
+
+
+def run_diff(run: DiffRun) -> int:
+    """The run of a checked `diff`: 0 when nothing grew or regressed, 1 otherwise."""
+    import json
+
+    from parity.report_diff import diff_reports, render_diff_html, render_diff_terminal
+
+    diff = diff_reports(run.old, run.new, growth=run.growth)
+    print(render_diff_terminal(diff), flush=True)
+    verdict = diff["summary"]["verdict"]
+    writes = []
+    if run.report is not None:
+        writes.append(("--report", lambda p: _write_text(p, render_diff_html(diff)), run.report))
+    if run.json is not None:
+        writes.append(("--json", lambda p: _write_text(p, json.dumps(diff, indent=1, allow_nan=False)), run.json))
+    for (option, _, _), path in zip(writes, _write_outputs(writes, verdict)):
+        print(f"{option.lstrip('-')}: {path}")
+    return 0 if verdict == "ok" else 1
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def compare(args: argparse.Namespace) -> int:
+    return run_compare(check_compare_args(args))
+
+
+def diff(args: argparse.Namespace) -> int:
+    return run_diff(check_diff_args(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(prog=PROG, description=__doc__, epilog=TOP_EXIT, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=version_string(PROG),
+                        help="print the version of granite-speech-fms, torch, transformers and ibm-fms, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmp = sub.add_parser("compare", help="FMS vs HF, layer by layer, with a report",
+                         description="Compare the FMS model against the HF reference on one checkpoint and audio, "
+                                     "probe by probe; write the JSON + HTML report and print the summary.",
+                         epilog=COMPARE_EXIT, formatter_class=formatter)
+    cmp.add_argument("--checkpoint", type=Path, metavar="DIR",
+                     help="local Hugging Face Granite Speech folder (config.json, *.safetensors only, adapter, "
+                          "tokenizer, preprocessor_config.json); default: the seeded random fixture of --model")
+    cmp.add_argument("--model", default=None, choices=tuple(VARIANTS),
+                     help="variant of the seeded random fixture checkpoint, when no --checkpoint (default: tiny)")
+    cmp.add_argument("--audio", type=Path, nargs="+", default=[], metavar="CLIP",
+                     help="audio files, down-mixed to mono and resampled to 16 kHz (said on stderr); several clips "
+                          "make one padded batch (default: the built-in input set: clips on and past block and "
+                          "window boundaries, a padded batch, text only, both LoRA modes, a stereo 44.1 kHz file, "
+                          "bf16)")
+    cmp.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT",
+                     help="prompt of every clip, with <|audio|> exactly once (default: %(default)r)")
+    cmp.add_argument("--device", default=None, metavar="DEVICE",
+                     help="torch device for both models: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    cmp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="dtype of both models; tolerances follow it (default: %(default)s)")
+    cmp.add_argument("--mode", default="teacher-forced", choices=("propagated", "teacher-forced"),
+                     help="what is compared: each side's own propagation only, or each FMS module also re-run on "
+                          "HF's inputs, which names the module that is wrong (default: %(default)s)")
+    cmp.add_argument("--feed", default="own", choices=("own", "hf"),
+                     help="model inputs: each side from its own preprocessing (own), or HF's processor output to "
+                          "both, which isolates the model from preprocessing faults (default: %(default)s)")
+    cmp.add_argument("--floors", default="auto", choices=("auto", "on", "off"),
+                     help="measure each probe's noise floor with HF in float64, for localisation and 16-bit gates "
+                          "(auto: when an fp64 copy fits in memory; default: %(default)s)")
+    cmp.add_argument("--strict", action="store_true",
+                     help="also fail on probes inside tolerance but far (20x) above their measured noise floor")
+    cmp.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
+                     help="greedy tokens compared with HF generate for --audio clips (default: %(default)s)")
+    cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
+                     help="memory schedule: both models at once (one), one at a time with HF captures on disk "
+                          "(two), or decide by size (auto, the default)")
+    cmp.add_argument("--atol", type=tolerance, metavar="X",
+                     help="absolute tolerance for every probe instead of the dtype's table (finite, >= 0)")
+    cmp.add_argument("--rtol", type=tolerance, metavar="X",
+                     help="relative tolerance for every probe instead of the dtype's table (finite, >= 0)")
+    cmp.add_argument("--seed", type=nonnegative_int, default=0, metavar="N",
+                     help="seed of the fixture's random weights (default: %(default)s)")
+    cmp.add_argument("--max-audio-seconds", type=positive_seconds, default=DEFAULT_MAX_SECONDS, metavar="S",
+                     help="refuse clips longer than S seconds (default: %(default)g)")
+    cmp.add_argument("--report", type=Path, default=Path("out/report.html"), metavar="FILE",
+                     help="HTML report to write (default: %(default)s)")
+    cmp.add_argument("--json", type=Path, default=Path("out/report.json"), metavar="FILE",
+                     help="JSON report to write, the input of `diff` (default: %(default)s)")
+    cmp.add_argument("--save-captures", type=Path, default=None, metavar="DIR",
+                     help="also save the HF reference's captures as safetensors in DIR (new or empty), to compare "
+                          "against later, in another process or on another machine")
+    cmp.add_argument("--reference-captures", type=Path, default=None, metavar="DIR",
+                     help="compare against HF captures saved by --save-captures in DIR instead of running HF here")
+
+    dif = sub.add_parser("diff", help="compare two reports: did an error grow or a probe regress?",
+                         description="Match the probes of two `compare --json` reports and flag those whose max |diff| "
+                                     "grew more than --growth times, or that went from pass to not-pass.",
+                         epilog=DIFF_EXIT, formatter_class=formatter)
+    dif.add_argument("old", type=Path, metavar="OLD.json", help="the baseline report (compare --json)")
+    dif.add_argument("new", type=Path, metavar="NEW.json", help="the report to check against it")
+    dif.add_argument("--growth", type=growth_factor, default=10.0, metavar="X",
+                     help="flag a probe whose max |diff| grew more than X times (finite, >= 1; default: %(default)g)")
+    dif.add_argument("--report", type=Path, default=None, metavar="FILE", help="also write the diff as HTML here")
+    dif.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the diff as JSON here")
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    return {"compare": compare, "diff": diff}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="granite-speech-parity", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmp = sub.add_parser("compare", help="FMS vs HF, layer by layer, with a report")
-    cmp.add_argument("--checkpoint", type=Path, help="local HF checkpoint folder (default: the seeded --model fixture)")
-    cmp.add_argument("--model", default="tiny", choices=tuple(VARIANTS), help="fixture variant when no checkpoint")
-    cmp.add_argument("--audio", type=Path, nargs="*", default=[], help="audio files (default: a bundled clip)")
-    cmp.add_argument("--prompt", default="<|audio|>can you transcribe the speech into a written format?")
-    cmp.add_argument("--device", default=None)
-    cmp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    cmp.add_argument("--mode", default="propagated", choices=("propagated", "teacher-forced"),
-                     help="what is compared: each side's own propagation, or each FMS module re-run on HF's inputs too")
-    cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
-                     help="memory schedule: both models at once, one at a time (HF captures on disk), or decide by size")
-    cmp.add_argument("--atol", type=float)
-    cmp.add_argument("--rtol", type=float)
-    cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--report", type=Path, default=Path("out/report.html"))
-    cmp.add_argument("--json", type=Path, default=Path("out/report.json"))
-    args = parser.parse_args(argv)
-    for path in args.audio:
-        if not path.is_file():
-            parser.error(f"no such audio file: {path}")
-    return compare(args)
+    """The `granite-speech-parity` command: returns the exit code (0 holds, 1 fails, 2 usage/input, 3 internal)."""
+    return run_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":

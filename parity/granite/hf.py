@@ -60,3 +60,27 @@ def hf_encoder(model):
 def hf_logits_to_fms(hf_logits: torch.Tensor, logits_scaling: float) -> torch.Tensor:
     """FMS Granite divides by logits_scaling (as 4.57 did); 5.10.1+ HF does not."""
     return hf_logits if LOGITS_DIVIDED_BY_SCALING else hf_logits / logits_scaling
+
+
+def hf_load_audio(path: Union[str, Path], sampling_rate: int = 16000) -> torch.Tensor:
+    """HF's own audio loading as a float32 tensor: transformers 5.x `load_audio` with its soundfile backend; on 4.57,
+    whose `load_audio` needs librosa, the same recipe that backend documents as equal to `librosa.load` (soundfile
+    decode, mean down-mix, soxr HQ resampling to ceil(n * rate / source) samples)."""
+    import inspect
+    import math
+
+    from transformers.audio_utils import load_audio
+
+    if "backend" in inspect.signature(load_audio).parameters:
+        return torch.from_numpy(load_audio(str(path), sampling_rate=sampling_rate, backend="soundfile"))
+    import numpy as np
+    import soundfile
+    import soxr
+
+    waveform, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    waveform = waveform.T.mean(axis=0) if waveform.shape[1] > 1 else waveform[:, 0]
+    if rate != sampling_rate:
+        length = math.ceil(waveform.shape[-1] * sampling_rate / rate)
+        waveform = soxr.resample(waveform, rate, sampling_rate, quality="soxr_hq")
+        waveform = np.pad(waveform, (0, max(0, length - len(waveform))))[:length]
+    return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))

@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from parity.capture import ModelRun, available_bytes, capture_model, capture_pair, pair_from_values
+from parity.capture import ModelRun, available_bytes, capture_against, capture_model, capture_pair, pair_from_values
 from parity.diff import ParityResult, diff_captures
-from parity.granite.hf import hf_logits_to_fms, load_hf_model, set_hf_adapter
+from parity.granite.hf import hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES, TEXT, granite_speech_probes, text_mask
 from parity.probes import Probe
 
@@ -94,13 +94,6 @@ def _clip_path(clip: str, workdir: Path) -> Path:
         return target
     bundled = SPEECH_DIR / f"{clip}.flac"
     return bundled if bundled.is_file() else Path(clip)
-
-
-def _hf_read_audio(path: Path) -> Any:
-    """HF's own audio loading (soundfile + mean down-mix + soxr_hq, as librosa.load), as a float32 tensor."""
-    from transformers.audio_utils import load_audio
-
-    return torch.from_numpy(load_audio(str(path), sampling_rate=SAMPLING_RATE, backend="soundfile"))
 
 
 def _attempt(fn: Callable[[], Any]) -> Any:
@@ -182,7 +175,7 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
     paths = [_clip_path(clip, workdir) for clip in case.clips]
     hf_audio, fms_audio, inputs_meta = [], [], []
     for i, path in enumerate(paths):
-        reference = _attempt(lambda: _hf_read_audio(path))
+        reference = _attempt(lambda: hf_load_audio(path, SAMPLING_RATE))
         candidate = _attempt(lambda: read_audio(path, SAMPLING_RATE))
         rows.append((Probe(f"audio.{i}.samples", "load_audio", "read_audio", teacher=(),
                            note=f"{path.name}: decoded, down-mixed to mono, resampled to {SAMPLING_RATE} Hz"),
@@ -249,7 +242,8 @@ def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
 
 
 def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, *, mode: str, floors: str,
-                   detail: bool, overrides, phases: str = "one") -> Tuple[ParityResult, dict]:
+                   detail: bool, overrides, phases: str = "one", store: "ReferenceStore",
+                   title: str) -> Tuple[ParityResult, dict]:
     from transformers import AutoConfig
 
     has_audio = "input_features" in hf_inputs
@@ -261,6 +255,14 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         set_hf_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
         return model(**hf_inputs, use_cache=False)
 
+    if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
+        pair = capture_against(probes, store.get(title), ModelRun(models.fms_model(case.lora_mode),
+                                                                  lambda m: m(**fms_inputs)), mode=mode)
+        floor_captures = store.get(f"{title} #floors", optional=True)
+        result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
+                               masks={TEXT: text_mask(hf_inputs)}, floors=floor_captures)
+        return result, {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "reference": str(store.path),
+                        "floors": "read with the reference" if floor_captures is not None else "off"}
     if phases == "two":  # one model in memory at a time: factories, HF captures on disk in between
         from granite_speech.checkpoint import load_model
 
@@ -282,28 +284,46 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
         floor_captures = capture_model(hf64, lambda m: m(**inputs64, use_cache=False), probes, side="hf",
                                        aliases=HF_LAYOUT_ALIASES)
+        store.put(f"{title} #floors", floor_captures)
+    store.put(title, pair.hf)
     result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides, masks=masks,
                            floors=floor_captures)
     return result, extra
 
 
-def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides) -> List[Section]:
+def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Tuple[torch.Tensor, list]:
+    """HF `generate`'s greedy tokens [B, steps] and per-step logits (FMS scale), run here or read from the store."""
+    key = f"{case.name} · HF generate"
+    steps = case.generate
+    if store.reading:
+        saved = store.get(key)
+        tokens = torch.stack([saved.get(f"step.{k}.token") for k in range(steps)], dim=1)
+        return tokens, [saved.get(f"step.{k}.logits") for k in range(steps)]
+    hf = models.reference()
+    set_hf_adapter(hf, "input_features" in hf_inputs)
+    with torch.no_grad():
+        hf_out = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    scaling = hf.config.text_config.logits_scaling
+    tokens = hf_out.sequences[:, hf_inputs["input_ids"].size(1):].cpu()
+    logits = [hf_logits_to_fms(step, scaling).to(models.dtype).cpu() for step in hf_out.logits]
+    saved = pair_from_values([(Probe(f"step.{k}.{part}", "generate", "generate", teacher=()), value, value)
+                              for k in range(steps) for part, value in (("token", tokens[:, k]), ("logits",
+                                                                                                   logits[k]))]).hf
+    store.put(key, saved)
+    return tokens, logits
+
+
+def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
+                         store: "ReferenceStore") -> List[Section]:
     from fms.utils.generation import generate
 
     from granite_speech.fast_generate import StaticGenerator
     from granite_speech.model import padding_attn_kwargs
 
-    hf, fms = models.reference(), models.fms_model(case.lora_mode)
+    fms = models.fms_model(case.lora_mode)
     steps = case.generate
-    has_audio = "input_features" in hf_inputs
-    set_hf_adapter(hf, has_audio)
-    with torch.no_grad():
-        hf_out = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    prompt_len = hf_inputs["input_ids"].size(1)
-    scaling = fms.config.text_config.logits_scaling
-    hf_tokens = hf_out.sequences[:, prompt_len:]
-    hf_logits = [hf_logits_to_fms(step, scaling).to(models.dtype) for step in hf_out.logits]
+    hf_tokens, hf_logits = _hf_generation(case, models, hf_inputs, store)
 
     eager_logits: List[torch.Tensor] = []
 
@@ -356,16 +376,21 @@ def run_pipeline(
     detail: bool = True,
     overrides: Optional[dict] = None,
     models: Optional[Models] = None,
+    save_captures: Optional[Path] = None,
+    reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Tuple[List[Section], dict]:
     """Every case through preprocessing, model and generation; returns (report sections, run extras). With
     `phases="two"` (a model too large for two copies in memory) the model sections load one model at a time and
-    generation, which needs both side by side, is left out (said in the section's extras)."""
+    generation, which needs both side by side, is left out (said in the section's extras). `save_captures` writes
+    every HF-side value (model probes, floors, generation) to a folder; `reference_captures` reads such a folder
+    instead of running HF here (another process, another machine): only the HF processor is used locally."""
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     if floors not in FLOORS:
         raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
+    store = ReferenceStore(save_captures, reference_captures)
     sections: List[Section] = []
     inputs_meta = []
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
@@ -380,15 +405,55 @@ def run_pipeline(
             if isinstance(hf_inputs, BaseException):
                 continue  # the reference could not even be built: the preprocessing section says why
             fed = hf_inputs if feed == "hf" or isinstance(fms_inputs, BaseException) else fms_inputs
+            title = f"{case.name} · model"
             result, model_extra = _model_section(case, models, hf_inputs, fed, mode=mode, floors=floors,
-                                                 detail=detail, overrides=overrides, phases=phases)
+                                                 detail=detail, overrides=overrides, phases=phases, store=store,
+                                                 title=title)
             model_extra["feed"] = "HF preprocessing to both" if fed is hf_inputs else "each side its own"
             if case.generate and phases == "two":
                 model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
-            sections.append((f"{case.name} · model", "model", result, model_extra))
+            sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
-                sections.extend(_generation_sections(case, models, hf_inputs, fed, overrides))
-    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode}
+                sections.extend(_generation_sections(case, models, hf_inputs, fed, overrides, store))
+    written = store.finish()
+    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode,
+                      "saved_captures": None if written is None else str(written),
+                      "reference_captures": None if reference_captures is None else str(reference_captures)}
+
+
+REFERENCE_FILE = "hf_captures.safetensors"
+
+
+class ReferenceStore:
+    """HF-side captures of a run, by section: collected to be saved (`--save-captures DIR`), or read from such a
+    folder (`--reference-captures DIR`) so that the HF model is never loaded."""
+
+    def __init__(self, save: Optional[Path] = None, read: Optional[Path] = None):
+        from parity.capture import load_capture_sets
+
+        self.save_path = None if save is None else Path(save) / REFERENCE_FILE
+        self.path = None if read is None else Path(read) / REFERENCE_FILE
+        self.sets = load_capture_sets(self.path) if self.path is not None else {}
+        self.reading = self.path is not None
+
+    def get(self, name: str, optional: bool = False):
+        if name not in self.sets:
+            if optional:
+                return None
+            raise ValueError(f"the reference captures {self.path} hold no {name!r} (they were recorded with other "
+                             f"inputs; have {sorted(self.sets)[:6]}...)")
+        return self.sets[name]
+
+    def put(self, name: str, captures) -> None:
+        if self.save_path is not None and not self.reading:
+            self.sets[name] = captures
+
+    def finish(self) -> Optional[Path]:
+        from parity.capture import save_capture_sets
+
+        if self.save_path is None or self.reading:
+            return None
+        return save_capture_sets(self.save_path, self.sets)
 
 
 def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
@@ -424,6 +489,8 @@ def compare_report(
     strict: bool = False,
     overrides: Optional[dict] = None,
     seed: Optional[int] = None,
+    save_captures: Optional[Path] = None,
+    reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """The `compare` job: every case through the pipeline, one report (JSON-able dict). `seeded` names the fixture
@@ -432,7 +499,8 @@ def compare_report(
     from parity.report import build_multi_report, run_metadata
 
     sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
-                                   floors=floors, phases=phases, overrides=overrides, progress=progress)
+                                   floors=floors, phases=phases, overrides=overrides, progress=progress,
+                                   save_captures=save_captures, reference_captures=reference_captures)
     if strict:
         for _, _, result, _ in sections:
             result.strict = True
@@ -440,6 +508,7 @@ def compare_report(
         device=device, dtype=dtype, seed=seed, checkpoint=str(checkpoint), mode=mode, feed=feed, strict=strict,
         weights=f"seeded-random ({seeded}, seed {seed})" if seeded else "checkpoint",
         checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
+        saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {Path(checkpoint).name}",
     )
     return build_multi_report(sections, meta)

@@ -13,6 +13,8 @@ from granite_speech.config import VARIANTS
 
 MODES = ("propagated", "teacher-forced")
 PHASES = ("auto", "one", "two")
+REPORT_OPTIONS = ("--parity-report", "--parity-json")
+_WRITTEN = pytest.StashKey[list]()  # (option, mode, path) of every report a test wrote this session
 
 
 def pytest_addoption(parser):
@@ -26,8 +28,10 @@ def pytest_addoption(parser):
     )
     group.addoption("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     group.addoption("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    group.addoption("--parity-report", default=None, help="write the layer-diff HTML report here")
-    group.addoption("--parity-json", default=None, help="write the layer-diff JSON report here")
+    group.addoption("--parity-report", default=None,
+                    help="write the layer-diff HTML report here (by suites/test_layers.py; a run of another mode gets "
+                         "the mode in the name, e.g. X.teacher-forced.html); where reports went is printed at the end")
+    group.addoption("--parity-json", default=None, help="write the layer-diff JSON report here (as --parity-report)")
     group.addoption("--parity-mode", default="propagated", choices=MODES,
                     help="what the layer suite compares (teacher-forced always runs beside it)")
     group.addoption("--parity-phases", default="auto", choices=PHASES,
@@ -45,6 +49,39 @@ def pytest_configure(config):
         "benchmark: pytest-benchmark measurements",
     ):
         config.addinivalue_line("markers", line)
+    config.stash[_WRITTEN] = []
+    given = config.getoption("--checkpoint", default=None)
+    if given:
+        check_checkpoint_option(given)
+
+
+def check_checkpoint_option(given) -> Path:
+    """`--checkpoint DIR` checked before any test runs (safetensors only, never pickle): pytest.UsageError naming
+    what is wrong, so a bad folder stops the session at once instead of erroring every test."""
+    from granite_speech.checkpoint.files import check_checkpoint_folder
+
+    try:
+        return check_checkpoint_folder(given)
+    except (OSError, ValueError) as err:
+        raise pytest.UsageError(f"--checkpoint {given}: {err}") from None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Where the parity reports went; a warning when --parity-report / --parity-json was given and none was written."""
+    written = config.stash.get(_WRITTEN, [])
+    if written:
+        terminalreporter.write_sep("-", "parity reports")
+        for option, mode, path in written:
+            terminalreporter.write_line(f"{option} ({mode}): {path}")
+    asked = [(option, config.getoption(option)) for option in REPORT_OPTIONS if config.getoption(option)]
+    missing = [(option, value) for option, value in asked if not any(w[0] == option for w in written)]
+    if missing:
+        terminalreporter.write_sep("-", "parity reports")
+        for option, value in missing:
+            terminalreporter.write_line(
+                f"warning: {option} {value} was given but no test wrote a report: the tests that write one "
+                f"(those using the write_parity_report fixture, e.g. suites/test_layers.py) were not selected, were "
+                f"skipped, or failed before writing", yellow=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,10 +135,7 @@ def single_torch_thread():
 def checkpoint_dir(pytestconfig, model_variant, seed) -> Path:
     given = pytestconfig.getoption("--checkpoint")
     if given:
-        folder = Path(given).expanduser()
-        if not (folder / "config.json").is_file():
-            raise pytest.UsageError(f"--checkpoint {folder} has no config.json; pass a Hugging Face checkpoint folder")
-        return folder
+        return check_checkpoint_option(given)
     from parity.granite.fixtures import build_checkpoint
 
     return build_checkpoint(model_variant, seed=seed)
@@ -156,6 +190,71 @@ def write_parity_report(pytestconfig):
             if mode != pytestconfig.getoption("--parity-mode"):
                 path = path.with_name(f"{path.stem}.{mode}{path.suffix}")
             written.append(writer(report, path))
+            pytestconfig.stash.setdefault(_WRITTEN, []).append((option, mode, written[-1]))
         return written
 
     return write
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What runs where, in the test id. A test marked `runs_at(size, device=..., dtype=...)` gets one parameter of the
+# autouse fixture `run_scope`, whose id says the size, device and dtype it really runs at, so `pytest --collect-only`
+# shows it: `model:2b/cuda/float32` for a test that follows --model/--device/--dtype, `fixed:tiny-untied/cpu/float32`
+# for one that runs at a fixed size (and, where so marked, a fixed device or dtype) whatever the options say.
+#   pytestmark = pytest.mark.runs_at("session")                         # honours --model, --device and --dtype
+#   pytestmark = pytest.mark.runs_at("tiny-untied", dtype="float32")    # fixed fixture, session device, fp32
+#   pytestmark = pytest.mark.runs_at("toy", device="cpu", dtype="float32")
+SESSION = "session"
+
+
+class RunScope:
+    """Where a test runs: `size` (a variant, a fixture name or 'toy'/'no-model'), `fixed` (False when the size is
+    --model's), and the resolved torch device and dtype."""
+
+    def __init__(self, size: str, fixed: bool, device: torch.device, dtype: torch.dtype):
+        self.size, self.fixed, self.device, self.dtype = size, fixed, device, dtype
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{'fixed' if self.fixed else 'model'}:{self.size}/{self.device.type}/{dtype}"
+
+    def __repr__(self) -> str:
+        return f"RunScope({self.id})"
+
+
+def _session_device(config) -> torch.device:
+    return torch.device(config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_run_scope(config, size: str = SESSION, device: str = SESSION, dtype: str = SESSION) -> RunScope:
+    fixed = size != SESSION
+    return RunScope(
+        size if fixed else config.getoption("--model"),
+        fixed,
+        _session_device(config) if device == SESSION else torch.device(device),
+        getattr(torch, config.getoption("--dtype") if dtype == SESSION else dtype),
+    )
+
+
+@pytest.hookimpl(specname="pytest_configure")
+def _register_runs_at_marker(config):
+    config.addinivalue_line(
+        "markers",
+        "runs_at(size, device='session', dtype='session'): the size/device/dtype a test runs at; 'session' follows "
+        "--model/--device/--dtype, anything else is fixed (the test id says which: model:... or fixed:...)",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("runs_at")
+    if marker is None or "run_scope" not in metafunc.fixturenames:
+        return
+    scope = resolve_run_scope(metafunc.config, *marker.args, **marker.kwargs)
+    metafunc.parametrize("run_scope", [scope], ids=[scope.id], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def run_scope(request):
+    """The RunScope of a `runs_at`-marked test (None for unmarked tests)."""
+    return getattr(request, "param", None)

@@ -1,0 +1,302 @@
+"""What the project's command lines share: the exit-code contract, one-line errors, the argument checks that need no
+model, and `--version`.
+
+Exit codes (both `granite-speech` and `granite-speech-parity`):
+
+    0  success (for `compare`: parity holds; for `diff`: no probe grew or regressed)
+    1  parity fails (`compare`), or the error grew / a probe regressed (`diff`); `transcribe` never exits 1
+    2  usage or input error: one line `error: ...` on stderr saying what was wrong and what is expected, no traceback
+    3  internal error: a traceback, then a line asking to report it
+
+Every input check runs before any model loads, so a typo costs seconds, not a model load. The model package must
+not import `parity`, so the parity CLI imports these helpers from here.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+PACKAGE = "granite-speech-fms"
+REPORT_BUGS_TO = "the granite-speech-fms issue tracker"
+
+EXIT_CODES_HELP = """exit codes:
+  0  success{ok}
+  1  {failed}
+  2  usage or input error (an option, path, audio file or checkpoint folder): one line
+     'error: ...' on stderr saying what is wrong and what is expected, no traceback
+  3  internal error: a traceback and a request to report it"""
+
+
+class UsageError(ValueError):
+    """Bad usage or input (an option, a path, an audio file, a checkpoint folder): exit code 2, one line message."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as `UsageError` (one line, exit 2), not printed with the usage block."""
+
+    def error(self, message: str):  # noqa: D401  (argparse API)
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def exit_codes_epilog(ok: str = "", failed: str = "not used") -> str:
+    return EXIT_CODES_HELP.format(ok=ok, failed=failed)
+
+
+def version_string(prog: str) -> str:
+    """`PROG (granite-speech-fms X; torch Y, transformers Z, ibm-fms W)`, from the installed distributions'
+    metadata (nothing heavy is imported)."""
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "ibm-fms"))
+    return f"{prog} ({PACKAGE} {version(PACKAGE)}; {deps})"
+
+
+def run_main(body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]], prog: str) -> int:
+    """Run a CLI body under the exit-code contract and return the exit code: UsageError -> 2 with one `error:`
+    line, any other exception -> 3 with the traceback and a request to report it, Ctrl-C -> 130, --help /
+    --version -> 0. The body returns 0 or 1 itself."""
+    try:
+        return int(body(argv) or 0)
+    except SystemExit as stop:  # --help / --version
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+    except UsageError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001  (the contract: anything unforeseen is an internal error, exit 3)
+        traceback.print_exc()
+        print(
+            f"internal error: {prog} failed unexpectedly (traceback above). This is a bug, not a problem with your "
+            f"input: please report it to {REPORT_BUGS_TO} with the command line, the traceback and the output of "
+            f"`{prog} --version`.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERNAL
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error on one line (multi-line messages are joined with '; ')."""
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(re.sub(r"^\s*-\s+", "", part).strip() for part in text.splitlines() if part.strip())
+
+
+# ---------------------------------------------------------------------------------------------- argparse types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
+def _finite(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def tolerance(text: str) -> float:
+    """A tolerance (atol / rtol): finite and >= 0."""
+    value = _finite(text, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _finite(text, "a number of seconds > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def growth_factor(text: str) -> float:
+    value = _finite(text, "a finite factor >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite factor >= 1 (new/old max |diff|), got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_device(name, dtype=None, option: str = "--device"):
+    """The torch.device for `--device NAME` (None: cuda when available, else cpu); UsageError when torch cannot use
+    it here, or when `dtype` is bfloat16 on a CUDA device without bf16 support."""
+    import torch
+
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError):
+            raise UsageError(f"{option} {name!r} is not a torch device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"{option} {name}: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is "
+                f"False); use --device cpu, or check the driver and CUDA_VISIBLE_DEVICES"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{option} {name}: only {count} CUDA device(s) visible; expected cuda:0..cuda:{count - 1}")
+        if dtype is not None and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use "
+                             f"--dtype float32 or float16")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{option} {name}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise UsageError(f"{option} {name}: device type {device.type!r} is not supported; expected cpu, cuda or cuda:N")
+    return device
+
+
+def check_dtype(name, option: str = "--dtype"):
+    import torch
+
+    if isinstance(name, torch.dtype):
+        name = str(name).replace("torch.", "")
+    dtype = getattr(torch, name, None) if name in ("float32", "bfloat16", "float16") else None
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"{option} {name!r} is not supported; expected float32, bfloat16 or float16")
+    return dtype
+
+
+def _first_existing_ancestor(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_output_file(path, option: str, example: str) -> Path:
+    """An output file path that can be written: not a folder, its folder creatable and writable. Nothing is
+    created here."""
+    path = Path(path).expanduser()
+    if str(path) in ("", "."):
+        raise UsageError(f"{option} is empty; expected a file path such as {example}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; expected a file path such as {path / Path(example).name}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path} exists and is not writable")
+    ancestor = _first_existing_ancestor(path.parent)
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path}: {ancestor} is a file, so the folder {path.parent} cannot be made")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+    return path
+
+
+def check_output_folder(path, option: str) -> Path:
+    """A folder to write into: new, or existing and empty."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; expected a folder (new or empty)")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{option} {path} is not empty; expected a new or empty folder (files there would mix)")
+    ancestor = _first_existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path}: {ancestor} is a file, so the folder cannot be made")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+    return path
+
+
+def check_distinct_outputs(**paths: Optional[Path]) -> None:
+    seen = {}
+    for option, path in paths.items():
+        if path is None:
+            continue
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {option} are both {path}; give them different paths")
+        seen[key] = option
+
+
+def check_prompt(prompt: str, audio_token: str = "<|audio|>") -> str:
+    """A user instruction holding the audio placeholder exactly once (one clip per prompt)."""
+    count = prompt.count(audio_token)
+    if count != 1:
+        raise UsageError(
+            f"--prompt must contain {audio_token} exactly once (where the clip goes), found it {count} times in "
+            f"{prompt!r}; e.g. '{audio_token}can you transcribe the speech into a written format?'"
+        )
+    return prompt
+
+
+def check_model_folder(folder, option: str = "--checkpoint") -> Path:
+    """A checkpoint folder the CLIs can run: weight files (safetensors only), config.json consistent with FMS's
+    config rules, adapter config, tokenizer and feature-extractor files. UsageError naming what is wrong."""
+    import json
+
+    from granite_speech.checkpoint.files import check_checkpoint_folder, check_processor_files
+    from granite_speech.config import from_pretrained_folder
+
+    try:
+        folder = check_checkpoint_folder(folder)
+        check_processor_files(folder)
+        for name in ("config.json", "adapter_config.json", "preprocessor_config.json", "processor_config.json",
+                     "tokenizer_config.json"):
+            path = folder / name
+            if path.is_file():
+                try:
+                    json.loads(path.read_text())
+                except ValueError as err:
+                    raise ValueError(f"{path} is not valid JSON ({err})") from err
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{option}: {one_line(err)}") from err
+    try:
+        from_pretrained_folder(folder)  # config.json + adapter_config.json: parsed and checked, nothing loaded
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # malformed files, not bugs
+        message = one_line(err)
+        where = "" if str(folder) in message else f"{folder / 'config.json'}: "
+        raise UsageError(f"{option}: {where}{message}") from err
+    return folder
+
+
+def adapter_warning(folder: Path, lora_mode: str = "merged") -> Optional[str]:
+    """The warning for a folder without the modality LoRA adapter (None when it has one)."""
+    if (Path(folder) / "adapter_config.json").is_file():
+        return None
+    return (
+        f"warning: {folder} has no adapter_config.json / adapter_model.safetensors, so no modality LoRA is applied: "
+        f"lora_mode {lora_mode!r} ran with LoRA rank 0 (the base language model alone). Released Granite Speech "
+        f"checkpoints ship the adapter; without it transcripts are poor"
+    )

@@ -1,0 +1,168 @@
+"""The checks of `granite-speech-parity` arguments, all before any model loads: each bad input becomes a `UsageError`
+(exit code 2, one line `error: ...`). `check_compare_args` / `check_diff_args` turn parsed argparse namespaces into
+checked, typed runs; the CLI then hands those to the run (`cli.run_compare`, `cli.run_diff`).
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from granite_speech.audio import read_audio
+from granite_speech.cli_errors import (
+    UsageError,
+    check_device,
+    check_distinct_outputs,
+    check_dtype,
+    check_model_folder,
+    check_output_file,
+    check_output_folder,
+    check_prompt,
+    one_line,
+)
+
+DEFAULT_SAMPLING_RATE = 16000
+REFERENCE_CAPTURES_FILE = "hf_captures.safetensors"  # what --save-captures writes and --reference-captures reads
+CAPTURES_METADATA_KEY = "parity_captures"
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    """A checked `compare`: nothing here needed a model. `clips` empty: the bundled clip."""
+
+    checkpoint: Optional[Path]  # None: the seeded fixture of `model`
+    model: str
+    clips: Tuple[Tuple[str, torch.Tensor], ...]
+    prompt: str
+    device: torch.device
+    dtype: torch.dtype
+    mode: str
+    phases: str
+    overrides: Dict[str, float]
+    seed: int
+    report: Path
+    json: Path
+    save_captures: Optional[Path]
+    reference_captures: Optional[Path]
+    max_audio_seconds: Optional[float]
+    feed: str = "own"
+    floors: str = "auto"
+    strict: bool = False
+    new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class DiffRun:
+    old_path: Path
+    new_path: Path
+    old: dict
+    new: dict
+    growth: float
+    report: Optional[Path]
+    json: Optional[Path]
+
+
+def _audio_config(checkpoint: Optional[Path], model: str) -> Tuple[int, str, int, int]:
+    """(sampling rate, audio token, projector window, downsample rate) of the checkpoint (or the fixture variant)."""
+    if checkpoint is None:
+        from granite_speech.config import VARIANTS
+
+        projector = VARIANTS[model].projector_config
+        return DEFAULT_SAMPLING_RATE, "<|audio|>", projector.window_size, projector.downsample_rate
+    config = json.loads((checkpoint / "config.json").read_text())
+    rate = json.loads((checkpoint / "preprocessor_config.json").read_text()).get("sampling_rate",
+                                                                                 DEFAULT_SAMPLING_RATE)
+    token = "<|audio|>"
+    if (checkpoint / "processor_config.json").is_file():
+        token = json.loads((checkpoint / "processor_config.json").read_text()).get("audio_token") or token
+    return int(rate), token, int(config.get("window_size", 15)), int(config.get("downsample_rate", 5))
+
+
+def check_reference_captures(folder: Path, option: str = "--reference-captures") -> Path:
+    """A folder written by `--save-captures`: it holds a readable parity capture file of the HF side."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise UsageError(f"{option} {folder} does not exist; expected a folder written by --save-captures")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {folder} is a file; expected a folder written by --save-captures")
+    path = folder / REFERENCE_CAPTURES_FILE
+    if not path.is_file():
+        raise UsageError(f"{option} {folder} has no {REFERENCE_CAPTURES_FILE}; expected a folder written by "
+                         f"--save-captures")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(CAPTURES_METADATA_KEY)
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{option}: {path} is truncated or not safetensors ({one_line(err)})") from err
+    if raw is None:
+        raise UsageError(f"{option}: {path} is not a parity capture file (no '{CAPTURES_METADATA_KEY}' metadata)")
+    try:
+        side = json.loads(raw).get("side")
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"{option}: {path} has unreadable capture metadata ({one_line(err)})") from err
+    if side != "hf":
+        raise UsageError(f"{option}: {path} holds the {side!r} side's captures; expected the HF reference's ('hf')")
+    return folder
+
+
+def check_compare_args(args: argparse.Namespace) -> CompareRun:
+    """Every check of `compare`, in the order a user fixes them; raises UsageError."""
+    dtype = check_dtype(args.dtype)
+    device = check_device(args.device, dtype)
+    if args.checkpoint is not None and args.model is not None:
+        raise UsageError("--model picks a seeded random fixture and --checkpoint a real folder; pass one of them")
+    model = args.model or "tiny"
+    report = check_output_file(args.report, "--report", "out/report.html")
+    json_path = check_output_file(args.json, "--json", "out/report.json")
+    save = None if args.save_captures is None else check_output_folder(args.save_captures, "--save-captures")
+    reference = None if args.reference_captures is None else check_reference_captures(args.reference_captures)
+    if save is not None and reference is not None and save.resolve() == reference.resolve():
+        raise UsageError("--save-captures and --reference-captures are the same folder; saving would overwrite the "
+                         "reference")
+    check_distinct_outputs(**{"--report": report, "--json": json_path})
+    checkpoint = None if args.checkpoint is None else check_model_folder(args.checkpoint)
+    rate, audio_token, _, _ = _audio_config(checkpoint, model)
+    prompt = check_prompt(args.prompt, audio_token)
+    clips: List[Tuple[str, torch.Tensor]] = [
+        (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
+    ]
+    overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
+    return CompareRun(
+        checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
+        mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
+        save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
+        feed=args.feed, floors=args.floors, strict=args.strict, new_tokens=args.new_tokens,
+    )
+
+
+def _read_report(path: Path, option: str) -> dict:
+    from parity.report import read_json
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"{option} {path} does not exist; expected a parity report JSON (compare --json)")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; expected a parity report JSON (compare --json)")
+    try:
+        report = read_json(path)
+    except (ValueError, OSError, KeyError, AttributeError) as err:  # JSONDecodeError / UnicodeDecodeError: ValueError
+        raise UsageError(f"{option} {path} is not a parity report JSON ({one_line(err)})") from err
+    if not isinstance(report.get("summary"), dict) or not isinstance(report.get("sections"), list):
+        raise UsageError(f"{option} {path} is not a parity report JSON (it has the schema but no summary / sections)")
+    return report
+
+
+def check_diff_args(args: argparse.Namespace) -> DiffRun:
+    """Output paths first (cheap, and never one of the inputs), then both reports read and recognised."""
+    report = None if args.report is None else check_output_file(args.report, "--report", "out/diff.html")
+    json_path = None if args.json is None else check_output_file(args.json, "--json", "out/diff.json")
+    check_distinct_outputs(**{"--report": report, "--json": json_path, "OLD": Path(args.old)})
+    check_distinct_outputs(**{"--report": report, "--json": json_path, "NEW": Path(args.new)})
+    old = _read_report(args.old, "OLD")
+    new = _read_report(args.new, "NEW")
+    return DiffRun(Path(args.old), Path(args.new), old, new, args.growth, report, json_path)

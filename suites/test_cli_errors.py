@@ -1,0 +1,663 @@
+"""The exit-code contract of both command lines, and bad input through the API.
+
+    0 parity holds (compare) / nothing grew (diff) / done (transcribe)
+    1 parity fails (compare) / a probe grew or regressed (diff)
+    2 usage or input error: one line `error: ...`, no traceback, and no model loaded
+    3 internal error: a traceback and a request to report it
+
+The bad-input table runs each CLI in process (`main(argv)` returns the exit code) with every model loader replaced by
+a tripwire, so a check that runs after a model load fails the test. The API cases assert the exception type the CLIs
+turn into exit 2 (UsageError / AudioInputError / CheckpointFormatError / FileNotFoundError, all caught before any
+weight is read) and its message. A few cases run the real entry points in a subprocess.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+import granite_speech  # noqa: F401  (registers the architecture for get_model)
+from granite_speech.audio import AudioInputError, read_audio
+from granite_speech.checkpoint.files import CheckpointFormatError, check_checkpoint_folder
+from granite_speech.cli_errors import UsageError
+from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP = SPEECH_DIR / "9002-102-0000.flac"
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------- assets
+def _wav(path: Path, samples: np.ndarray, rate: int = 16000, subtype: Optional[str] = None) -> Path:
+    soundfile.write(str(path), samples.astype(np.float32), rate, subtype=subtype)
+    return path
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _pickle_only(src: Path, dst: Path) -> Path:
+    """The checkpoint with its weights as pytorch_model.bin + adapter_model.bin (what transformers wrote before
+    safetensors): every loader must refuse it before reading a byte of pickle."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    tensors = {}
+    for shard in sorted(src.glob("model-*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    torch.save(tensors, dst / "pytorch_model.bin")
+    torch.save(load_file(str(src / "adapter_model.safetensors")), dst / "adapter_model.bin")
+    return dst
+
+
+class Assets:
+    """Bad (and a few good) inputs, made once per module under a temporary folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        tiny = build_checkpoint("tiny")
+        self.good = tiny
+        noise = np.random.default_rng(0).normal(0, 0.1, 32000)
+        audio = root / "audio"
+        audio.mkdir()
+        self.missing_audio = audio / "missing.flac"
+        self.folder_audio = audio / "a-folder.wav"
+        self.folder_audio.mkdir()
+        self.text_audio = audio / "notes.wav"
+        self.text_audio.write_text("this is not audio\n")
+        self.empty_file = audio / "empty.wav"
+        self.empty_file.write_bytes(b"")
+        self.zero_wav = _wav(audio / "zero.wav", np.zeros((0, 1)))
+        self.short_wav = _wav(audio / "short.wav", noise[:100])
+        self.short_44k = _wav(audio / "short-44k.wav", noise[:600], rate=44100)  # 217 samples at 16 kHz
+        nan = noise[:16000].copy()
+        nan[[5, 900]] = np.nan
+        self.nan_wav = _wav(audio / "nan.wav", nan, subtype="FLOAT")
+        inf = noise[:16000].copy()
+        inf[7] = np.inf
+        self.inf_wav = _wav(audio / "inf.wav", inf, subtype="FLOAT")
+        self.two_seconds = _wav(audio / "two-seconds.wav", noise)
+        self.one_second = _wav(audio / "one-second.wav", noise[:16000])
+        self.stereo_44k = _wav(audio / "stereo-44k.wav", np.stack([noise, 0.5 * noise], axis=1), rate=44100)
+        self.not_a_folder = audio / "file.txt"
+        self.not_a_folder.write_text("x")
+
+        ckpt = root / "checkpoints"
+        ckpt.mkdir()
+        self.missing_ckpt = ckpt / "no-such-checkpoint"
+        self.config_only = ckpt / "config-only"
+        self.config_only.mkdir()
+        shutil.copy(tiny / "config.json", self.config_only)
+        self.pickle_only = _pickle_only(tiny, ckpt / "pickle-only")
+        self.truncated = self._copy("truncated")
+        shard = self.truncated / "model-00001-of-00002.safetensors"
+        shard.write_bytes(shard.read_bytes()[:-100])
+        self.missing_shard = self._copy("missing-shard")
+        (self.missing_shard / "model-00002-of-00002.safetensors").unlink()
+        self.no_tokenizer = self._copy("no-tokenizer")
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"):
+            (self.no_tokenizer / name).unlink(missing_ok=True)
+        self.no_preprocessor = self._copy("no-preprocessor")
+        (self.no_preprocessor / "preprocessor_config.json").unlink()
+        self.bad_json = self._copy("bad-json")
+        (self.bad_json / "config.json").write_text("{ not json")
+        self.inconsistent = self._copy("inconsistent")
+        _edit_json(self.inconsistent / "config.json", lambda c: c.update(window_size=16))
+        self.ia3 = self._copy("ia3")
+        _edit_json(self.ia3 / "adapter_config.json", lambda c: c.update(peft_type="IA3"))
+        self.adapter_config_only = self._copy("adapter-config-only")
+        (self.adapter_config_only / "adapter_model.safetensors").unlink()
+        self.adapter_pickle = self._copy("adapter-pickle")
+        adapter = self.adapter_pickle / "adapter_model.safetensors"
+        torch.save(load_file(str(adapter)), self.adapter_pickle / "adapter_model.bin")
+        adapter.unlink()
+
+        reports = root / "reports"
+        reports.mkdir()
+        self.not_json = reports / "notes.json"
+        self.not_json.write_text("not json at all")
+        self.not_a_report = reports / "other.json"
+        self.not_a_report.write_text(json.dumps({"schema": "something-else/1"}))
+        self.minimal_report = reports / "minimal.json"  # enough to be read as a report
+        self.minimal_report.write_text(json.dumps({"schema": "parity-report/2", "summary": {}, "sections": []}))
+        self.out = root / "out"
+        self.full_folder = root / "full"
+        self.full_folder.mkdir()
+        (self.full_folder / "keep.txt").write_text("x")
+        captures = root / "captures"
+        self.captures_empty = captures / "empty"
+        self.captures_empty.mkdir(parents=True)
+        self.captures_garbage = captures / "garbage"
+        self.captures_garbage.mkdir()
+        (self.captures_garbage / "hf_captures.safetensors").write_bytes(b"\x00" * 64)
+        self.captures_fms = captures / "fms-side"
+        from parity.capture import Captures
+
+        fms = Captures("fms")
+        fms.put("encoder.input_linear", torch.zeros(2, 3))
+        fms.save(self.captures_fms / "hf_captures.safetensors")
+
+    def _copy(self, name: str) -> Path:
+        return Path(shutil.copytree(self.good, self.root / "checkpoints" / name))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    return Assets(tmp_path_factory.mktemp("bad-inputs"))
+
+
+class ModelLoaded(BaseException):
+    """A model (or the fixture checkpoint) was loaded: a BaseException, so the CLIs' `except Exception` cannot
+    turn it into an exit code."""
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Every loader the CLIs reach replaced by a tripwire: bad input must be refused before any of them."""
+    import granite_speech.checkpoint as checkpoint
+    import granite_speech.checkpoint.loading as loading
+    import parity.granite.fixtures as fixtures
+    import parity.granite.hf as hf
+
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded(f"a model was loaded before the input was refused: {args} {kwargs}")
+
+    for module, name in ((checkpoint, "load_model"), (loading, "load_model"), (hf, "load_hf_model"),
+                         (fixtures, "build_checkpoint")):
+        monkeypatch.setattr(module, name, tripwire)
+    monkeypatch.setattr(torch, "load", tripwire)
+
+
+def _run(cli: str, argv: List[str]) -> int:
+    if cli in ("transcribe", "speech"):
+        from granite_speech.__main__ import main
+
+        return main(["transcribe", *argv] if cli == "transcribe" else argv)
+    from parity.granite.cli import main
+
+    return main([cli, *argv] if cli in ("compare", "diff") else argv)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Case:
+    id: str
+    cli: str  # transcribe | compare | diff | top-level ("parity" / "speech": no subcommand)
+    argv: Callable[[Assets], List[str]]
+    code: int
+    message: str  # regex searched in the one `error:` line
+    skip: Optional[str] = None
+
+
+def _t(a: Assets, *extra, checkpoint=None, clips=None) -> List[str]:
+    return ["--checkpoint", str(checkpoint or a.good), *map(str, clips or [CLIP]), *map(str, extra)]
+
+
+def _c(a: Assets, *extra) -> List[str]:
+    return [*map(str, extra)]
+
+
+CASES = [
+    # ---- transcribe: checkpoint folder
+    Case("t-checkpoint-missing", "transcribe", lambda a: _t(a, checkpoint=a.missing_ckpt), 2,
+         r"--checkpoint: checkpoint folder \S*no-such-checkpoint does not exist"),
+    Case("t-checkpoint-is-a-file", "transcribe", lambda a: _t(a, checkpoint=a.not_a_folder), 2,
+         r"checkpoint folder \S*file\.txt is a file; expected a Hugging Face checkpoint folder"),
+    Case("t-checkpoint-config-only", "transcribe", lambda a: _t(a, checkpoint=a.config_only), 2,
+         r"config-only holds no \*\.safetensors files \(only safetensors are loaded, never pickle\)"),
+    Case("t-checkpoint-pickle-only", "transcribe", lambda a: _t(a, checkpoint=a.pickle_only), 2,
+         r"pickle-only holds only pickle weights \(adapter_model\.bin, pytorch_model\.bin\); Granite Speech loads "
+         r"safetensors only, never pickle"),
+    Case("t-checkpoint-truncated-shard", "transcribe", lambda a: _t(a, checkpoint=a.truncated), 2,
+         r"model-00001-of-00002\.safetensors in \S*truncated is truncated or corrupt"),
+    Case("t-checkpoint-missing-shard", "transcribe", lambda a: _t(a, checkpoint=a.missing_shard), 2,
+         r"shard\(s\) \['model-00002-of-00002\.safetensors'\] listed in \S*index\.json are missing"),
+    Case("t-checkpoint-no-tokenizer", "transcribe", lambda a: _t(a, checkpoint=a.no_tokenizer), 2,
+         r"no-tokenizer has no tokenizer \(expected tokenizer_config\.json with tokenizer\.json"),
+    Case("t-checkpoint-no-preprocessor", "transcribe", lambda a: _t(a, checkpoint=a.no_preprocessor), 2,
+         r"no-preprocessor has no preprocessor_config\.json"),
+    Case("t-checkpoint-config-not-json", "transcribe", lambda a: _t(a, checkpoint=a.bad_json), 2,
+         r"bad-json/config\.json is not valid JSON"),
+    Case("t-checkpoint-config-inconsistent", "transcribe", lambda a: _t(a, checkpoint=a.inconsistent), 2,
+         r"--checkpoint: \S+inconsistent/config\.json: window_size \(16\) must be a multiple of downsample_rate \(5\)"),
+    Case("t-adapter-not-lora", "transcribe", lambda a: _t(a, checkpoint=a.ia3), 2,
+         r"adapter_config\.json: only LoRA adapters are supported"),
+    Case("t-adapter-config-without-weights", "transcribe", lambda a: _t(a, checkpoint=a.adapter_config_only), 2,
+         r"has adapter_config\.json but no adapter_model\.safetensors"),
+    Case("t-adapter-pickle-only", "transcribe", lambda a: _t(a, checkpoint=a.adapter_pickle), 2,
+         r"the adapter of \S*adapter-pickle holds only pickle weights \(adapter_model\.bin\)"),
+    # ---- transcribe: audio
+    Case("t-audio-missing", "transcribe", lambda a: _t(a, clips=[a.missing_audio]), 2,
+         r"no such audio file: \S*missing\.flac"),
+    Case("t-audio-is-a-folder", "transcribe", lambda a: _t(a, clips=[a.folder_audio]), 2,
+         r"a-folder\.wav is a folder; expected an audio file"),
+    Case("t-audio-text-file", "transcribe", lambda a: _t(a, clips=[a.text_audio]), 2,
+         r"notes\.wav is not a readable audio file \(Format not recognised\.\); expected WAV, FLAC"),
+    Case("t-audio-empty-file", "transcribe", lambda a: _t(a, clips=[a.empty_file]), 2,
+         r"empty\.wav is not a readable audio file"),
+    Case("t-audio-zero-length", "transcribe", lambda a: _t(a, clips=[a.zero_wav]), 2,
+         r"zero\.wav holds no audio samples; expected at least 257 samples at 16000 Hz"),
+    Case("t-audio-shorter-than-a-frame", "transcribe", lambda a: _t(a, clips=[a.short_wav]), 2,
+         r"short\.wav is too short: 100 samples at 16000 Hz \(6\.2 ms\); expected at least 257 samples"),
+    Case("t-audio-short-after-resampling", "transcribe", lambda a: _t(a, clips=[a.short_44k]), 2,
+         r"short-44k\.wav is too short: 218 samples at 16000 Hz"),
+    Case("t-audio-nan", "transcribe", lambda a: _t(a, clips=[a.nan_wav]), 2,
+         r"nan\.wav contains 2 NaN/Inf samples; expected finite samples"),
+    Case("t-audio-inf", "transcribe", lambda a: _t(a, clips=[a.inf_wav]), 2,
+         r"inf\.wav contains 1 NaN/Inf samples"),
+    Case("t-audio-too-long", "transcribe", lambda a: _t(a, "--max-audio-seconds", "1.5", clips=[a.two_seconds]), 2,
+         r"two-seconds\.wav is 2\.0 s long, over the 1\.5 s limit; split it, or raise the limit with "
+         r"--max-audio-seconds"),
+    Case("t-audio-bad-second-clip", "transcribe", lambda a: _t(a, clips=[CLIP, a.text_audio]), 2,
+         r"notes\.wav is not a readable audio file"),
+    # ---- transcribe: options
+    Case("t-device-gpu", "transcribe", lambda a: _t(a, "--device", "gpu"), 2,
+         r"--device 'gpu' is not a torch device; expected cpu, cuda or cuda:N"),
+    Case("t-device-cuda-without-gpu", "transcribe", lambda a: _t(a, "--device", "cuda"), 2,
+         r"--device cuda: torch \S+ sees no CUDA device", skip="a CUDA device is present" if HAS_CUDA else None),
+    Case("t-device-cuda-index", "transcribe", lambda a: _t(a, "--device", "cuda:99"), 2,
+         r"--device cuda:99: (torch \S+ sees no CUDA device|only \d+ CUDA device\(s\) visible)"),
+    Case("t-device-meta", "transcribe", lambda a: _t(a, "--device", "meta"), 2,
+         r"--device meta: device type 'meta' is not supported; expected cpu, cuda or cuda:N"),
+    Case("t-dtype-float64", "transcribe", lambda a: _t(a, "--dtype", "float64"), 2,
+         r"argument --dtype: invalid choice: 'float64'"),
+    Case("t-max-new-tokens-zero", "transcribe", lambda a: _t(a, "--max-new-tokens", "0"), 2,
+         r"argument --max-new-tokens: expected a whole number >= 1, got 0"),
+    Case("t-max-new-tokens-text", "transcribe", lambda a: _t(a, "--max-new-tokens", "many"), 2,
+         r"argument --max-new-tokens: expected a whole number >= 1, got 'many'"),
+    Case("t-max-audio-seconds-negative", "transcribe", lambda a: _t(a, "--max-audio-seconds", "-5"), 2,
+         r"argument --max-audio-seconds: expected a number of seconds > 0, got -5"),
+    Case("t-prompt-without-placeholder", "transcribe", lambda a: _t(a, "--prompt", "transcribe this"), 2,
+         r"--prompt must contain <\|audio\|> exactly once \(where the clip goes\), found it 0 times"),
+    Case("t-prompt-two-placeholders", "transcribe", lambda a: _t(a, "--prompt", "<|audio|> and <|audio|>"), 2,
+         r"found it 2 times"),
+    Case("t-no-clips", "transcribe", lambda a: ["--checkpoint", str(a.good)], 2,
+         r"the following arguments are required: CLIP"),
+    Case("t-no-checkpoint", "transcribe", lambda a: [str(CLIP)], 2,
+         r"the following arguments are required: --checkpoint"),
+    Case("t-unknown-option", "transcribe", lambda a: _t(a, "--beam-size", "4"), 2,
+         r"unrecognized arguments: --beam-size 4"),
+    Case("speech-no-command", "speech", lambda a: [], 2, r"the following arguments are required: COMMAND"),
+    # ---- compare
+    Case("c-atol-negative", "compare", lambda a: _c(a, "--atol", "-1"), 2,
+         r"argument --atol: expected a finite number >= 0, got -1"),
+    Case("c-rtol-nan", "compare", lambda a: _c(a, "--rtol", "nan"), 2,
+         r"argument --rtol: expected a finite number >= 0, got nan"),
+    Case("c-atol-text", "compare", lambda a: _c(a, "--atol", "tight"), 2,
+         r"argument --atol: expected a finite number >= 0, got 'tight'"),
+    Case("c-device-gpu", "compare", lambda a: _c(a, "--device", "gpu"), 2, r"--device 'gpu' is not a torch device"),
+    Case("c-device-cuda-without-gpu", "compare", lambda a: _c(a, "--device", "cuda"), 2,
+         r"--device cuda: torch \S+ sees no CUDA device \(torch\.cuda\.is_available\(\) is False\); use --device cpu",
+         skip="a CUDA device is present" if HAS_CUDA else None),
+    Case("c-dtype-typo", "compare", lambda a: _c(a, "--dtype", "fp32"), 2, r"argument --dtype: invalid choice: 'fp32'"),
+    Case("c-model-unknown", "compare", lambda a: _c(a, "--model", "3b"), 2, r"argument --model: invalid choice: '3b'"),
+    Case("c-mode-typo", "compare", lambda a: _c(a, "--mode", "teacher"), 2, r"argument --mode: invalid choice"),
+    Case("c-phases-typo", "compare", lambda a: _c(a, "--phases", "three"), 2, r"argument --phases: invalid choice"),
+    Case("c-seed-negative", "compare", lambda a: _c(a, "--seed", "-1"), 2,
+         r"argument --seed: expected a whole number >= 0, got -1"),
+    Case("c-audio-text-file", "compare", lambda a: _c(a, "--audio", a.text_audio), 2,
+         r"notes\.wav is not a readable audio file \(Format not recognised\.\)"),
+    Case("c-audio-zero-length", "compare", lambda a: _c(a, "--audio", a.zero_wav), 2,
+         r"zero\.wav holds no audio samples"),
+    Case("c-audio-missing", "compare", lambda a: _c(a, "--audio", a.missing_audio), 2, r"no such audio file"),
+    Case("c-audio-nan", "compare", lambda a: _c(a, "--audio", a.nan_wav), 2, r"contains 2 NaN/Inf samples"),
+    Case("c-audio-too-long", "compare", lambda a: _c(a, "--audio", a.two_seconds, "--max-audio-seconds", "1"), 2,
+         r"is 2\.0 s long, over the 1 s limit"),
+    Case("c-audio-no-files", "compare", lambda a: _c(a, "--audio"), 2,
+         r"argument --audio: expected at least one argument"),
+    Case("c-new-tokens-zero", "compare", lambda a: _c(a, "--new-tokens", "0"), 2,
+         r"argument --new-tokens: .*expected a whole number >= 1"),
+    Case("c-prompt-without-placeholder", "compare", lambda a: _c(a, "--prompt", "hello"), 2,
+         r"--prompt must contain <\|audio\|> exactly once"),
+    Case("c-report-is-a-folder", "compare", lambda a: _c(a, "--report", a.root), 2,
+         r"--report \S+ is a folder; expected a file path such as \S+/report\.html"),
+    Case("c-json-is-a-folder", "compare", lambda a: _c(a, "--json", a.root), 2,
+         r"--json \S+ is a folder; expected a file path such as \S+/report\.json"),
+    Case("c-report-under-a-file", "compare", lambda a: _c(a, "--report", a.not_a_folder / "r.html"), 2,
+         r"--report \S+: \S*file\.txt is a file, so the folder \S+ cannot be made"),
+    Case("c-report-same-as-json", "compare", lambda a: _c(a, "--report", a.out / "r", "--json", a.out / "r"), 2,
+         r"--report and --json are both \S+; give them different paths"),
+    Case("c-checkpoint-missing", "compare", lambda a: _c(a, "--checkpoint", a.missing_ckpt), 2,
+         r"--checkpoint: checkpoint folder \S+ does not exist"),
+    Case("c-checkpoint-pickle-only", "compare", lambda a: _c(a, "--checkpoint", a.pickle_only), 2,
+         r"holds only pickle weights .*safetensors only, never pickle"),
+    Case("c-checkpoint-truncated", "compare", lambda a: _c(a, "--checkpoint", a.truncated), 2,
+         r"is truncated or corrupt"),
+    Case("c-checkpoint-and-model", "compare", lambda a: _c(a, "--checkpoint", a.good, "--model", "tiny"), 2,
+         r"--model picks a seeded random fixture and --checkpoint a real folder; pass one of them"),
+    Case("c-save-captures-is-a-file", "compare", lambda a: _c(a, "--save-captures", a.not_a_folder), 2,
+         r"--save-captures \S+ is a file; expected a folder \(new or empty\)"),
+    Case("c-save-captures-not-empty", "compare", lambda a: _c(a, "--save-captures", a.full_folder), 2,
+         r"--save-captures \S+ is not empty; expected a new or empty folder"),
+    Case("c-reference-captures-missing", "compare", lambda a: _c(a, "--reference-captures", a.root / "nope"), 2,
+         r"--reference-captures \S+ does not exist; expected a folder written by --save-captures"),
+    Case("c-reference-captures-empty", "compare", lambda a: _c(a, "--reference-captures", a.captures_empty), 2,
+         r"--reference-captures \S+ has no hf_captures\.safetensors"),
+    Case("c-reference-captures-garbage", "compare", lambda a: _c(a, "--reference-captures", a.captures_garbage), 2,
+         r"hf_captures\.safetensors is truncated or not safetensors"),
+    Case("c-reference-captures-wrong-side", "compare", lambda a: _c(a, "--reference-captures", a.captures_fms), 2,
+         r"holds the 'fms' side's captures; expected the HF reference's"),
+    Case("c-unknown-option", "compare", lambda a: _c(a, "--tolerance", "1e-3"), 2,
+         r"unrecognized arguments: --tolerance"),
+    Case("parity-unknown-command", "parity", lambda a: ["comapre"], 2, r"argument COMMAND: invalid choice: 'comapre'"),
+    # ---- diff
+    Case("d-old-missing", "diff", lambda a: _c(a, a.root / "old.json", a.not_json), 2,
+         r"OLD \S+old\.json does not exist; expected a parity report JSON"),
+    Case("d-old-not-json", "diff", lambda a: _c(a, a.not_json, a.not_json), 2,
+         r"OLD \S+notes\.json is not a parity report JSON \(Expecting value"),
+    Case("d-old-not-a-report", "diff", lambda a: _c(a, a.not_a_report, a.minimal_report), 2,
+         r"OLD \S+other\.json is not a parity report JSON \(.*schema 'something-else/1'"),
+    Case("d-new-not-a-report", "diff", lambda a: _c(a, a.minimal_report, a.not_a_report), 2,
+         r"NEW \S+other\.json is not a parity report JSON \(.*schema 'something-else/1'"),
+    Case("d-report-overwrites-old", "diff", lambda a: _c(a, a.minimal_report, a.minimal_report, "--report",
+                                                          a.minimal_report), 2,
+         r"--report and OLD are both \S+minimal\.json; give them different paths"),
+    Case("d-report-is-a-folder", "diff", lambda a: _c(a, a.minimal_report, a.minimal_report, "--report", a.root), 2,
+         r"--report \S+ is a folder; expected a file path such as \S+/diff\.html"),
+    Case("d-growth-below-one", "diff", lambda a: _c(a, a.not_json, a.not_json, "--growth", "0.5"), 2,
+         r"argument --growth: expected a finite factor >= 1"),
+    Case("d-growth-infinite", "diff", lambda a: _c(a, a.not_json, a.not_json, "--growth", "inf"), 2,
+         r"argument --growth: expected a finite factor >= 1"),
+    Case("d-missing-new", "diff", lambda a: _c(a, a.not_json), 2, r"the following arguments are required: NEW\.json"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.skip(reason=c.skip)] if c.skip else [])
+                                  for c in CASES])
+def test_bad_input_exit_code_and_message(case, assets, no_models, capsys):
+    code = _run(case.cli, case.argv(assets))
+    out, err = capsys.readouterr()
+    assert code == case.code, f"exit {code}, expected {case.code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err, err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and err.rstrip().splitlines()[-1] == error_lines[0], err
+    assert re.search(case.message, error_lines[0]), f"{case.message!r} not in {error_lines[0]!r}"
+    assert out == "", out  # nothing on stdout: no verdict, no transcript
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 40
+
+
+# ---------------------------------------------------------------------------------------------- 0 / 1 / 3
+def test_internal_error_exits_3_with_traceback_and_a_report_request(assets, monkeypatch, capsys):
+    import parity.granite.cli as cli
+
+    def broken(run):
+        raise RuntimeError("a bug in the run")
+
+    monkeypatch.setattr(cli, "run_compare", broken)
+    assert cli.main(["compare", "--checkpoint", str(assets.good)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug in the run" in err
+    assert re.search(r"internal error: granite-speech-parity failed unexpectedly .* please report it", err)
+
+
+def test_transcribe_internal_error_exits_3(assets, monkeypatch, capsys):
+    import granite_speech.__main__ as speech
+
+    monkeypatch.setattr(speech, "run_transcription", lambda job: {}["a bug"])
+    assert speech.main(["transcribe", "--checkpoint", str(assets.good), str(CLIP)]) == 3
+    err = capsys.readouterr().err
+    assert "KeyError: 'a bug'" in err and "please report it" in err
+
+
+@pytest.fixture(scope="module")
+def compare_reports(tmp_path_factory):
+    """One passing and one failing compare run on the tiny fixture (the failing one: zero tolerances):
+    (folder, exit codes, stdouts)."""
+    import contextlib
+    import io
+
+    from parity.granite.cli import main
+
+    root = tmp_path_factory.mktemp("compare")
+    codes, outs = {}, {}
+    for name, extra in (("pass", []), ("fail", ["--atol", "0", "--rtol", "0"])):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            codes[name] = main(["compare", "--report", str(root / f"{name}.html"), "--json",
+                                str(root / f"{name}.json"), *extra])
+        outs[name] = out.getvalue()
+    return root, codes, outs
+
+
+def test_compare_exits_0_when_parity_holds_and_1_when_it_fails(compare_reports):
+    root, codes, _ = compare_reports
+    assert codes == {"pass": 0, "fail": 1}
+    assert all((root / f"{n}.{ext}").is_file() for n in ("pass", "fail") for ext in ("html", "json"))
+
+
+def test_compare_prints_the_verdict_then_where_reports_went(compare_reports):
+    root, _, outs = compare_reports
+    for name, verdict in (("pass", "PASS: "), ("fail", "FAIL (first divergence: ")):
+        lines = outs[name].splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(verdict))
+        assert lines[at + 1:at + 3] == [f"report: {root / (name + '.html')}", f"json: {root / (name + '.json')}"]
+
+
+def test_diff_exits_0_when_nothing_grew_and_1_on_regression(compare_reports, capsys):
+    from parity.granite.cli import main
+
+    root, _, _ = compare_reports
+    assert main(["diff", str(root / "pass.json"), str(root / "pass.json"), "--json", str(root / "same.json")]) == 0
+    assert json.loads((root / "same.json").read_text())["summary"]["verdict"] == "ok"
+    capsys.readouterr()
+    assert main(["diff", str(root / "pass.json"), str(root / "fail.json"), "--report", str(root / "d.html")]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out.upper() and f"report: {root / 'd.html'}" in out and (root / "d.html").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- help and version
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["diff", "--help"]], ids=" ".join)
+def test_parity_help_documents_every_option_and_the_exit_codes(argv, capsys):
+    from parity.granite.cli import build_parser, main
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and re.search(r"^  2  usage or input error", out, re.M) and "  3  internal" in out
+    _assert_every_option_has_help(build_parser())
+
+
+def test_speech_help_documents_every_option_and_the_exit_codes(capsys):
+    from granite_speech.__main__ import build_parser, main
+
+    assert main(["transcribe", "--help"]) == 0
+    assert "exit codes:" in capsys.readouterr().out
+    _assert_every_option_has_help(build_parser())
+
+
+def _assert_every_option_has_help(parser):
+    import argparse
+
+    def walk(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action.choices.values():
+                    yield from walk(choice)
+            elif not isinstance(action, argparse._HelpAction):
+                yield p.prog, action
+
+    undocumented = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, a in walk(parser) if not a.help]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("module", ["parity.granite", "granite_speech"])
+def test_version(module):
+    result = subprocess.run([sys.executable, "-m", module, "--version"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"granite-speech(-parity)? \(granite-speech-fms \S+; torch \S+, transformers \S+, "
+                        r"ibm-fms \S+\)\n", result.stdout), result.stdout
+
+
+def test_real_entry_point_bad_input_is_one_line(assets):
+    """Through the interpreter, as CI runs it: exit 2, stderr is one line, no traceback."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "parity.granite", "compare", "--audio", str(assets.text_audio)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the API
+@pytest.mark.parametrize(
+    "path, kwargs, message",
+    [
+        pytest.param("missing_audio", {}, r"no such audio file", id="missing"),
+        pytest.param("folder_audio", {}, r"is a folder; expected an audio file", id="folder"),
+        pytest.param("text_audio", {}, r"is not a readable audio file \(Format not recognised\.\)", id="text"),
+        pytest.param("zero_wav", {}, r"holds no audio samples", id="zero-length"),
+        pytest.param("short_wav", {}, r"is too short: 100 samples", id="too-short"),
+        pytest.param("nan_wav", {}, r"contains 2 NaN/Inf samples", id="nan"),
+        pytest.param("two_seconds", {"max_seconds": 1.0}, r"is 2\.0 s long, over the 1 s limit", id="too-long"),
+    ],
+)
+def test_read_audio_refuses(assets, path, kwargs, message):
+    with pytest.raises(AudioInputError, match=message) as excinfo:
+        read_audio(getattr(assets, path), 16000, **kwargs)
+    assert isinstance(excinfo.value, ValueError) and "\n" not in str(excinfo.value)
+
+
+def test_read_audio_down_mixes_and_resamples_and_says_so(assets):
+    notes = []
+    audio = read_audio(assets.stereo_44k, 16000, notify=notes.append)
+    assert audio.dim() == 1 and audio.dtype == torch.float32 and abs(audio.numel() - 32000 * 16000 // 44100) <= 1
+    assert notes == [f"{assets.stereo_44k}: 2 channels down-mixed to mono (mean of the channels)",
+                     f"{assets.stereo_44k}: resampling 44100 Hz -> 16000 Hz"]
+    # exactly what HF's own audio loading gives (soundfile + mean + soxr HQ, as librosa.load)
+    from parity.granite.hf import hf_load_audio
+
+    expected = hf_load_audio(assets.stereo_44k, 16000)
+    torch.testing.assert_close(audio, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param({"checkpoint": "missing_ckpt"}, r"checkpoint: checkpoint folder \S+ does not exist", id="checkpoint"),
+        pytest.param({"device": "gpu"}, r"device 'gpu' is not a torch device", id="device"),
+        pytest.param({"max_new_tokens": 0}, r"max_new_tokens must be a whole number >= 1, got 0", id="max-new-tokens"),
+        pytest.param({"instruction": "no placeholder"}, r"must contain <\|audio\|> exactly once", id="prompt"),
+        pytest.param({"clips": []}, r"no audio clips given", id="no-clips"),
+        pytest.param({"dtype": torch.float64}, r"dtype 'float64' is not supported", id="dtype"),
+        pytest.param({"clips": ["text_audio"]}, r"is not a readable audio file", id="audio"),
+    ],
+)
+def test_transcribe_api_refuses_before_loading(assets, no_models, kwargs, message):
+    from granite_speech.__main__ import transcribe
+
+    args = {"checkpoint": assets.good, "clips": [CLIP], **kwargs}
+    if isinstance(args["checkpoint"], str):
+        args["checkpoint"] = getattr(assets, args["checkpoint"])
+    args["clips"] = [getattr(assets, c) if isinstance(c, str) else c for c in args["clips"]]
+    with pytest.raises(UsageError, match=message):
+        transcribe(args.pop("checkpoint"), args.pop("clips"), **args)
+
+
+# ---------------------------------------------------------------------------------------------- never pickle
+def _fms_variant(folder):
+    from fms.models import get_model
+
+    return get_model("granite_speech", "tiny", model_path=str(folder), source="hf")
+
+
+PICKLE_ENTRY_POINTS = {
+    "check_checkpoint_folder": lambda a: check_checkpoint_folder(a.pickle_only),
+    "load_model": lambda a: __import__("granite_speech.checkpoint.loading", fromlist=["x"]).load_model(a.pickle_only),
+    "get_model-hf_pretrained": lambda a: __import__("fms.models", fromlist=["x"]).get_model(
+        "hf_pretrained", model_path=str(a.pickle_only)),
+    "get_model-variant-folder": lambda a: _fms_variant(a.pickle_only),
+    "get_model-variant-bin-file": lambda a: _fms_variant(a.pickle_only / "pytorch_model.bin"),
+    "get_model-variant-bin-glob": lambda a: _fms_variant(f"{a.pickle_only}/*.bin"),
+}
+
+
+@pytest.mark.parametrize("entry", list(PICKLE_ENTRY_POINTS))
+def test_pickle_only_checkpoint_is_refused_before_torch_load(assets, monkeypatch, entry):
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded("torch.load was called: a pickle file was read")
+
+    monkeypatch.setattr(torch, "load", tripwire)
+    with pytest.raises(CheckpointFormatError, match=r"holds only pickle weights \((adapter_model\.bin, )?"
+                                                    r"pytorch_model\.bin\); Granite Speech loads safetensors only"):
+        PICKLE_ENTRY_POINTS[entry](assets)
+
+
+def test_hf_reference_refuses_a_pickle_only_checkpoint(assets, monkeypatch):
+    from parity.granite.hf import load_hf_model
+
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded("torch.load was called: a pickle file was read")
+
+    monkeypatch.setattr(torch, "load", tripwire)
+    with pytest.raises(OSError, match=r"safetensors"):
+        load_hf_model(assets.pickle_only)
+
+
+def test_fms_guard_leaves_other_architectures_alone(assets):
+    # the guard wraps FMS's resolver for granite_speech only: a llama variant with no path resolves as before
+    import fms.models as fms_models
+
+    resolver = fms_models.__dict__["__maybe_infer_model_variant"]
+    assert resolver._granite_speech_guard
+    assert resolver("llama", "micro", None, None)[:2] == ("llama", "micro")
+
+
+def test_variant_entry_point_still_loads_safetensors(assets):
+    model = _fms_variant(assets.good)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# ---------------------------------------------------------------------------------------------- pytest plugin
+def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "parity.granite.plugin", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_plugin_refuses_a_pickle_only_checkpoint(assets, tmp_path):
+    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    result = _pytest(tmp_path, "test_nothing.py", "--checkpoint", str(assets.pickle_only))
+    assert result.returncode == 4, result.stdout + result.stderr  # pytest's usage-error code
+    assert re.search(r"--checkpoint \S+pickle-only: \S+ holds only pickle weights .*never pickle", result.stderr)
+
+
+def test_plugin_says_where_reports_went_and_warns_when_none_was_written(tmp_path):
+    (tmp_path / "test_writes.py").write_text(textwrap.dedent("""
+        import parity.report
+
+        def fake_writer(report, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("report")
+            return path
+
+        # before the fixture imports them: a subprocess of its own, so patching the module is harmless
+        parity.report.write_html = parity.report.write_json = fake_writer
+
+        def test_writes_teacher_forced_html(write_parity_report):
+            write_parity_report({}, "teacher-forced")
+    """))
+    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    html, js = tmp_path / "out" / "r.html", tmp_path / "out" / "r.json"
+    wrote = _pytest(tmp_path, "test_writes.py", "--parity-report", str(html))
+    assert wrote.returncode == 0, wrote.stdout + wrote.stderr
+    assert f"--parity-report (teacher-forced): {tmp_path / 'out' / 'r.teacher-forced.html'}" in wrote.stdout
+    silent = _pytest(tmp_path, "test_nothing.py", "--parity-report", str(html), "--parity-json", str(js))
+    assert silent.returncode == 0, silent.stdout + silent.stderr
+    for option, path in (("--parity-report", html), ("--parity-json", js)):
+        assert f"warning: {option} {path} was given but no test wrote a report" in silent.stdout, silent.stdout
