@@ -355,3 +355,32 @@ def test_assert_no_growth(real, tmp_path):
     with pytest.raises(AssertionError, match=r"(?s)REPORT DIFF REGRESSED.*decoder\.layer\.3\.attn\.q"):
         assert_no_growth(baseline, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}))
     assert_no_growth(real, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}), growth=2000.0)
+
+
+def test_pytest_baseline_fails_on_growth(tmp_path):
+    """`pytest --parity-baseline OLD.json` fails the layer suite when a probe's error grew past the factor: a baseline
+    whose errors are 1e-6 of today's makes every non-zero probe a 1e6x growth."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    today = tmp_path / "today.json"
+    run = [sys.executable, "-m", "pytest", "suites/test_layers.py", "--model", "tiny", "-q", "-p", "no:cacheprovider",
+           "--parity-mode", "teacher-forced"]
+    first = subprocess.run(run + ["--parity-json", str(today)], cwd=root, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:]
+    again = subprocess.run(run + ["--parity-baseline", str(today)], cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-2000:]  # no growth against itself
+    shrunk = json.loads(today.read_text())
+    for section in shrunk["sections"]:
+        for probe in section["result"]["probes"]:
+            metrics = probe["propagated"].get("metrics") or {}
+            if isinstance(metrics.get("max_abs"), float):
+                metrics["max_abs"] *= 1e-6
+    shrunk["result"] = shrunk["sections"][0]["result"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(shrunk))
+    grown = subprocess.run(run + ["--parity-baseline", str(old)], cwd=root, capture_output=True, text=True)
+    assert grown.returncode == 1 and "grew" in grown.stdout.lower(), grown.stdout[-2000:]

@@ -32,6 +32,10 @@ def pytest_addoption(parser):
                     help="write the layer-diff HTML report here (by suites/test_layers.py; a run of another mode gets "
                          "the mode in the name, e.g. X.teacher-forced.html); where reports went is printed at the end")
     group.addoption("--parity-json", default=None, help="write the layer-diff JSON report here (as --parity-report)")
+    group.addoption("--parity-baseline", default=None, metavar="REPORT.json",
+                    help="a report of an earlier run (--parity-json): fail when a probe's error grew more than "
+                         "--parity-growth times against it, or a probe stopped passing")
+    group.addoption("--parity-growth", type=float, default=10.0, help="growth factor for --parity-baseline")
     group.addoption("--parity-mode", default="propagated", choices=MODES,
                     help="what the layer suite compares (teacher-forced always runs beside it)")
     group.addoption("--parity-phases", default="auto", choices=PHASES,
@@ -191,6 +195,11 @@ def write_parity_report(pytestconfig):
                 path = path.with_name(f"{path.stem}.{mode}{path.suffix}")
             written.append(writer(report, path))
             pytestconfig.stash.setdefault(_WRITTEN, []).append((option, mode, written[-1]))
+        baseline = pytestconfig.getoption("--parity-baseline")
+        if baseline and mode == pytestconfig.getoption("--parity-mode"):
+            from parity.report_diff import assert_no_growth
+
+            assert_no_growth(baseline, report, growth=pytestconfig.getoption("--parity-growth"))
         return written
 
     return write
@@ -238,7 +247,7 @@ def resolve_run_scope(config, size: str = SESSION, device: str = SESSION, dtype:
 
 
 @pytest.hookimpl(specname="pytest_configure")
-def _register_runs_at_marker(config):
+def pytest_configure_runs_at_marker(config):  # a second pytest_configure, kept apart from the first
     config.addinivalue_line(
         "markers",
         "runs_at(size, device='session', dtype='session'): the size/device/dtype a test runs at; 'session' follows "
