@@ -201,10 +201,10 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
         rows.append((Probe(f"processor.{key}", "processor", "processor", teacher=(), tolerance_class="exact",
                            note="after <|audio|> expansion, left-padded"), _field(hf_batch, key),
                      _field(fms_batch, key)))
-    for row, meta in zip(_field(hf_batch, "attention_mask").sum(-1).tolist()
-                         if isinstance(_field(hf_batch, "attention_mask"), torch.Tensor) else [], inputs_meta or
-                         [{} for _ in case.rows()]):
-        meta["tokens"] = int(row)
+    inputs_meta = inputs_meta or [{"audio": "(text only)"} for _ in case.rows()]
+    mask = _field(hf_batch, "attention_mask")
+    for count, meta in zip(mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [], inputs_meta):
+        meta["prompt tokens"] = int(count)
     return rows, _model_inputs(hf_batch, models), _model_inputs(fms_batch, models), {"inputs": inputs_meta}
 
 
@@ -399,7 +399,7 @@ def run_pipeline(
             progress(f"case: {case.name}")
             models = base.at(getattr(torch, case.dtype)) if case.dtype else base
             rows, hf_inputs, fms_inputs, extra = _preprocess(case, models, Path(tmp))
-            inputs_meta.append({"case": case.name, **extra})
+            inputs_meta.extend({"case": case.name, **row} for row in extra["inputs"])
             pre = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
             sections.append((f"{case.name} · preprocessing", "preprocessing", pre, {"why": case.why}))
             if isinstance(hf_inputs, BaseException):
