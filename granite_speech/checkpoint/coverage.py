@@ -74,27 +74,22 @@ def check_shapes(model_config, state_dict) -> None:
         )
 
 
-def _required_keys(model: torch.nn.Module) -> set:
-    keys = {k for k in model.state_dict().keys() if not SKIPPED.search(k)}
-    if model.config.text_config.tie_heads:
-        # tied in post_init; checkpoints of tied models carry only the embedding
-        keys.discard("language_model.head.weight")
-    return keys
-
-
-def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
-    """Close the model's ledger; raise listing the keys unless the checkpoint covered the model exactly.
-    A model that was not loaded through the adapter has nothing to audit."""
+def close_ledger(model: torch.nn.Module) -> Optional[Dict[str, int]]:
+    """Close the model's ledger: checkpoint key -> times consumed, or None when the model was not loaded through
+    an adapter (a randomly initialised model has nothing to audit)."""
     ledger = _LEDGERS.pop(id(model.config), None)
     if ledger is None or ledger.model() is not model or not ledger.used:
-        return
+        return None
     seen: Dict[str, int] = {}
     for key in ledger.keys:
         seen[key] = seen.get(key, 0) + 1
-    required = _required_keys(model)
-    loaded = set(seen)
-    if model.config.text_config.tie_heads:
-        loaded.discard("language_model.head.weight")  # an explicit copy of a tied head is allowed
+    return seen
+
+
+def coverage_problems(seen: Dict[str, int], model: torch.nn.Module, optional=()) -> List[str]:
+    """What is missing, extra or consumed twice; `optional` keys (a tied head) may be present or not."""
+    required = {k for k in model.state_dict().keys() if not SKIPPED.search(k)} - set(optional)
+    loaded = set(seen) - set(optional)
     problems = []
     missing = sorted(required - loaded)
     extra = sorted(loaded - required)
@@ -111,10 +106,26 @@ def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
         problems.append(f"{len(extra)} checkpoint tensors the model has no place for{hint}: {extra}")
     if duplicated:
         problems.append(f"checkpoint tensors consumed more than once: {duplicated}")
-    if model.lora is not None:
-        expected = model.lora.pair_count()
-        pairs = len({k.rsplit(".", 2)[0] for k in loaded if k.startswith("lora.") and k.endswith("lora_B.weight")})
-        if pairs != expected:
-            problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
+    return problems
+
+
+def raise_problems(problems: List[str]) -> None:
     if problems:
         raise CheckpointCoverageError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
+
+
+def audit_loaded_checkpoint(model: torch.nn.Module) -> None:
+    """Close the model's ledger; raise listing the keys unless the checkpoint covered the model exactly.
+    A model that was not loaded through the adapter has nothing to audit."""
+    seen = close_ledger(model)
+    if seen is None:
+        return
+    # a tied head is tied in post_init; checkpoints of tied models carry only the embedding (an explicit copy is ok)
+    optional = {"language_model.head.weight"} if model.config.text_config.tie_heads else set()
+    problems = coverage_problems(seen, model, optional)
+    if model.lora is not None:
+        expected = model.lora.pair_count()
+        pairs = len({k.rsplit(".", 2)[0] for k in seen if k.startswith("lora.") and k.endswith("lora_B.weight")})
+        if pairs != expected:
+            problems.append(f"expected {expected} LoRA pairs (layers x targets), found {pairs}")
+    raise_problems(problems)

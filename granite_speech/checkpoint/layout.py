@@ -29,9 +29,16 @@ def _rewrite(path: str, old: str, new: str):
     return None
 
 
+# transformers 5.17's save_pretrained writes the decoder one level deeper (HF loads both forms)
+DOUBLED_DECODER = ("language_model.model.model", "language_model.model")
+
+
 def to_hub(key: str) -> str:
     """A key or module path of either layout (PEFT-prefixed or not) in the hub layout."""
     key = key.removeprefix(PEFT_PREFIX)
+    doubled = _rewrite(key, *DOUBLED_DECODER)
+    if doubled is not None:
+        return doubled
     for hub, tf5 in HUB_TO_TF5:
         rewritten = _rewrite(key, tf5, hub)
         if rewritten is not None:
