@@ -13,6 +13,7 @@ import torch.nn as nn
 from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 from fms.models.granite import Granite
+from fms.modules.positions import RopeLlama3ScalingImpl, RopeNoScalingImpl, RotaryEmbedding
 
 from granite_speech.checkpoint import coverage
 from granite_speech.config import VARIANTS, GraniteSpeechConfig
@@ -36,6 +37,61 @@ def padding_attn_kwargs(attention_mask: torch.Tensor, dtype: torch.dtype = torch
     mask = torch.zeros(allowed.shape, dtype=dtype, device=real.device).masked_fill(~allowed, float("-inf"))
     position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
     return {"mask": mask, "position_ids": position_ids}
+
+
+class _RopeLinearScalingImpl(RopeNoScalingImpl):
+    """HF rope_type "linear": the default inverse frequencies divided by `factor` (positions / factor)."""
+
+    def compute_scaled_freqs(self, device: str, alpha: int):
+        return super().compute_scaled_freqs(device, alpha) / self.scaling_info["factor"]
+
+
+# HF rope_type -> FMS table implementation (RopeLlama3ScalingImpl is HF's llama3 formula, checked against HF)
+_ROPE_IMPLS = {"default": RopeNoScalingImpl, "linear": _RopeLinearScalingImpl, "llama3": RopeLlama3ScalingImpl}
+
+
+class GraniteSpeechRotaryEmbedding(RotaryEmbedding):
+    """FMS's RotaryEmbedding with (a) the HF rope types FMS computes as cos/sin tables (`default`, `linear`,
+    `llama3`; the config audit refuses the rest) and (b) tables that grow with the positions asked for.
+
+    FMS caches one table per scaling alpha and never regrows it once built (`max_expected_seq_len` rows), so a
+    position beyond it is an IndexError; HF computes RoPE for any position. A request for more positions through an
+    int (`GraniteSpeech.forward` and `fast_generate` ask with ints, eagerly) rebuilds the table at least twice as
+    long. The tensor-valued requests FMS's attention makes are left alone (reading them would sync the device).
+    The table path (`rope_type` "regular") is kept for every type, so fast_generate can use it.
+    """
+
+    def __init__(self, dim: int, ratio: float, max_seq_len: int, scaling: Optional[dict] = None):
+        super().__init__(dim=dim, ratio=ratio, max_seq_len=max_seq_len)
+        scaling = dict(scaling or {})
+        self.hf_rope_type = scaling.get("rope_type", "default")
+        self.rope_scaling = _ROPE_IMPLS[self.hf_rope_type](self.dim, ratio, max_seq_len, scaling)
+
+    def compute_freqs_cis(self, device, max_seq_len=2048):
+        if isinstance(max_seq_len, int) and device != torch.device("meta"):
+            cached = self.max_seq_len_cached.get(device.index, 0)
+            if 0 < cached < max_seq_len:
+                self.cached_freqs[device.index] = {}
+                self.max_seq_len_cached[device.index] = 0
+                max_seq_len = max(max_seq_len, 2 * cached)
+        return super().compute_freqs_cis(device, max_seq_len)
+
+
+def _install_rotary_embedding(language_model: Granite) -> None:
+    """Replace the RoPE FMS's Granite builds (regular or ntk only) by GraniteSpeechRotaryEmbedding."""
+    text = language_model.config
+    base = language_model.base_model
+    rot_emb = GraniteSpeechRotaryEmbedding(
+        dim=text.head_dim,
+        ratio=text.rope_theta,
+        max_seq_len=text.max_expected_seq_len,
+        scaling=getattr(text, "rope_scaling", None),
+    )
+    base.rot_emb = rot_emb
+    for block in base.layers:
+        block.attn.position_encoder = rot_emb
+    for device in {p.device for p in base.parameters()}:
+        rot_emb.compute_freqs_cis(device, text.max_expected_seq_len)
 
 
 def merge_audio_embeds(
@@ -106,6 +162,7 @@ class GraniteSpeech(nn.Module):
         self.encoder = ConformerEncoder(self.config.encoder_config)
         self.projector = QFormerProjector(self.config.projector_config)
         self.language_model = Granite(self.config.text_config, distributed_strategy)
+        _install_rotary_embedding(self.language_model)
         self.lora = ModalityLoRA(self.config) if self.config.lora_rank else None
         coverage.open_ledger(self)
 
@@ -133,6 +190,9 @@ class GraniteSpeech(nn.Module):
             self.lora.attach(self.language_model.base_model, merge=self.config.lora_mode == "merged")
             if self.config.lora_mode == "merged":
                 self.lora = None
+        # What get_model returns is ready for inference as the README shows it: eval mode (dropout off in the
+        # encoder and the Q-Former). Call .train() explicitly to train.
+        self.eval()
 
     # ------------------------------------------------------------------ audio path
     def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
@@ -190,6 +250,7 @@ class GraniteSpeech(nn.Module):
         last_n_tokens: int = 0,
         audio_embeds: Optional[torch.Tensor] = None,
         use_audio_adapter: Optional[bool] = None,
+        attention_mask: Optional[torch.Tensor] = None,
         **attn_kwargs,
     ):
         """Logits (and the KV cache when use_cache) for token ids with optional audio.
@@ -197,7 +258,16 @@ class GraniteSpeech(nn.Module):
         `input_ids` may also be precomputed embeddings [B, L, D] (as FMS decoders accept). `audio_embeds` are
         projector outputs computed earlier (generation encodes audio once). `use_audio_adapter` switches the
         modality LoRA in lora_mode="audio_only"; by default it is on exactly when audio is given.
+
+        `attention_mask` is HF's [B, past + L] padding mask (1 = token, 0 = pad), the key every processor output
+        carries, so `model(**processor(...))` works on padded batches: it becomes FMS's `mask` / `position_ids`
+        (see `padding_attn_kwargs`). Passing it together with both `mask` and `position_ids` is an error, since it
+        would not be used.
         """
+        if attention_mask is not None:
+            position_ids = self._apply_attention_mask(
+                attention_mask, input_ids, position_ids, past_key_value_states, attn_kwargs
+            )
         if input_ids.dim() == 3:
             embeds = input_ids
         else:
@@ -205,14 +275,63 @@ class GraniteSpeech(nn.Module):
         if self.lora is not None:
             has_audio = input_features is not None or audio_embeds is not None
             self.lora.enabled = has_audio if use_audio_adapter is None else use_audio_adapter
-        return self.language_model(
+        past_len = _cache_length(past_key_value_states)
+        if not torch.compiler.is_compiling() and not _cuda_graph_capturing():
+            self.reserve_positions(past_len + embeds.size(1), position_ids, embeds.device)
+        # FMS's SDPA op tells [B, L, kvheads, D] keys from [B, kvheads, L, D] ones by their shape and gets it wrong
+        # when L == kvheads without a cache (wrong attention, no error); through the cache path the keys are
+        # always [B, kvheads, L, D]. Static shapes only, so it compiles.
+        kvheads = self.config.text_config.kvheads or self.config.text_config.nheads
+        shape_workaround = not use_cache and embeds.size(1) == kvheads
+        output = self.language_model(
             embeds,
             position_ids=position_ids,
             past_key_value_states=past_key_value_states,
-            use_cache=use_cache,
+            use_cache=use_cache or shape_workaround,
             last_n_tokens=last_n_tokens,
             **attn_kwargs,
         )
+        return output[0] if shape_workaround else output
+
+    def _apply_attention_mask(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        past_key_value_states,
+        attn_kwargs: dict,
+    ) -> Optional[torch.Tensor]:
+        """HF attention_mask -> FMS `mask` (into attn_kwargs) and `position_ids` (returned), each only where the
+        caller did not pass it, exactly as `padding_attn_kwargs` builds them."""
+        if attn_kwargs.get("mask") is not None and position_ids is not None:
+            raise ValueError(
+                "attention_mask was given together with mask and position_ids, so it would be ignored; pass either "
+                "HF's attention_mask or FMS's mask/position_ids"
+            )
+        batch, seq_len = input_ids.shape[:2]
+        expected = (batch, _cache_length(past_key_value_states) + seq_len)
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask must be [batch, past + seq_len] = {list(expected)} for input_ids of shape "
+                f"{list(input_ids.shape[:2])}, got {list(attention_mask.shape)}"
+            )
+        dtype = self.language_model.base_model.embedding.weight.dtype
+        padding = padding_attn_kwargs(attention_mask.to(input_ids.device), dtype=dtype)
+        if attn_kwargs.get("mask") is None:
+            attn_kwargs["mask"] = padding["mask"][:, -seq_len:, :]
+        if position_ids is None:
+            position_ids = padding["position_ids"][:, -seq_len:]
+        return position_ids
+
+    def reserve_positions(
+        self, length: int, position_ids: Optional[torch.Tensor] = None, device: Optional[torch.device] = None
+    ) -> None:
+        """Grow the decoder's RoPE tables to cover `length` positions (and every position in `position_ids`).
+        forward calls it eagerly; call it before torch.compile for sequences longer than max_expected_seq_len."""
+        if position_ids is not None and position_ids.numel() > 0:
+            length = max(length, int(position_ids.max()) + 1)
+        device = device if device is not None else self.language_model.head.weight.device
+        self.language_model.base_model.rot_emb.compute_freqs_cis(device, int(length))
 
     def prepare_inputs_for_generation(
         self, iteration: int, input_ids: torch.Tensor, kwargs: MutableMapping[str, Any]
@@ -220,6 +339,13 @@ class GraniteSpeech(nn.Module):
         """Hook for `fms.utils.generation.generate`: the audio is encoded once, at iteration 0, and its embeddings
         are kept for re-merging only when the KV cache is off (the full sequence is re-run each step)."""
         if iteration == 0:
+            attention_mask = kwargs.pop("attention_mask", None)
+            if attention_mask is not None:
+                # FMS generate extends `mask`/`position_ids` step by step; HF's [B, L] mask must become them once
+                position_ids = self._apply_attention_mask(
+                    attention_mask, input_ids, kwargs.get("position_ids"), None, kwargs
+                )
+                kwargs["position_ids"] = position_ids
             features = kwargs.pop("input_features", None)
             if features is not None:
                 kwargs["audio_embeds"] = self.get_audio_features(features)
@@ -229,6 +355,20 @@ class GraniteSpeech(nn.Module):
             kwargs.pop("audio_embeds", None)
             kwargs.pop("input_features_mask", None)
         return input_ids, kwargs
+
+
+def _cuda_graph_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _cache_length(past_key_value_states) -> int:
+    """Positions already in an FMS KV cache (per layer (k, v), k: [B, kvheads, past, head_dim]); 0 without one."""
+    if not past_key_value_states:
+        return 0
+    first = past_key_value_states[0]
+    if first is None or first[0] is None:
+        return 0
+    return first[0].size(2)
 
 
 _architecture_name = "granite_speech"

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
+from fms.utils.activation import str_to_activation
 
 from granite_speech import lengths
 from granite_speech.config import QFormerProjectorConfig
@@ -70,11 +71,13 @@ class QFormerAttention(nn.Module):
 
 
 class QFormerFeedForward(nn.Module):
-    """BERT intermediate/output pair for the query tokens: ln(dropout(w2(gelu(w1(x)))) + x), exact erf GELU."""
+    """BERT intermediate/output pair for the query tokens: ln(dropout(w2(act(w1(x)))) + x); act is HF's hidden_act
+    (exact erf GELU in every published checkpoint), through FMS's activation table."""
 
     def __init__(self, config: QFormerProjectorConfig):
         super().__init__()
         self.w1 = nn.Linear(config.emb_dim, config.hidden_dim)
+        self.act = str_to_activation(config.activation_fn)
         self.w2 = nn.Linear(config.hidden_dim, config.emb_dim)
         self.ln = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.p_dropout)
@@ -85,7 +88,7 @@ class QFormerFeedForward(nn.Module):
         self.ln.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(self.dropout(self.w2(F.gelu(self.w1(x)))) + x)
+        return self.ln(self.dropout(self.w2(self.act(self.w1(x)))) + x)
 
 
 class QFormerLayer(nn.Module):
