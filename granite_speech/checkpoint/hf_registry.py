@@ -23,9 +23,10 @@ def build_granite_speech_params(config) -> dict:
     nothing of the base variant get_model starts from leaks in. The adapter settings come from the checkpoint
     folder's adapter_config.json (rank 0 when the folder has none), tying from its lm_head (see
     `granite_speech.config.resolve_tie`)."""
-    folder = Path(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or ".")
+    name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+    folder = Path(name) if name else None  # an in-memory config (no folder) must not read the current directory
     lora, has_lm_head = {}, None
-    if folder.is_dir():
+    if folder is not None and folder.is_dir():
         check_checkpoint_folder(folder)
         lora = read_lora_config(folder)
         has_lm_head = checkpoint_has_lm_head(folder)
