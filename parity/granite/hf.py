@@ -63,16 +63,21 @@ def hf_logits_to_fms(hf_logits: torch.Tensor, logits_scaling: float) -> torch.Te
 
 
 def hf_load_audio(path: Union[str, Path], sampling_rate: int = 16000) -> torch.Tensor:
-    """HF's own audio loading as a float32 tensor: transformers 5.x `load_audio` with its soundfile backend; on 4.57,
-    whose `load_audio` needs librosa, the same recipe that backend documents as equal to `librosa.load` (soundfile
-    decode, mean down-mix, soxr HQ resampling to ceil(n * rate / source) samples)."""
+    """HF's own audio loading as a float32 tensor: transformers `load_audio` with its soundfile backend (5.23+); on
+    lines whose `load_audio` has no such backend and needs librosa instead (4.57, 5.17), the recipe that backend
+    documents as equal to `librosa.load` (soundfile decode, mean down-mix, soxr HQ resampling to
+    ceil(n * rate / source) samples)."""
     import inspect
     import math
 
     from transformers.audio_utils import load_audio
 
     if "backend" in inspect.signature(load_audio).parameters:
-        return torch.from_numpy(load_audio(str(path), sampling_rate=sampling_rate, backend="soundfile"))
+        try:
+            return torch.from_numpy(load_audio(str(path), sampling_rate=sampling_rate, backend="soundfile"))
+        except ValueError as err:
+            if "backend" not in str(err):  # only an unknown backend falls back; a bad file stays an error
+                raise
     import numpy as np
     import soundfile
     import soxr
