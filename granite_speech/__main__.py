@@ -1,6 +1,10 @@
 """`granite-speech transcribe --checkpoint DIR clip.flac ...` (also `python -m granite_speech transcribe`): feature
 extraction -> FMS generate -> decode, one line `clip<TAB>transcript` per clip.
 
+Every family member, by the checkpoint's config.json: the LLM members (3.3, 4.0-1b, 4.1-2b, 4.1-2b-plus) generate
+from the prompt; the CTC member (5.0-470m) has no prompt and no token budget: its features -> CTC logits -> greedy CTC
+decoding (`ctc5.transcribe`).
+
 Every input (checkpoint folder, audio files, prompt, device, dtype, token budget) is checked before the model loads;
 a bad one exits 2 with one line `error: ...`. Clips are down-mixed to mono and resampled to the model's rate (said on
 stderr). Rows of a batch end at their own eos, as with HF `generate`.
@@ -60,6 +64,16 @@ def _audio_settings(folder: Path) -> tuple:
     return int(rate), token
 
 
+CTC_MEMBER = "granite_speech5_ctc"
+
+
+def _member(folder: Path) -> str:
+    """config.json's model_type (a checked folder has one that loads)."""
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get("model_type") or "granite_speech"
+
+
 @dataclass
 class TranscribeJob:
     """Checked inputs of one transcription: nothing here needs a model."""
@@ -71,6 +85,7 @@ class TranscribeJob:
     max_new_tokens: int
     device: torch.device
     dtype: torch.dtype
+    member: str = "granite_speech"  # the HF model_type: granite_speech, granite_speech_plus, granite_speech5_ctc
 
 
 def check_transcribe_inputs(
@@ -95,10 +110,35 @@ def check_transcribe_inputs(
     if isinstance(clips, (str, Path)) or not clips:
         raise UsageError("no audio clips given; expected one or more audio files")
     folder = check_model_folder(checkpoint, opt("--checkpoint", "checkpoint"))
+    member = _member(folder)
     rate, audio_token = _audio_settings(folder)
-    check_prompt(instruction, audio_token)
+    if member != CTC_MEMBER:  # the CTC model takes no prompt
+        check_prompt(instruction, audio_token)
     audio = [read_audio(Path(clip), rate, max_seconds=max_audio_seconds, notify=notify) for clip in clips]
-    return TranscribeJob(folder, [str(c) for c in clips], audio, instruction, max_new_tokens, device, dtype)
+    return TranscribeJob(folder, [str(c) for c in clips], audio, instruction, max_new_tokens, device, dtype, member)
+
+
+def _run_ctc_transcription(job: TranscribeJob, notify: Callable[[str], None]) -> List[str]:
+    """5.0 (CTC only): the FMS feature extractor and processor, `get_model("hf_pretrained")`, greedy CTC decoding."""
+    from fms.models import get_model
+
+    import granite_speech  # noqa: F401  (registers every family member)
+    from granite_speech import ctc5
+    from granite_speech.checkpoint import CheckpointCoverageError
+    from granite_speech.features5 import GraniteSpeech5Processor
+
+    processor = GraniteSpeech5Processor.from_pretrained(job.checkpoint)
+    try:
+        model = get_model("hf_pretrained", model_path=str(job.checkpoint), device_type=job.device.type,
+                          data_type=job.dtype).to(job.device).eval()
+    except CheckpointCoverageError as err:
+        raise UsageError(f"checkpoint {job.checkpoint} does not fit its config.json: {one_line(err)}") from err
+    texts = ctc5.transcribe(model, processor, job.audio, device=job.device)
+    for name, text in zip(job.names, texts):
+        if not text.strip():
+            notify(f"warning: {name}: empty transcript (every frame decoded to the CTC blank); expected with random "
+                   f"weights, otherwise check the audio")
+    return texts
 
 
 def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
@@ -108,6 +148,8 @@ def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stder
     from granite_speech.model import padding_attn_kwargs
     from granite_speech.processor import GraniteSpeechProcessor
 
+    if job.member == CTC_MEMBER:
+        return _run_ctc_transcription(job, notify)
     warning = adapter_warning(job.checkpoint, "merged")
     if warning:
         notify(warning)

@@ -267,8 +267,6 @@ def check_model_folder(folder, option: str = "--checkpoint") -> Path:
     import json
 
     from granite_speech.checkpoint.files import check_checkpoint_folder, check_processor_files
-    from granite_speech.config import from_pretrained_folder
-
     try:
         folder = check_checkpoint_folder(folder)
         check_processor_files(folder)
@@ -283,7 +281,9 @@ def check_model_folder(folder, option: str = "--checkpoint") -> Path:
     except (OSError, ValueError) as err:
         raise UsageError(f"{option}: {one_line(err)}") from err
     try:
-        from_pretrained_folder(folder)  # config.json + adapter_config.json: parsed and checked, nothing loaded
+        from granite_speech.members import check_member_config
+
+        check_member_config(folder)  # config.json (+ adapter_config.json) of its family member: checked, not loaded
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # malformed files, not bugs
         message = one_line(err)
         where = "" if str(folder) in message else f"{folder / 'config.json'}: "
@@ -292,11 +292,28 @@ def check_model_folder(folder, option: str = "--checkpoint") -> Path:
 
 
 def adapter_warning(folder: Path, lora_mode: str = "merged") -> Optional[str]:
-    """The warning for a folder without the modality LoRA adapter (None when it has one)."""
+    """The warning for a folder without the modality LoRA adapter (None when it has one, or needs none: a config
+    with `has_lora_adapter` false has the LoRA merged in its weights, as the 4.x releases; 5.0 has no LoRA)."""
     if (Path(folder) / "adapter_config.json").is_file():
         return None
+    from granite_speech.family import lora_regime
+
+    try:
+        if lora_regime(folder, lora_mode)["regime"] in ("merged_in_checkpoint", "none") and _declares_no_adapter(
+                folder):
+            return None
+    except (OSError, ValueError):
+        pass  # an unreadable config.json is reported by the folder checks; warn as before
     return (
         f"warning: {folder} has no adapter_config.json / adapter_model.safetensors, so no modality LoRA is applied: "
         f"lora_mode {lora_mode!r} ran with LoRA rank 0 (the base language model alone). Released Granite Speech "
         f"checkpoints ship the adapter; without it transcripts are poor"
     )
+
+
+def _declares_no_adapter(folder: Path) -> bool:
+    """config.json says there is no separate adapter: `has_lora_adapter` false, or a CTC-only model (no text model)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return config.get("has_lora_adapter") is False or ("encoder_config" in config and "text_config" not in config)

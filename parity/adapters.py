@@ -70,7 +70,21 @@ def _rope_permute(head_dim: int, to_halves: bool) -> Adapter:
     return permute
 
 
+def _feature_slice(start: int, stop: int) -> Adapter:
+    """Columns [start, stop) of the last dim: one part of a tensor concatenated on the feature axis."""
+    if not 0 <= start < stop:
+        raise ValueError(f"feature_slice needs 0 <= start < stop, got ({start}, {stop})")
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-1] < stop:
+            raise ValueError(f"feature_slice({start}, {stop}) needs a last dim >= {stop}, got shape {list(t.shape)}")
+        return t[..., start:stop]
+
+    return take
+
+
 ADAPTERS: Dict[str, Callable[..., Adapter]] = {
+    "feature_slice": _feature_slice,
     "identity": _identity,
     "div_logits_scaling": _div_logits_scaling,
     "mul": _mul,

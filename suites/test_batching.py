@@ -5,6 +5,9 @@ Also HF's documented batching semantics, tested as such: the encoder has no padd
 different encoder states alone and padded in a batch. The test asserts that difference exceeds the tolerance AND that
 FMS reproduces HF's batched value, so a batched/single difference is HF's semantics, not a bug of ours. The decoder,
 which does mask padding, must give a left-padded prompt the same logits as the prompt alone.
+
+Runs on the session checkpoint, device and dtype (`model:...` in the test id); every comparison goes through
+`parity.testing.assert_parity` (gate and regression bound) and records its measured error.
 """
 
 import pytest
@@ -14,7 +17,10 @@ from granite_speech import lengths
 from granite_speech.model import padding_attn_kwargs
 from parity.diff import compare
 from parity.granite.hf import hf_audio_features, hf_encoder, hf_logits_to_fms, set_hf_adapter
+from parity.testing import assert_parity
 from parity.tolerances import tolerance_for
+
+pytestmark = pytest.mark.runs_at("session")
 
 AUDIO = "<|audio|>"
 # different text lengths around the placeholder, so the padding comes from text and audio alike
@@ -27,10 +33,15 @@ TEXT_PROMPTS = ["hello", "a somewhat longer text prompt about boats and harbours
 CLIP_IDS = ("9002-102-0000", "9004-104-0000", "9002-102-0001")  # 13175, 38240, 63840 samples
 
 
-def _judge(name, fms_value, hf_value, dtype, device, record_property):
-    result = compare(hf_value, fms_value, tolerance_for(dtype, device))
-    record_property(f"{name}_max_abs_diff", result.metrics.max_abs)
-    assert result.passed, f"{name}: {result.status}: {result.detail}"
+def _judge(name, fms_value, hf_value, dtype, device, record_property, tolerance_class="activation"):
+    assert_parity(name, hf_value, fms_value, dtype=dtype, device=device, tolerance_class=tolerance_class,
+                  record=record_property)
+
+
+def _hf_logits(hf_model, logits):
+    """HF logits in FMS's convention, with the scaling HF's own config states (never FMS's, which would hide a
+    dropped logits_scaling on the 5.10+ line)."""
+    return hf_logits_to_fms(logits, hf_model.config.text_config.logits_scaling)
 
 
 def _run_hf_encoder(hf_model, features):
@@ -97,8 +108,8 @@ def test_logits_on_padded_batch_match_hf_at_valid_positions(
         **attn,
     )
     valid = padded_batch["attention_mask"].bool()
-    hf_logits = hf_logits_to_fms(hf_logits, fms_model.config.text_config.logits_scaling)
-    _judge("logits_valid_positions", fms_logits[valid], hf_logits[valid], dtype, device, record_property)
+    hf_logits = _hf_logits(hf_model, hf_logits)
+    _judge("logits_valid_positions", fms_logits[valid], hf_logits[valid], dtype, device, record_property, "logits")
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +173,12 @@ def test_left_padded_text_prompts_equal_each_prompt_alone(
 
     set_hf_adapter(hf_model, True)  # FMS's default model has the LoRA merged: HF with the adapter on is its reference
     hf_logits = hf_model(**inputs, position_ids=attn["position_ids"]).logits
-    hf_logits = hf_logits_to_fms(hf_logits, fms_model.config.text_config.logits_scaling)
-    _judge("text_batched_vs_hf", batched[mask.bool()], hf_logits[mask.bool()], dtype, device, record_property)
+    hf_logits = _hf_logits(hf_model, hf_logits)
+    _judge("text_batched_vs_hf", batched[mask.bool()], hf_logits[mask.bool()], dtype, device, record_property,
+           "logits")
 
     for row in range(len(TEXT_PROMPTS)):
         real = mask[row].bool()
         alone = fms_model(inputs["input_ids"][row : row + 1, real])
-        _judge(f"text_row{row}_batched_vs_alone", batched[row, real], alone[0], dtype, device, record_property)
+        _judge(f"text_row{row}_batched_vs_alone", batched[row, real], alone[0], dtype, device, record_property,
+               "logits")

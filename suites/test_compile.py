@@ -3,7 +3,9 @@
 Covered: the Conformer encoder, the Q-Former projector, the whole audio path (encoder + projector), the full forward
 with audio merged at the placeholders, and one decoder step ([B, 1] token on the KV cache of an eager prefill).
 For each, `torch._dynamo.explain` counts graph breaks (recorded as junit properties and asserted 0), then the
-inductor-compiled function is compared with eager by the harness's judge (`parity.diff.compare`).
+inductor-compiled function is compared with eager by `parity.testing.assert_parity` (the documented gate and the
+tight regression bound beside it; the measured error is recorded). Runs on the session checkpoint, device and dtype
+(`model:...` in the test id).
 
 The eager reference always runs first: it also warms FMS's per-device RoPE cache, whose cold start is a known
 data-dependent graph break on CUDA (fms.md §5). Inputs are small so that CPU compiles stay short.
@@ -21,9 +23,12 @@ import functools
 import pytest
 import torch
 
-from parity.diff import compare
 from granite_speech.checkpoint import load_model
+from parity.diff import compare
+from parity.testing import assert_parity
 from parity.tolerances import tolerance_for
+
+pytestmark = pytest.mark.runs_at("session")
 
 
 @pytest.fixture(autouse=True)
@@ -81,23 +86,25 @@ def fp32_model(checkpoint_dir, device, dtype):
     loaded.clear()
 
 
-def _judge(name, compiled, eager, fp32_reference, dtype, device, record_property):
+def _judge(name, compiled, eager, fp32_reference, dtype, device, record_property, tolerance_class="activation"):
     """`fp32_reference()` computes the same value in fp32 eager; called only when needed (see the module doc)."""
-    tol = tolerance_for(dtype, device)
-    direct = compare(eager, compiled, tol)
-    record_property(f"{name}_compiled_vs_eager_max_abs_diff", direct.metrics.max_abs)
     # the comparison can fail: compiled output is not a constant or all-zero tensor
-    assert direct.metrics.ref_absmax > 0 and compiled.float().std() > 0
-    if direct.passed:
+    assert eager.abs().max() > 0 and compiled.float().std() > 0, f"{name}: degenerate output"
+    try:
+        assert_parity(f"{name}_compiled_vs_eager", eager, compiled, dtype=dtype, device=device,
+                      tolerance_class=tolerance_class, record=record_property)
         return
-    assert dtype != torch.float32, f"{name}: compiled vs eager {direct.status}: {direct.detail}"
+    except AssertionError:
+        if dtype == torch.float32:
+            raise
+    tol = tolerance_for(dtype, device, tolerance_class)
     reference = fp32_reference().to(dtype)
     compiled_error, eager_error = compare(reference, compiled, tol), compare(reference, eager, tol)
-    record_property(f"{name}_compiled_vs_fp32_max_abs_diff", compiled_error.metrics.max_abs)
-    record_property(f"{name}_eager_vs_fp32_max_abs_diff", eager_error.metrics.max_abs)
+    record_property(f"{name}_compiled_vs_fp32_max_abs", compiled_error.metrics.max_abs)
+    record_property(f"{name}_eager_vs_fp32_max_abs", eager_error.metrics.max_abs)
+    assert compiled_error.status != "empty" and eager_error.status != "empty", f"{name}: nothing compared"
     assert compiled_error.passed or compiled_error.metrics.max_abs <= eager_error.metrics.max_abs, (
-        f"{name}: compiled vs eager {direct.detail}; compiled vs fp32 {compiled_error.detail}, eager vs fp32 "
-        f"{eager_error.detail}"
+        f"{name}: compiled vs fp32 {compiled_error.detail}, eager vs fp32 {eager_error.detail}"
     )
 
 
@@ -136,7 +143,7 @@ def test_full_forward_with_audio_compiles_fullgraph(fms_model, fp32_model, audio
     _explain("full_forward", forward, args, record_property)
     compiled = torch.compile(forward, fullgraph=True)(*args)
     reference = lambda: forward(args[0], args[1].float(), args[2], model=fp32_model())  # noqa: E731
-    _judge("full_forward_logits", compiled, eager, reference, dtype, device, record_property)
+    _judge("full_forward_logits", compiled, eager, reference, dtype, device, record_property, "logits")
 
 
 def _prefill_then_step(model, audio_inputs, next_token=None, features_dtype=None):
@@ -171,7 +178,7 @@ def test_decoder_step_on_kv_cache_compiles_fullgraph(fms_model, fp32_model, audi
         return decode_step(*fp32_args, model=fp32_model())
 
     _judge("decode_step_logits", compiled_logits, eager_logits, lambda: fp32_step()[0], dtype, device,
-           record_property)
+           record_property, "logits")
     assert len(compiled_cache) == len(eager_cache) == fms_model.config.text_config.nlayers
     prompt_len = audio_inputs["input_ids"].size(1)
     for layer, ((k_c, v_c), (k_e, v_e)) in enumerate(zip(compiled_cache, eager_cache)):

@@ -2,8 +2,9 @@
 greedy generation repeat exactly (also in a fresh process), and a different seed really changes the weights.
 
 Digests are sha256 over the raw bytes of a tensor, so "identical" means bit-identical, not close. The fixture-builder
-checks use the tiny variant whatever `--model` is (the builder is the same code for every size); the repeat-forward
-check runs on the session's model, device and dtype.
+checks use the tiny variant on the CPU whatever `--model` is (the builder is the same code for every size; the test id
+says `fixed:tiny/cpu/float32`); the repeat-forward and repeat-generation checks run on the session's model, device and
+dtype (`model:...`), and first make sure there is something to repeat: varied tokens that other inputs change.
 """
 
 import hashlib
@@ -26,6 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # adapter_config.json records where its base model was written (as PEFT does): the one field allowed to differ
 # between two cache folders
 PATH_FIELDS = {"adapter_config.json": ("base_model_name_or_path",)}
+
+
+FIXED = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
+SESSION = pytest.mark.runs_at("session")
+NEW_TOKENS = 12
+MIN_DISTINCT_TOKENS = 5
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -72,6 +79,7 @@ def tiny_seed0():
     return build_checkpoint("tiny", seed=0)
 
 
+@FIXED
 def test_rebuilding_the_fixture_in_other_folders_is_byte_identical(tiny_seed0, tmp_path):
     first = build_checkpoint("tiny", seed=0, cache_dir=tmp_path / "cache-a")
     second = build_checkpoint("tiny", seed=0, cache_dir=tmp_path / "cache-b")
@@ -83,6 +91,7 @@ def test_rebuilding_the_fixture_in_other_folders_is_byte_identical(tiny_seed0, t
     assert _file_digests(tiny_seed0) == digests
 
 
+@FIXED
 def test_a_different_seed_changes_every_weight(tiny_seed0, tmp_path):
     other = build_checkpoint("tiny", seed=1, cache_dir=tmp_path / "cache")
     names = sorted(p.name for p in tiny_seed0.glob("*.safetensors"))
@@ -95,6 +104,7 @@ def test_a_different_seed_changes_every_weight(tiny_seed0, tmp_path):
     assert not unchanged, f"tensors identical under seeds 0 and 1: {unchanged}"
 
 
+@SESSION
 @torch.no_grad()
 def test_two_forwards_give_identical_bits(fms_model, device, dtype, seed, record_property):
     ids, features = seeded_inputs(fms_model.config, seed, device, dtype)
@@ -108,11 +118,13 @@ def test_two_forwards_give_identical_bits(fms_model, device, dtype, seed, record
     assert tensor_digest(fms_model(other_ids, input_features=other_features)) != tensor_digest(first)
 
 
+@FIXED
 def test_two_loads_of_one_checkpoint_give_identical_bits(tiny_seed0):
     digests = [logits_digest(str(tiny_seed0), seed=5, num_threads=torch.get_num_threads()) for _ in range(2)]
     assert digests[0] == digests[1]
 
 
+@FIXED
 def test_a_fresh_process_gives_identical_bits(tiny_seed0):
     threads = torch.get_num_threads()
     here = logits_digest(str(tiny_seed0), seed=5, num_threads=threads)
@@ -127,6 +139,7 @@ def test_a_fresh_process_gives_identical_bits(tiny_seed0):
     assert result.stdout.strip().splitlines()[-1] == here
 
 
+@pytest.mark.runs_at("no-model", device="cpu", dtype="float32")
 def test_feature_extraction_repeats_exactly():
     extractor = GraniteSpeechFeatureExtractor()
     g = torch.Generator().manual_seed(9)
@@ -136,17 +149,23 @@ def test_feature_extraction_repeats_exactly():
     assert torch.equal(first["input_features_mask"], second["input_features_mask"])
 
 
+@SESSION
 @torch.no_grad()
-def test_greedy_generation_repeats_exactly(fms_model, device, dtype, seed):
-    ids, features = seeded_inputs(fms_model.config, seed, device, dtype)
-
-    def run():
-        return generate(
-            fms_model, ids, max_seq_len=ids.size(1) + 12, max_new_tokens=12, do_sample=False, use_cache=True,
-            prepare_model_inputs_hook=fms_model.prepare_inputs_for_generation,
+def test_greedy_generation_repeats_exactly(fms_model, device, dtype, seed, record_property):
+    def run(inputs_seed):
+        ids, features = seeded_inputs(fms_model.config, inputs_seed, device, dtype)
+        out = generate(
+            fms_model, ids, max_seq_len=ids.size(1) + NEW_TOKENS, max_new_tokens=NEW_TOKENS, do_sample=False,
+            use_cache=True, prepare_model_inputs_hook=fms_model.prepare_inputs_for_generation,
             extra_kwargs={"input_features": features},
         )
+        assert out.size(1) == ids.size(1) + NEW_TOKENS
+        return out[:, ids.size(1):]
 
-    first, second = run(), run()
-    assert first.size(1) == ids.size(1) + 12
+    first, second = run(seed), run(seed)
+    # something to repeat: varied tokens, and other inputs give other tokens
+    distinct = len(set(first.flatten().tolist()))
+    record_property("distinct_generated_tokens", distinct)
+    assert distinct >= MIN_DISTINCT_TOKENS, f"degenerate generation {first.tolist()}"
+    assert not torch.equal(run(seed + 1), first), "other inputs generated the same tokens"
     assert torch.equal(first, second)

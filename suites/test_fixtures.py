@@ -1,6 +1,10 @@
 """The fixtures themselves: configs, tokenizer, seeded checkpoints (hub and tf5 layouts), speech clips, cache.
 
 HF transformers is the oracle: every fixture must load through its public API with nothing missing or re-initialised.
+Fixed size: the tiny fixtures on the CPU in fp32 (`fixed:...` in the test ids), whatever --model says; the 2b/8b
+configs are checked on the meta device only. The regime the fixture weights put the model in is measured by
+suites/test_fixture_regime.py; here the weights are checked against the rules that make it (fixtures.REGIMES), and
+the untied fixture's hyperparameters against every default a port could fall back to.
 """
 
 import json
@@ -16,6 +20,7 @@ from safetensors import safe_open
 from parity.granite.fixtures import (
     CONFIG_VARIANTS,
     FIXTURES_DIR,
+    REGIMES,
     build_checkpoint,
     build_tokenizer,
     hf_config_path,
@@ -26,6 +31,8 @@ from parity.granite.fixtures import (
 
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 TF5_MODULE_PATHS = hasattr(transformers, "GraniteSpeechModel") and TF_MAJOR >= 5
+
+pytestmark = pytest.mark.runs_at("tiny-fixtures", device="cpu", dtype="float32")
 ENGLISH = 'mister quilter is the apostle of the middle classes, and we are glad to welcome his gospel! "yes"; no? 42.'
 
 
@@ -86,8 +93,6 @@ def hub_folder():
 
 @pytest.fixture(scope="module")
 def tf5_folder():
-    if TF_MAJOR < 5:
-        pytest.skip(f"layout tf5 is written by transformers 5.x; this is {transformers.__version__}")
     return build_checkpoint("tiny", layout="tf5")
 
 
@@ -231,14 +236,72 @@ def test_hub_weights_are_non_degenerate(hub_folder):
     assert float(weights["encoder.layers.0.conv.batch_norm.running_mean"].abs().mean()) > 0.1
     assert abs(float(weights["encoder.layers.0.conv.batch_norm.weight"].mean()) - 1.0) < 0.2
     assert 0.5 < float(weights["projector.query"].std()) < 2.0  # transformers init: N(0, 1)
-    # transformers init: N(0, initializer_range); 4.57 takes the top-level range for the encoder, 5.x the encoder
-    # config's own (default 0.02)
-    std = float(weights["encoder.layers.0.ff1.up_proj.weight"].std())
-    ranges = (0.02, float(json.loads((hub_folder / "config.json").read_text()).get("initializer_range", 0.02)))
-    assert any(0.5 * r < std < 1.5 * r for r in ranges), f"encoder init std {std} matches none of {ranges}"
     adapter = _read_safetensors(hub_folder, "adapter_model.safetensors")
     for key, tensor in adapter.items():
         assert float(tensor.abs().mean()) > 1e-3, f"{key} is (near) zero"
+
+
+@pytest.mark.parametrize("variant", sorted(REGIMES))
+def test_weights_follow_the_fixture_regime(variant):
+    """Every >= 2-D weight has the std its regime rule gives (so no weight keeps an init that depends on the
+    transformers line: 4.57 inits the encoder from the top-level initializer_range, 5.x from the encoder config's)."""
+    folder = build_checkpoint(variant)
+    config, regime = load_hf_config(variant), REGIMES[variant]
+    weights = _read_safetensors(folder, "model-*-of-*.safetensors")
+    unruled, off = [], []
+    for key, tensor in weights.items():
+        if tensor.ndim < 2 or not tensor.is_floating_point():
+            continue
+        std = regime.std_for(key, config)
+        if std is None:
+            unruled.append(key)
+        elif tensor.numel() >= 256 and not 0.8 * std < float(tensor.std()) < 1.2 * std:
+            off.append(f"{key}: std {float(tensor.std()):.3g}, rule {std:g}")
+    assert unruled == ["projector.query"], unruled  # the Q-Former queries keep HF's N(0, 1) on both lines
+    assert not off, off
+    adapter = _read_safetensors(folder, "adapter_model.safetensors")
+    b_std = torch.cat([t.flatten() for k, t in adapter.items() if "lora_B" in k]).std()
+    assert 0.8 * regime.lora_b_std < float(b_std) < 1.2 * regime.lora_b_std
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (regime.lora_shape or (8, 16))
+
+
+def _default(config, name):
+    """A field of an HF config instance, looking into 5.x's rope_parameters for rope_theta."""
+    if name == "rope_theta" and getattr(config, "rope_parameters", None):
+        return config.rope_parameters["rope_theta"]
+    return getattr(config, name)
+
+
+def test_untied_fixture_differs_from_every_default():
+    """A field the port drops (or reads on one transformers line only) and replaces by a default changes the numbers
+    of the tiny-untied fixture: none of its values equals the HF default, the FMS default or a value derived from
+    other fields (attention_multiplier = 1/head_dim or head_dim**-0.5)."""
+    from dataclasses import fields as dataclass_fields
+
+    from fms.models.granite import GraniteConfig as FMSGraniteConfig
+    from transformers import Blip2QFormerConfig, GraniteConfig
+
+    raw = load_hf_config("tiny-untied")
+    text, proj = raw["text_config"], raw["projector_config"]
+    hf_text, hf_proj = GraniteConfig(), Blip2QFormerConfig()
+    fms_text = {f.name: f.default for f in dataclass_fields(FMSGraniteConfig)}
+    fms_names = {"rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "embedding_multiplier": "embedding_multiplier",
+                 "residual_multiplier": "residual_multiplier", "attention_multiplier": "attention_multiplier",
+                 "logits_scaling": "logits_scaling"}
+    for name, fms_name in fms_names.items():
+        assert text[name] != _default(hf_text, name), f"text_config.{name} equals the HF default"
+        assert text[name] != fms_text[fms_name], f"text_config.{name} equals the FMS default {fms_name}"
+    head_dim = text["head_dim"]
+    assert text["attention_multiplier"] not in (1 / head_dim, head_dim**-0.5)
+    assert text["num_attention_heads"] // text["num_key_value_heads"] > 2  # GQA: a repeat/interleave mix-up shows
+    assert text["num_attention_heads"] * head_dim != text["hidden_size"]  # head_dim is never hidden // heads
+    assert text["rms_norm_eps"] >= 1e-3  # large enough to move the logits past the regression bound if dropped
+    assert proj["layer_norm_eps"] != hf_proj.layer_norm_eps and proj["layer_norm_eps"] >= 1e-3
+    assert proj["cross_attention_frequency"] != hf_proj.cross_attention_frequency
+    r, alpha = REGIMES["tiny-untied"].lora_shape
+    assert alpha % r != 0 and r & (r - 1) != 0  # alpha // r != alpha / r; r is not a power of two
+    assert not raw["tie_word_embeddings"] and not text["tie_word_embeddings"]
 
 
 def _check_loaded(model, info, folder, n_text_layers):
@@ -277,15 +340,23 @@ def test_hub_layout_loads_with_adapter(hub_model, hub_folder, tiny_config):
     _set_adapters(model, True)
 
 
-def test_tf5_layout_loads_with_adapter(tf5_folder, tiny_config):
-    assert len(list(tf5_folder.glob("model-*-of-*.safetensors"))) >= 2
-    adapter_config = json.loads((tf5_folder / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(tf5_folder)
-    model, info = _load_hf(tf5_folder)
-    _check_loaded(model, info, tf5_folder, tiny_config["text_config"]["num_hidden_layers"])
-    reference, _ = _load_hf(build_checkpoint("tiny"))
-    for adapters in (True, False):
-        assert torch.equal(_text_logits(model, adapters), _text_logits(reference, adapters))
+if TF_MAJOR >= 5:  # the tf5 layout is written by transformers 5.x: collected on that line only (no skip)
+
+    def test_tf5_layout_loads_with_adapter(tf5_folder, tiny_config):
+        assert len(list(tf5_folder.glob("model-*-of-*.safetensors"))) >= 2
+        adapter_config = json.loads((tf5_folder / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(tf5_folder)
+        model, info = _load_hf(tf5_folder)
+        _check_loaded(model, info, tf5_folder, tiny_config["text_config"]["num_hidden_layers"])
+        reference, _ = _load_hf(build_checkpoint("tiny"))
+        for adapters in (True, False):
+            assert torch.equal(_text_logits(model, adapters), _text_logits(reference, adapters))
+
+else:
+
+    def test_tf5_layout_is_refused_by_transformers_4():
+        with pytest.raises(ValueError, match="written by transformers 5.x"):
+            build_checkpoint("tiny", layout="tf5")
 
 
 def test_untied_variant_keeps_a_separate_head():
@@ -352,15 +423,14 @@ def test_build_is_seeded(hub_folder, tmp_path):
 
 
 def test_bad_arguments_are_rejected():
-    if TF_MAJOR < 5:
-        with pytest.raises(ValueError, match="written by transformers 5.x"):
-            build_checkpoint("tiny", layout="tf5")
     with pytest.raises(ValueError, match="unknown layout"):
         build_checkpoint("tiny", layout="gguf")
     with pytest.raises(ValueError, match="unsupported dtype"):
         build_checkpoint("tiny", dtype="int8")
     with pytest.raises(ValueError, match="neither a variant"):
         build_checkpoint("no-such-variant")
+    with pytest.raises(ValueError, match="regime must be"):
+        build_checkpoint("tiny", regime="sharp")
 
 
 # ----------------------------------------------------------------------------------------------------- speech

@@ -1,26 +1,80 @@
 """Property tests of granite_speech.lengths against HF's feature extractor (the oracle).
 
-For raw lengths in [257, 480000] and batches of 1-4 clips: mel / encoder / window / token counts and the
-input_features_mask equal what HF's GraniteSpeechFeatureExtractor produces on random noise of those lengths.
-Example counts of the HF-backed tests come from the hypothesis profile (conftest: `ci` / `dev`); random lengths
-stay short to keep them cheap on CPU, and explicit @example cases cover the long end (30 s).
+For raw lengths in [257, 600000] (beyond 30 s) and batches of 1-4 clips: mel / encoder / window / token counts and
+the input_features_mask equal what HF's GraniteSpeechFeatureExtractor produces on random noise of those lengths.
+
+The strategies are built from the boundary structure, not only uniform integers (which almost never land on one):
+half of the drawn lengths are `boundary_samples` -- a multiple k of a structural period in encoder frames (1, the
+projector window 15, the attention blocks 40 and 200, and their common multiples 120 and 600), off by -1/0/+1 frame,
+with an even or odd mel-frame count (the odd last mel frame is dropped) and at the first, second or last sample of
+its hop (N % 160 in {0, 1, 159}) -- so multiples of the hop, window and block sizes and their neighbours are drawn on
+every run, long inputs included. `hypothesis.event` labels each draw (`pytest --hypothesis-show-statistics` lists
+them) and test_boundary_strategy_draws_every_class asserts that hypothesis does draw every class. Example counts of
+the HF-backed tests come from the hypothesis profile (conftest: `ci` / `dev`). No model: CPU, fp32, whatever the
+options say (`fixed:no-model/cpu/float32` in the test ids).
 """
 
 import pytest
 import torch
-from hypothesis import example, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
+
+import transformers  # a hard dependency: no importorskip escape hatch
 
 from granite_speech import lengths
 
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")
 
 HOP, WINDOW, DOWNSAMPLE = 160, 15, 5
 QUERIES = WINDOW // DOWNSAMPLE
+FRAME_STACK = 2  # mel frames per encoder frame
 MIN_SAMPLES, MAX_SAMPLES = 257, 480_000  # 257: shortest clip HF's STFT accepts; 480000: 30 s
-# Short clips keep each example cheap on CPU; the long end is covered by explicit @example cases.
-short_lengths = st.integers(MIN_SAMPLES, 40_000)
-batch_lengths = st.lists(short_lengths, min_size=1, max_size=4)
+LONG_SAMPLES = 600_000  # 37.5 s: longer than the published 30 s
+# periods in encoder frames: one frame, the projector window, the tiny and real attention blocks, common multiples
+FRAME_PERIODS = (1, WINDOW, 40, 120, 200, 600)
+SAMPLE_OFFSETS = (0, 1, HOP - 1)  # first, second and last sample of a hop
+
+
+def samples_at(encoder_frames: int, mel_parity: int, sample_offset: int) -> int:
+    """The clip length whose centred STFT gives 2 * encoder_frames + mel_parity mel frames, `sample_offset` samples
+    into the last hop (mel = N // hop + 1)."""
+    return HOP * (FRAME_STACK * encoder_frames + mel_parity - 1) + sample_offset
+
+
+@st.composite
+def boundary_samples(draw, max_samples=LONG_SAMPLES):
+    period = draw(st.sampled_from(FRAME_PERIODS))
+    k = draw(st.integers(1, max(1, (max_samples // (HOP * FRAME_STACK) - 1) // period)))
+    frame_offset = draw(st.sampled_from((-1, 0, 1)))
+    mel_parity = draw(st.sampled_from((0, 1)))
+    sample_offset = draw(st.sampled_from(SAMPLE_OFFSETS))
+    n = samples_at(max(1, k * period + frame_offset), mel_parity, sample_offset)
+    return min(max(n, MIN_SAMPLES), max_samples)
+
+
+def boundary_classes(num_samples: int) -> set:
+    """The boundary classes a length falls in (for events and the coverage test)."""
+    enc = lengths.encoder_frames(lengths.mel_frames(num_samples))
+    classes = {f"N%hop={num_samples % HOP}"} if num_samples % HOP in SAMPLE_OFFSETS else set()
+    if lengths.mel_frames(num_samples) % 2:
+        classes.add("odd mel count")
+    for period in FRAME_PERIODS[1:]:
+        for offset, name in ((0, "on"), (1, "+1"), (period - 1, "-1")):
+            if enc % period == offset:
+                classes.add(f"{name} {period}-frame boundary")
+    if num_samples >= MAX_SAMPLES:
+        classes.add(">= 30 s")
+    return classes
+
+
+def label(num_samples: int) -> None:
+    for name in sorted(boundary_classes(num_samples)):
+        event(name)
+
+
+clip_lengths_st = st.one_of(boundary_samples(), st.integers(MIN_SAMPLES, LONG_SAMPLES))
+batch_lengths = st.lists(clip_lengths_st, min_size=1, max_size=4)
+any_lengths = st.one_of(boundary_samples(5 * MAX_SAMPLES), st.integers(0, 5 * MAX_SAMPLES))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +91,7 @@ def _our_tokens(num_samples):
     return lengths.audio_tokens_from_samples(num_samples, HOP, WINDOW, DOWNSAMPLE)
 
 
-@given(num_samples=short_lengths)
+@given(num_samples=clip_lengths_st)
 @example(num_samples=MIN_SAMPLES)
 @example(num_samples=16_000)
 @example(num_samples=16_159)  # last sample count before the mel-frame count goes up
@@ -46,6 +100,7 @@ def _our_tokens(num_samples):
 @example(num_samples=MAX_SAMPLES - 1)
 def test_single_clip_counts_match_hf(hf_extractor, num_samples):
     note(f"num_samples={num_samples}")
+    label(num_samples)
     audio = _noise(num_samples, num_samples)
     hf_mel = hf_extractor.mel_filters(audio.unsqueeze(0))  # HF's own torchaudio transform: [1, n_mels, frames]
     hf_out = hf_extractor(audio)
@@ -71,6 +126,8 @@ def test_single_clip_counts_match_hf(hf_extractor, num_samples):
 @example(clip_lengths=[48_000, 48_000, 48_000])
 def test_batch_counts_and_mask_match_hf(hf_extractor, clip_lengths):
     note(f"clip_lengths={clip_lengths}")
+    for n in clip_lengths:
+        label(n)
     clips = [_noise(n, i) for i, n in enumerate(clip_lengths)]
     hf_out = hf_extractor(clips)
     ours_tokens = [_our_tokens(n) for n in clip_lengths]
@@ -88,8 +145,9 @@ def test_batch_counts_and_mask_match_hf(hf_extractor, clip_lengths):
 
 
 @settings(max_examples=200)  # pure integer arithmetic: cheap, so more examples than the profile's
-@given(num_samples=st.integers(0, 5 * MAX_SAMPLES), delta=st.integers(0, 50_000))
+@given(num_samples=any_lengths, delta=st.one_of(st.sampled_from((0, 1, HOP - 1, HOP, 2 * HOP)), st.integers(0, 50_000)))
 def test_token_invariants(num_samples, delta):
+    label(num_samples)
     tokens, tokens_after = _our_tokens(num_samples), _our_tokens(num_samples + delta)
     note(f"tokens({num_samples})={tokens}, tokens({num_samples + delta})={tokens_after}")
     assert tokens <= tokens_after  # monotonic non-decreasing in N
@@ -103,7 +161,7 @@ def test_token_invariants(num_samples, delta):
 
 @settings(max_examples=100)
 @given(
-    clip_lengths=st.lists(st.integers(0, 5 * MAX_SAMPLES), min_size=1, max_size=6),
+    clip_lengths=st.lists(any_lengths, min_size=1, max_size=6),
     window=st.sampled_from([(15, 5), (15, 3), (15, 1), (10, 5), (8, 2)]),
 )
 def test_tensor_and_int_paths_agree(clip_lengths, window):
@@ -175,3 +233,26 @@ def test_compiles_without_graph_breaks(hf_extractor):
     assert compiled_tokens.tolist() == eager_tokens.tolist() == hf_out["audio_embed_sizes"]
     assert torch.equal(compiled_mask, eager_mask)
     assert torch.equal(compiled_mask, hf_out["input_features_mask"])
+
+
+REQUIRED_CLASSES = (
+    {f"N%hop={offset}" for offset in SAMPLE_OFFSETS}
+    | {"odd mel count", ">= 30 s"}
+    | {f"{name} {period}-frame boundary" for period in FRAME_PERIODS[1:] for name in ("on", "+1", "-1")}
+)
+
+
+def test_boundary_strategy_draws_every_class():
+    """Hypothesis, drawing from the strategy the HF-backed tests use, reaches every boundary class (on a window, a
+    block, one frame before or after, odd mel counts, the first and last sample of a hop, beyond 30 s)."""
+    seen = set()
+
+    @settings(max_examples=400, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(clip_lengths_st)
+    def draw(num_samples):
+        assert MIN_SAMPLES <= num_samples <= LONG_SAMPLES
+        seen.update(boundary_classes(num_samples))
+
+    draw()
+    assert REQUIRED_CLASSES <= seen, f"never drawn: {sorted(REQUIRED_CLASSES - seen)}"

@@ -1,4 +1,7 @@
-"""GraniteSpeechProcessor: same input_ids / attention_mask / input_features / input_features_mask as HF's."""
+"""GraniteSpeechProcessor: same input_ids / attention_mask / input_features / input_features_mask as HF's.
+
+No model: tokenizer and feature extractor on the CPU in fp32 whatever --model/--device/--dtype say
+(`fixed:no-model/cpu/float32` in the test ids)."""
 
 import json
 
@@ -10,7 +13,9 @@ from granite_speech.features import GraniteSpeechFeatureExtractor
 from granite_speech.processor import GraniteSpeechProcessor
 from parity.granite.fixtures import build_tokenizer, hf_config_path
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency: no importorskip escape hatch)
+
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")
 
 AUDIO = "<|audio|>"
 USER = "<|start_of_role|>user<|end_of_role|>"

@@ -31,6 +31,9 @@ from granite_speech.cli_errors import (
 )
 from granite_speech.config import VARIANTS
 from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args
+from parity.granite.fixtures.family import FAMILY_VARIANTS
+
+MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family's
 
 PROG = "granite-speech-parity"
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
@@ -76,6 +79,13 @@ def run_compare(run: CompareRun) -> int:
         warning = adapter_warning(checkpoint, "merged")
         if warning:
             print(warning, file=sys.stderr)
+    elif run.model in FAMILY_VARIANTS:  # a family member: HF's save_pretrained, drawn on the run's device at real size
+        from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint
+
+        where = device if run.model in REAL_FAMILY else torch.device("cpu")
+        _progress(f"building (or reusing) the seeded {run.model} family checkpoint (weights drawn on {where.type})",
+                  start)
+        checkpoint = build_family_checkpoint(run.model, seed=run.seed, device=where)
     else:
         _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start)
         checkpoint = build_checkpoint(run.model, seed=run.seed)
@@ -165,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--checkpoint", type=Path, metavar="DIR",
                      help="local Hugging Face Granite Speech folder (config.json, *.safetensors only, adapter, "
                           "tokenizer, preprocessor_config.json); default: the seeded random fixture of --model")
-    cmp.add_argument("--model", default=None, choices=tuple(VARIANTS),
-                     help="variant of the seeded random fixture checkpoint, when no --checkpoint (default: tiny)")
+    cmp.add_argument("--model", default=None, choices=MODEL_CHOICES,
+                     help="variant of the seeded random fixture checkpoint, when no --checkpoint (default: tiny): "
+                          "3.3 (tiny, 2b, 8b) or a family member (tiny-4.0, tiny-plus, tiny-5 on CPU; 4.0-1b, "
+                          "4.1-2b, 4.1-2b-plus, 5.0-470m at real dimensions)")
     cmp.add_argument("--audio", type=Path, nargs="+", default=[], metavar="CLIP",
                      help="audio files, down-mixed to mono and resampled to 16 kHz (said on stderr); several clips "
                           "make one padded batch (default: the built-in input set: clips on and past block and "

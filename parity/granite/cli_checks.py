@@ -70,6 +70,8 @@ def _audio_config(checkpoint: Optional[Path], model: str) -> Tuple[int, str, int
     if checkpoint is None:
         from granite_speech.config import VARIANTS
 
+        if model not in VARIANTS:  # a family fixture (parity.granite.fixtures.family): the 3.3 audio settings
+            return DEFAULT_SAMPLING_RATE, "<|audio|>", 15, 5
         projector = VARIANTS[model].projector_config
         return DEFAULT_SAMPLING_RATE, "<|audio|>", projector.window_size, projector.downsample_rate
     config = json.loads((checkpoint / "config.json").read_text())

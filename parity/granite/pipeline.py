@@ -10,11 +10,20 @@ For each input case (`Case`) the report gets up to three kinds of sections:
   each against HF `generate` on HF's own inputs; the first step where they part is the first divergence.
 The HF side always gets HF's own prompt construction (its tokenizer's chat template), processor, position ids and
 generation settings; nothing the project computes is fed to it.
+
+Every member of the family runs (`member_of(checkpoint)` reads config.json's model_type):
+- granite_speech (3.3, and 4.0-1b / 4.1-2b with the LoRA merged in the weights) and granite_speech_plus
+  (4.1-2b-plus): the cases above, each with its probe table (`parity.granite.probes_family.probes_for`) and its HF
+  class; a checkpoint without adapter files runs only the LoRA regime it has (`family.lora_regime`, in the report);
+- granite_speech5_ctc (5.0-470m, no LLM): a CTC pipeline (`ctc_cases`): preprocessing (audio, FMS
+  `GraniteSpeech5FeatureExtractor` vs HF's: features and attention mask, exact), the model probes of the 5.0 table
+  on valid frames only (one validity mask per frame rate), and a "generation" section: HF `generate`'s per-frame
+  greedy ids, the CTC-collapsed ids and the decoded text against FMS `generate` / `ctc_decode` / its processor.
 """
 
 import copy
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,7 +32,8 @@ import torch
 from parity.capture import ModelRun, available_bytes, capture_against, capture_model, capture_pair, pair_from_values
 from parity.diff import ParityResult, diff_captures
 from parity.granite.hf import hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
-from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES, TEXT, granite_speech_probes, text_mask
+from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
+from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_for
 from parity.probes import Probe
 
 AUDIO_TOKEN = "<|audio|>"
@@ -71,6 +81,25 @@ def default_cases() -> Tuple[Case, ...]:
         Case("bf16 as users run it (padded batch of 2)", ("9002-102-0000", "9004-104-0001"), generate=8,
              dtype="bfloat16", why="FMS bf16 (eager and fast path) vs HF bf16, judged against HF's own bf16 "
                                    "rounding error (HF float64): a missing fp32 upcast shows here, not in fp32"),
+    )
+
+
+def ctc_cases() -> Tuple[Case, ...]:
+    """The CTC (5.0) input set; every case decodes (`generate` > 0 turns the CTC decoding section on). Frame counts
+    at the input rate (x1) -> after the two subsampling blocks (x2, x4): odd counts (a stride-2 block drops the
+    trailing frame), padded rows at every rate, and one clip long enough for several attention blocks of the real
+    model (context 128) at every rate."""
+    return (
+        Case("clip 201 frames (odd: 201 -> 100 -> 50)", ("9003-103-0001",), generate=1,
+             why="an odd frame count at the input rate: the subsampling block drops the trailing frame"),
+        Case("padded batch of 3 (16, 45, 121 frames)", ("9001-101-0000", "9003-103-0000", "9001-101-0001"),
+             generate=1, why="rows padded at every frame rate: padded keys masked, padded frames zeroed before the "
+                             "depthwise convs, masks halved (AND of pairs) after each subsampling block"),
+        Case("clip 600 frames (600 -> 300 -> 150)", ("9004-104-0001",), generate=1,
+             why="several attention blocks at every rate (the real model's context is 128 frames), a padded last "
+                 "block at each"),
+        Case("stereo 44.1 kHz file", (STEREO_44K + "9002-102-0000",), generate=1,
+             why="down-mixing and resampling to 16 kHz before the features"),
     )
 
 
@@ -126,16 +155,20 @@ class Models:
         view.dtype = dtype
         return view
 
+    @property
+    def member(self) -> str:
+        """The checkpoint's HF model_type (granite_speech, granite_speech_plus, granite_speech5_ctc)."""
+        return member_of(self.checkpoint)
+
     def fms_model(self, lora_mode: str):
         if (self.dtype, lora_mode) not in self.fms:
-            from granite_speech.checkpoint import load_model
-
-            self.fms[self.dtype, lora_mode] = load_model(self.checkpoint, self.dtype, self.device, lora_mode=lora_mode)
+            self.fms[self.dtype, lora_mode] = load_fms_family_model(self.checkpoint, self.dtype, self.device,
+                                                                   lora_mode=lora_mode)
         return self.fms[self.dtype, lora_mode]
 
     def reference(self):
         if self.dtype not in self.hf:
-            self.hf[self.dtype] = load_hf_model(self.checkpoint, self.dtype, str(self.device))
+            self.hf[self.dtype] = load_hf_family_model(self.checkpoint, self.dtype, str(self.device))
         return self.hf[self.dtype]
 
     def reference64(self):
@@ -147,11 +180,110 @@ class Models:
         if self.hf_processor is None:
             from transformers import AutoProcessor
 
-            from granite_speech.processor import GraniteSpeechProcessor
-
             self.hf_processor = AutoProcessor.from_pretrained(str(self.checkpoint))
-            self.fms_processor = GraniteSpeechProcessor.from_pretrained(self.checkpoint)
+            if self.member == CTC5:
+                from granite_speech.features5 import GraniteSpeech5Processor
+
+                self.fms_processor = GraniteSpeech5Processor.from_pretrained(self.checkpoint)
+            else:
+                from granite_speech.processor import GraniteSpeechProcessor
+
+                self.fms_processor = GraniteSpeechProcessor.from_pretrained(self.checkpoint)
         return self.hf_processor, self.fms_processor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# family members
+
+
+def read_config(checkpoint: Union[str, Path]) -> dict:
+    import json
+
+    return json.loads((Path(checkpoint) / "config.json").read_text())
+
+
+def member_of(checkpoint: Union[str, Path]) -> str:
+    """The HF model_type of a checkpoint folder; a ValueError for one outside the family."""
+    model_type = read_config(checkpoint).get("model_type")
+    if model_type not in (SPEECH, PLUS, CTC5):
+        raise ValueError(f"{checkpoint} is model_type {model_type!r}, not a Granite Speech family member "
+                         f"({SPEECH}, {PLUS}, {CTC5})")
+    return model_type
+
+
+_HF_CLASSES = {SPEECH: "GraniteSpeechForConditionalGeneration", PLUS: "GraniteSpeechPlusForConditionalGeneration",
+               CTC5: "GraniteSpeech5ForCTC"}
+
+
+def load_hf_family_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The HF reference of any family member in eval mode (3.3: `load_hf_model`, with its adapter checks)."""
+    member = member_of(folder)
+    if member == SPEECH:
+        return load_hf_model(folder, dtype, device)
+    import transformers
+
+    klass = getattr(transformers, _HF_CLASSES[member], None)
+    if klass is None:
+        raise ImportError(f"transformers {transformers.__version__} has no {_HF_CLASSES[member]}")
+    model = klass.from_pretrained(str(folder), use_safetensors=True, dtype=dtype)
+    if (Path(folder) / "adapter_config.json").is_file() and not getattr(model, "_hf_peft_config_loaded", False):
+        raise RuntimeError(f"{folder} has an adapter_config.json but transformers did not attach the adapter")
+    return model.to(device).eval()
+
+
+def load_fms_family_model(folder: Union[str, Path], dtype: torch.dtype, device: Union[str, torch.device],
+                          lora_mode: str = "merged"):
+    """The FMS model of any family member, through `get_model("hf_pretrained")` (5.0 has no LoRA mode)."""
+    if member_of(folder) == CTC5:
+        import granite_speech  # noqa: F401  (registers the family)
+        from fms.models import get_model
+
+        from granite_speech.checkpoint.files import check_checkpoint_folder
+
+        folder = check_checkpoint_folder(folder)
+        device = torch.device(device)
+        return get_model("hf_pretrained", model_path=str(folder), device_type=device.type,
+                         data_type=dtype).to(device).eval()
+    from granite_speech.checkpoint import load_model
+
+    return load_model(folder, dtype, device, lora_mode=lora_mode)
+
+
+def _set_adapter(model, enabled: bool) -> None:
+    """HF's modality LoRA on exactly when audio is given -- where the checkpoint has one (a merged-LoRA checkpoint
+    has none to switch: its LoRA is in the weights)."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        set_hf_adapter(model, enabled)
+
+
+def regime_of(checkpoint: Union[str, Path], lora_mode: str = "merged") -> dict:
+    from granite_speech.family import lora_regime
+
+    return lora_regime(checkpoint, lora_mode)
+
+
+def cases_for(checkpoint: Union[str, Path], cases: Optional[Sequence[Case]] = None) -> Tuple[Case, ...]:
+    """The input set of a checkpoint: `default_cases()` (3.3, plus) or `ctc_cases()` (5.0) unless given; on a
+    checkpoint with no adapter files (the LoRA merged in the weights, or none) the cases that exercise the separate
+    adapter (lora_mode audio_only) run in the one regime there is (merged), and the one that would repeat an
+    audio case is left out."""
+    member = member_of(checkpoint)
+    if cases is None or (member == CTC5 and tuple(cases) == default_cases()):  # the LLM input set means "default"
+        cases = ctc_cases() if member == CTC5 else default_cases()
+    if member == CTC5:  # no prompt, no LoRA: clips only, each decoded
+        return tuple(replace(case, instructions=(), lora_mode="merged", generate=case.generate and 1)
+                     for case in cases if case.clips)
+    if (Path(checkpoint) / "adapter_config.json").is_file():
+        return tuple(cases)
+    regime = regime_of(checkpoint)["regime"]
+    kept = []
+    for case in cases:
+        if case.lora_mode != "audio_only":
+            kept.append(case)
+        elif not case.clips:  # text only: still a case of its own (no audio anywhere)
+            kept.append(replace(case, lora_mode="merged", why=f"{case.why}; this checkpoint has no adapter files "
+                                                              f"({regime}): the decoder weights as they are"))
+    return tuple(kept)
 
 
 Section = Tuple[str, str, ParityResult, dict]
@@ -165,14 +297,11 @@ def _hf_prompt(tokenizer, instruction: str) -> str:
     return instruction
 
 
-def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[Probe, Any, Any]], dict, dict, dict]:
-    """(probe rows, HF model inputs, FMS model inputs, extra): each side through its own preprocessing."""
-    from granite_speech.__main__ import build_prompt
+def _audio_rows(paths: Sequence[Path]) -> Tuple[List[Tuple[Probe, Any, Any]], list, list, list]:
+    """(probe rows, HF audio, FMS audio, input metadata): each clip read by HF's `load_audio` and FMS `read_audio`."""
     from granite_speech.audio import read_audio
 
-    hf_processor, fms_processor = models.processors()
     rows: List[Tuple[Probe, Any, Any]] = []
-    paths = [_clip_path(clip, workdir) for clip in case.clips]
     hf_audio, fms_audio, inputs_meta = [], [], []
     for i, path in enumerate(paths):
         reference = _attempt(lambda: hf_load_audio(path, SAMPLING_RATE))
@@ -184,19 +313,33 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
         fms_audio.append(candidate)
         if isinstance(reference, torch.Tensor):
             inputs_meta.append({"audio": path.name, "seconds": round(reference.numel() / SAMPLING_RATE, 3)})
+    return rows, hf_audio, fms_audio, inputs_meta
+
+
+def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[Probe, Any, Any]], dict, dict, dict]:
+    """(probe rows, HF model inputs, FMS model inputs, extra): each side through its own preprocessing."""
+    from granite_speech.__main__ import build_prompt
+
+    hf_processor, fms_processor = models.processors()
+    paths = [_clip_path(clip, workdir) for clip in case.clips]
+    rows, hf_audio, fms_audio, inputs_meta = _audio_rows(paths)
     hf_prompts = [_hf_prompt(hf_processor.tokenizer, text) for text in case.rows()]
     fms_prompts = [build_prompt(fms_processor.tokenizer, text) for text in case.rows()]
+    # a side whose audio could not be read carries that error to its later stages, instead of a follow-on crash
+    failed = next((a for a in hf_audio if isinstance(a, BaseException)), None)
+    fms_failed = next((a for a in fms_audio if isinstance(a, BaseException)), None)
     if paths:
         hf_extractor = getattr(hf_processor, "audio_processor", None) or hf_processor.feature_extractor  # 5.x / 4.57
-        hf_features = _attempt(lambda: hf_extractor([a.numpy() for a in hf_audio]))
-        fms_features = _attempt(lambda: fms_processor.feature_extractor(list(fms_audio)))
+        hf_features = failed or _attempt(lambda: hf_extractor([a.numpy() for a in hf_audio]))
+        fms_features = fms_failed or _attempt(lambda: fms_processor.feature_extractor(list(fms_audio)))
         for key, klass in (("input_features", "activation"), ("input_features_mask", "exact"),
                            ("audio_embed_sizes", "exact")):
             rows.append((Probe(f"features.{key}", "feature_extractor", "feature_extractor", teacher=(),
                                tolerance_class=klass), _field(hf_features, key), _field(fms_features, key)))
-    hf_batch = _attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
+    hf_batch = failed or _attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
                                              return_tensors="pt", padding=True, padding_side="left"))
-    fms_batch = _attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None, padding_side="left"))
+    fms_batch = fms_failed or _attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None,
+                                                             padding_side="left"))
     for key in ("input_ids", "attention_mask"):
         rows.append((Probe(f"processor.{key}", "processor", "processor", teacher=(), tolerance_class="exact",
                            note="after <|audio|> expansion, left-padded"), _field(hf_batch, key),
@@ -241,48 +384,58 @@ def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
     return True, "HF in float64"
 
 
+def _forward_kwargs(member: str) -> dict:
+    """What HF's forward gets beside the inputs: no KV cache for the LLM members (a teacher-forced pass)."""
+    return {} if member == CTC5 else {"use_cache": False}
+
+
 def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, *, mode: str, floors: str,
                    detail: bool, overrides, phases: str = "one", store: "ReferenceStore",
                    title: str) -> Tuple[ParityResult, dict]:
     from transformers import AutoConfig
 
     has_audio = "input_features" in hf_inputs
-    probes = granite_speech_probes(AutoConfig.from_pretrained(str(models.checkpoint)), detail=detail)
+    member = models.member
+    hf_config = AutoConfig.from_pretrained(str(models.checkpoint))
+    probes = probes_for(hf_config, detail=detail)
     if not has_audio:  # text only: the audio modules do not run on either side
         probes = tuple(p for p in probes if not p.name.startswith(AUDIO_PROBE_PREFIXES))
+    masks = masks_for(hf_config, hf_inputs)
+    forward_kwargs = _forward_kwargs(member)
+    regime = None if member == CTC5 else regime_of(models.checkpoint, case.lora_mode)
+    lora = {} if regime is None else {"lora_mode": case.lora_mode, "lora_regime": regime["regime"],
+                                      "hf_adapter": has_audio and regime["adapter_files"]}
 
     def hf_forward(model):
-        set_hf_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
-        return model(**hf_inputs, use_cache=False)
+        _set_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
+        return model(**hf_inputs, **forward_kwargs)
 
     if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
         pair = capture_against(probes, store.get(title), ModelRun(models.fms_model(case.lora_mode),
                                                                   lambda m: m(**fms_inputs)), mode=mode)
         floor_captures = store.get(f"{title} #floors", optional=True)
         result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
-                               masks={TEXT: text_mask(hf_inputs)}, floors=floor_captures)
-        return result, {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "reference": str(store.path),
+                               masks=masks, floors=floor_captures)
+        return result, {**lora, "reference": str(store.path),
                         "floors": "read with the reference" if floor_captures is not None else "off"}
     if phases == "two":  # one model in memory at a time: factories, HF captures on disk in between
-        from granite_speech.checkpoint import load_model
-
-        hf = lambda: load_hf_model(models.checkpoint, models.dtype, str(models.device))  # noqa: E731
-        fms = lambda: load_model(models.checkpoint, models.dtype, models.device, lora_mode=case.lora_mode)  # noqa
+        hf = lambda: load_hf_family_model(models.checkpoint, models.dtype, str(models.device))  # noqa: E731
+        fms = lambda: load_fms_family_model(models.checkpoint, models.dtype, models.device,  # noqa: E731
+                                            lora_mode=case.lora_mode)
     else:
         hf, fms = models.reference(), models.fms_model(case.lora_mode)
     pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs)), mode=mode,
                         phases=phases, hf_aliases=HF_LAYOUT_ALIASES)
-    masks = {TEXT: text_mask(hf_inputs)}
-    extra = {"lora_mode": case.lora_mode, "hf_adapter": has_audio, "phases": pair.plan.reason}
+    extra = {**lora, "phases": pair.plan.reason}
     floor_captures = None
     wanted, why = (False, "noise floors off in a two-phase run") if phases == "two" else _floors_wanted(floors,
                                                                                                         models)
     extra["floors"] = why
     if wanted:
         hf64 = models.reference64()
-        set_hf_adapter(hf64, has_audio)
+        _set_adapter(hf64, has_audio)
         inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
-        floor_captures = capture_model(hf64, lambda m: m(**inputs64, use_cache=False), probes, side="hf",
+        floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
                                        aliases=HF_LAYOUT_ALIASES)
         store.put(f"{title} #floors", floor_captures)
     store.put(title, pair.hf)
@@ -300,7 +453,7 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
         tokens = torch.stack([saved.get(f"step.{k}.token") for k in range(steps)], dim=1)
         return tokens, [saved.get(f"step.{k}.logits") for k in range(steps)]
     hf = models.reference()
-    set_hf_adapter(hf, "input_features" in hf_inputs)
+    _set_adapter(hf, "input_features" in hf_inputs)
     with torch.no_grad():
         hf_out = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
@@ -363,6 +516,105 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     return sections
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the CTC member (5.0): preprocessing and greedy decoding
+
+
+def _preprocess_ctc(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[Probe, Any, Any]], dict, dict,
+                                                                         dict]:
+    """(probe rows, HF model inputs, FMS model inputs, extra): audio, then HF's GraniteSpeech5Processor vs FMS
+    `GraniteSpeech5Processor` (features and frame mask, both exact)."""
+    hf_processor, fms_processor = models.processors()
+    paths = [_clip_path(clip, workdir) for clip in case.clips]
+    rows, hf_audio, fms_audio, inputs_meta = _audio_rows(paths)
+    hf_batch = _attempt(lambda: hf_processor(audio=[a.numpy() for a in hf_audio], sampling_rate=SAMPLING_RATE,
+                                             return_tensors="pt"))
+    fms_batch = _attempt(lambda: fms_processor(list(fms_audio), sampling_rate=SAMPLING_RATE))
+    for key, note in (("input_features", "log-mel + deltas, frame pairs stacked [B, T, 4 x mel bins]"),
+                      ("attention_mask", "valid input frames [B, T]")):
+        rows.append((Probe(f"features.{key}", "GraniteSpeech5Processor", "GraniteSpeech5Processor", teacher=(),
+                           tolerance_class="exact", note=note), _field(hf_batch, key), _field(fms_batch, key)))
+    mask = _field(hf_batch, "attention_mask")
+    for count, meta in zip(mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [], inputs_meta):
+        meta["frames"] = int(count)
+    return rows, _ctc_inputs(hf_batch, models), _ctc_inputs(fms_batch, models), {"inputs": inputs_meta}
+
+
+def _ctc_inputs(batch: Any, models: Models) -> Any:
+    if isinstance(batch, BaseException):
+        return batch
+    return {"input_features": batch["input_features"].to(models.device, models.dtype),
+            "attention_mask": batch["attention_mask"].to(models.device)}
+
+
+def _text_tensor(texts: Sequence[str]) -> torch.Tensor:
+    """Texts as UTF-8 bytes [B, longest], padded with -1: an exact comparison of strings by the engine."""
+    encoded = [list(text.encode("utf-8")) for text in texts]
+    out = torch.full((len(encoded), max([len(e) for e in encoded] + [1])), -1, dtype=torch.long)
+    for row, values in enumerate(encoded):
+        out[row, : len(values)] = torch.tensor(values, dtype=torch.long)
+    return out
+
+
+def _tensor_text(values: torch.Tensor) -> List[str]:
+    return [bytes(v for v in row.tolist() if v >= 0).decode("utf-8", errors="replace") for row in values]
+
+
+def _ids_tensor(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Token-id rows of different lengths [B, longest], padded with -1."""
+    out = torch.full((len(rows), max([len(r) for r in rows] + [1])), -1, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    return out
+
+
+def _hf_ctc_decoding(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Dict[str, torch.Tensor]:
+    """HF's greedy CTC decoding: `GraniteSpeech5ForCTC.generate` (per-frame argmax, padded frames = blank), the
+    collapse its tokenizer applies (repeats merged, blank dropped) and the processor's `batch_decode` text."""
+    from itertools import groupby
+
+    key = f"{case.name} · HF generate"
+    if store.reading:
+        saved = store.get(key)
+        return {name: saved.get(name) for name in ("ctc.frame_ids", "ctc.ids", "ctc.text")}
+    hf = models.reference()
+    hf_processor, _ = models.processors()
+    with torch.no_grad():
+        frame_ids = hf.generate(**hf_inputs).cpu()
+    blank = hf.config.pad_token_id
+    collapsed = [[t for t, _ in groupby(row) if t != blank] for row in frame_ids.tolist()]
+    texts = hf_processor.batch_decode(frame_ids, skip_special_tokens=True)
+    values = {"ctc.frame_ids": frame_ids, "ctc.ids": _ids_tensor(collapsed), "ctc.text": _text_tensor(texts)}
+    store.put(key, pair_from_values([(Probe(name, "generate", "generate", teacher=()), value, value)
+                                     for name, value in values.items()]).hf)
+    return values
+
+
+def _ctc_generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
+                             store: "ReferenceStore") -> List[Section]:
+    """FMS `generate` (per-frame ids), `ctc_decode` (collapsed ids) and its processor's text, each exactly against
+    HF's on HF's own inputs' clips (each side its own features, as the model section)."""
+    fms = models.fms_model(case.lora_mode)
+    _, fms_processor = models.processors()
+    hf = _hf_ctc_decoding(case, models, hf_inputs, store)
+    with torch.no_grad():
+        frame_ids = fms.generate(fms_inputs["input_features"], fms_inputs["attention_mask"]).cpu()
+        collapsed = fms.ctc_decode(fms_inputs["input_features"], fms_inputs["attention_mask"])
+    texts = fms_processor.decode_collapsed(collapsed)
+    notes = {"ctc.frame_ids": "per-frame argmax, padded frames = blank (HF GraniteSpeech5ForCTC.generate)",
+             "ctc.ids": "CTC-collapsed ids: repeats merged, blank dropped (FMS ctc_decode vs HF's tokenizer rule)",
+             "ctc.text": "decoded text as UTF-8 bytes (FMS processor decode_collapsed vs HF processor batch_decode)"}
+    values = {"ctc.frame_ids": frame_ids, "ctc.ids": _ids_tensor(collapsed), "ctc.text": _text_tensor(texts)}
+    rows = [(Probe(name, "generate", "generate", teacher=(), tolerance_class="exact", note=notes[name]), hf[name],
+             values[name]) for name in notes]
+    result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
+    hf_texts = _tensor_text(hf["ctc.text"])
+    return [(f"{case.name} · CTC greedy decoding: FMS vs HF generate + processor", "generation", result,
+             {"hf_text": hf_texts, "fms_text": texts, "frames": int(hf["ctc.frame_ids"].shape[1]),
+              "distinct_hf_ids": len(set(hf["ctc.frame_ids"].flatten().tolist())),
+              "tokens_per_row": [int((row >= 0).sum()) for row in hf["ctc.ids"]]})]
+
+
 def run_pipeline(
     checkpoint: Union[str, Path],
     *,
@@ -395,10 +647,13 @@ def run_pipeline(
     inputs_meta = []
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
         base = models
-        for case in cases or default_cases():
+        ctc = models.member == CTC5
+        preprocess = _preprocess_ctc if ctc else _preprocess
+        generation = _ctc_generation_sections if ctc else _generation_sections
+        for case in cases_for(models.checkpoint, cases):
             progress(f"case: {case.name}")
             models = base.at(getattr(torch, case.dtype)) if case.dtype else base
-            rows, hf_inputs, fms_inputs, extra = _preprocess(case, models, Path(tmp))
+            rows, hf_inputs, fms_inputs, extra = preprocess(case, models, Path(tmp))
             inputs_meta.extend({"case": case.name, **row} for row in extra["inputs"])
             pre = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
             sections.append((f"{case.name} · preprocessing", "preprocessing", pre, {"why": case.why}))
@@ -414,7 +669,7 @@ def run_pipeline(
                 model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
             sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
-                sections.extend(_generation_sections(case, models, hf_inputs, fed, overrides, store))
+                sections.extend(generation(case, models, hf_inputs, fed, overrides, store))
     written = store.finish()
     return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode,
                       "saved_captures": None if written is None else str(written),
@@ -475,6 +730,18 @@ def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def member_metadata(checkpoint: Union[str, Path]) -> dict:
+    """The report header's family entries: which member (HF model_type and class, FMS architecture) and which
+    LoRA regime ran (`granite_speech.family.lora_regime`; the 5.0 CTC model has none)."""
+    member = member_of(checkpoint)
+    fms_architecture = {SPEECH: "granite_speech", PLUS: "granite_speech_plus", CTC5: "granite_speech5"}[member]
+    out = {"model_type": member, "hf_class": _HF_CLASSES[member], "fms_architecture": fms_architecture}
+    regime = regime_of(checkpoint)
+    out["lora_regime"] = regime["regime"]
+    out["lora_regime_detail"] = regime["detail"]
+    return out
+
+
 def compare_report(
     checkpoint: Union[str, Path],
     *,
@@ -509,6 +776,6 @@ def compare_report(
         weights=f"seeded-random ({seeded}, seed {seed})" if seeded else "checkpoint",
         checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
-        title=f"Granite Speech parity · {Path(checkpoint).name}",
+        title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
     )
     return build_multi_report(sections, meta)

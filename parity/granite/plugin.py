@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from granite_speech.config import VARIANTS
+from parity.granite.fixtures.family import FAMILY_VARIANTS, TINY_FAMILY
+
+MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family members
 
 MODES = ("propagated", "teacher-forced")
 PHASES = ("auto", "one", "two")
@@ -19,7 +22,10 @@ _WRITTEN = pytest.StashKey[list]()  # (option, mode, path) of every report a tes
 
 def pytest_addoption(parser):
     group = parser.getgroup("granite-speech parity")
-    group.addoption("--model", choices=tuple(VARIANTS), default="tiny", help="variant whose dimensions are tested")
+    group.addoption("--model", choices=MODEL_CHOICES, default="tiny",
+                    help="variant whose dimensions are tested: 3.3 (tiny, 2b, 8b) or a family member (4.0-1b, 4.1-2b, "
+                         "4.1-2b-plus, 5.0-470m; tiny-4.0, tiny-plus, tiny-5): the family suites "
+                         "(suites/test_family_*.py) run that member, or with tiny the tiny version of every one")
     group.addoption(
         "--checkpoint",
         default=None,
@@ -267,3 +273,27 @@ def pytest_generate_tests(metafunc):
 def run_scope(request):
     """The RunScope of a `runs_at`-marked test (None for unmarked tests)."""
     return getattr(request, "param", None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The family suites (suites/test_family_*.py): a test that takes `family_variant` runs once per family member --model
+# selects: `--model tiny` (the CPU gate) -> the tiny version of every family architecture (TINY_FAMILY); a member's
+# name (4.1-2b-plus, tiny-5, ...) -> that member alone; a 3.3 variant (2b, 8b) -> none (skipped as an empty set).
+def family_variants_for(model: str) -> tuple:
+    if model == "tiny":
+        return TINY_FAMILY
+    return (model,) if model in FAMILY_VARIANTS else ()
+
+
+@pytest.hookimpl(specname="pytest_generate_tests")
+def pytest_generate_tests_family(metafunc):  # a second pytest_generate_tests, kept apart from the first
+    if "family_variant" in metafunc.fixturenames:
+        variants = family_variants_for(metafunc.config.getoption("--model"))
+        metafunc.parametrize("family_variant", variants, ids=[f"member:{v}" for v in variants], indirect=True,
+                             scope="session")
+
+
+@pytest.fixture(scope="session")
+def family_variant(request) -> str:
+    """The family member a test runs at (see `family_variants_for`): a `parity.granite.fixtures.family` variant."""
+    return request.param
