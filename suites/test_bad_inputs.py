@@ -123,7 +123,7 @@ def test_forward_accepts_the_valid_inputs(fms_model, forward_inputs):
 
 
 def _break(inputs, case):
-    ids, features, mask, q = inputs["ids"], inputs["features"], inputs["mask"], inputs["q"]
+    ids, features, mask = inputs["ids"], inputs["features"], inputs["mask"]
     if case == "audio-tokens-without-features":
         return dict(input_ids=ids)
     if case == "total-count-mismatch":  # 3q placeholders in the prompts, features for one window (q) per clip

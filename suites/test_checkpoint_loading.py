@@ -114,3 +114,21 @@ def test_lora_scale_comes_from_adapter_config(tiny_hub, tiny_hub_model, tmp_path
     rescaled = load_model(folder)
     assert rescaled.config.lora_scaling == 2 * tiny_hub_model.config.lora_scaling
     assert not torch.allclose(_logits(rescaled, probe_inputs), _logits(tiny_hub_model, probe_inputs), atol=1e-4)
+
+
+def test_hf_reference_reads_the_folder_not_the_adapters_base_model(tiny_hub, tmp_path):
+    """A copied and edited folder keeps the adapter_config.json whose `base_model_name_or_path` names the original:
+    transformers 4.57 would load its base weights from there, and the reference would be a different model."""
+    from parity.granite.hf import load_hf_model
+
+    folder = shutil.copytree(tiny_hub, tmp_path / "copy")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_hub)
+    key = "language_model.model.norm.weight"
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    loaded = load_hf_model(folder).state_dict()
+    norm = next(value for name, value in loaded.items() if name.endswith("model.norm.weight")
+                and "language_model" in name)
+    assert torch.equal(norm, tensors[key])

@@ -604,7 +604,7 @@ def test_hf_reference_refuses_a_pickle_only_checkpoint(assets, monkeypatch):
         raise ModelLoaded("torch.load was called: a pickle file was read")
 
     monkeypatch.setattr(torch, "load", tripwire)
-    with pytest.raises(OSError, match=r"safetensors"):
+    with pytest.raises(CheckpointFormatError, match=r"holds only pickle weights.*safetensors only"):
         load_hf_model(assets.pickle_only)
 
 

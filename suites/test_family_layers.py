@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint  # noqa: E402
+from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
 from parity.granite.pipeline import (  # noqa: E402
     ctc_cases,
     default_cases,
@@ -25,13 +25,6 @@ from parity.granite.probes_family import CTC5, PLUS, SPEECH, probes_for  # noqa:
 EXPECTED_MEMBER = {"tiny-4.0": SPEECH, "4.0-1b": SPEECH, "4.1-2b": SPEECH, "tiny-plus": PLUS, "4.1-2b-plus": PLUS,
                    "tiny-5": CTC5, "5.0-470m": CTC5}
 PADDED = "padded batch of 3"  # the case of both input sets with rows padded differently
-
-
-@pytest.fixture(scope="module")
-def family_checkpoint(family_variant, device, seed):
-    """The member's seeded checkpoint; real dimensions are drawn on the run's device (seconds on a GPU)."""
-    where = device if family_variant in REAL_FAMILY else torch.device("cpu")
-    return build_family_checkpoint(family_variant, seed=seed, device=where)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,12 @@ transformers = pytest.importorskip("transformers")
 from granite_speech.__main__ import DEFAULT_PROMPT, check_transcribe_inputs, main, transcribe  # noqa: E402
 from granite_speech.audio import read_audio  # noqa: E402
 from parity.granite.fixtures import SPEECH_DIR  # noqa: E402
-from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint  # noqa: E402
+from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
 from parity.granite.pipeline import load_hf_family_model, member_of  # noqa: E402
 
 CLIPS = [SPEECH_DIR / "9002-102-0000.flac", SPEECH_DIR / "9004-104-0000.flac"]  # 41 and 120 frames: a padded batch
 NEW_TOKENS = 12
 CTC = "granite_speech5_ctc"
-
-
-@pytest.fixture(scope="module")
-def family_checkpoint(family_variant, device, seed):
-    where = device if family_variant in REAL_FAMILY else torch.device("cpu")
-    return build_family_checkpoint(family_variant, seed=seed, device=where)
 
 
 @torch.no_grad()

@@ -6,10 +6,15 @@ mutants go through the runner on one default case of compare (~30 s), caught and
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
-from parity.granite.mutants import CATALOGUE, KINDS, PACKAGE_DIR, matches
+import granite_speech
+from parity.granite.mutants import CATALOGUE, KINDS, matches
+
+# the sources as imported (the checkout's granite_speech/ in an editable install)
+PACKAGE_DIR = Path(granite_speech.__file__).resolve().parent
 
 # one case of compare's default set: the conformer and the merged LoRA both run on it
 QUICK_CASE = "clip 201 frames"

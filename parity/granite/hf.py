@@ -26,9 +26,23 @@ def load_hf_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32, 
     """The HF reference in eval mode, with the checkpoint's LoRA adapter attached (peft must be installed)."""
     from transformers import GraniteSpeechForConditionalGeneration
 
-    dtype_kw = {"torch_dtype": dtype} if TRANSFORMERS_VERSION.major < 5 else {"dtype": dtype}
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True, **dtype_kw)
-    if (Path(folder) / "adapter_config.json").is_file() and not getattr(model, "_hf_peft_config_loaded", False):
+    return hf_from_folder(GraniteSpeechForConditionalGeneration, folder, dtype, device)
+
+
+def hf_from_folder(model_class, folder: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """`model_class.from_pretrained` on a checkpoint folder, its base weights and its adapter both read from that
+    folder, in eval mode."""
+    from granite_speech.checkpoint.files import check_checkpoint_folder
+
+    check_checkpoint_folder(folder)  # safetensors only, on every transformers line (4.57 reads a .bin regardless)
+    kwargs = {"torch_dtype": dtype} if TRANSFORMERS_VERSION.major < 5 else {"dtype": dtype}
+    has_adapter = (Path(folder) / "adapter_config.json").is_file()
+    if has_adapter:
+        # 4.57 otherwise loads the base weights from the adapter's `base_model_name_or_path` (another folder, or a
+        # hub id) and compares against a different model; 5.x keeps a local folder that has its own config.json
+        kwargs["adapter_kwargs"] = {"_adapter_model_path": str(folder)}
+    model = model_class.from_pretrained(str(folder), use_safetensors=True, **kwargs)
+    if has_adapter and not getattr(model, "_hf_peft_config_loaded", False):
         raise RuntimeError(f"{folder} has an adapter_config.json but transformers did not attach the adapter")
     return model.to(device).eval()
 

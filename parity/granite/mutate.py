@@ -46,6 +46,9 @@ PARITY_ENV = "PARITY_MUTATE_PARITY_DIR"  # ... and parity from the run's snapsho
 LOCALISED_BAR = 0.9
 GROWTH = 10.0  # a probe of a baseline-red section whose max |diff| grew this much counts as a regression there
 SUITES_ARGS = ("suites/", "--model", "tiny", "-x", "-q", "-p", "no:cacheprovider")
+# the catalogue's own test fails on every mutated copy by construction (the mutated snippet is gone) and would run
+# the runner recursively: never part of a mutant's suite run
+SUITES_IGNORE = ("suites/test_mutants.py",)
 EXIT_ISOLATION = 4
 WORKER_TIMEOUT_S = 900
 SUITES_TIMEOUT_S = 900
@@ -213,6 +216,8 @@ def _prepare_suite_tree(snapshot: Snapshot, workdir: Path) -> None:
     for name in ("results", "fixtures"):
         if (REPO_ROOT / name).exists() and not (workdir / name).exists():
             (workdir / name).symlink_to(REPO_ROOT / name)
+    if not (workdir / "parity").exists():  # suites that read the checkout's layout (test_architecture) find it
+        (workdir / "parity").symlink_to(snapshot.parity_path / "parity")
 
 
 _FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)")
@@ -224,6 +229,8 @@ def _run_suites(snapshot: Snapshot, workdir: Path, threads: int, timeout: float,
     args = list(SUITES_ARGS) if stop_first else [a for a in SUITES_ARGS if a != "-x"]
     cmd = [sys.executable, "-m", "pytest", *args, "-rfE", "--rootdir", str(workdir), "-c",
            str(workdir / "pyproject.toml")]
+    for path in SUITES_IGNORE:
+        cmd += ["--ignore", path]
     for node in deselect:
         cmd += ["--deselect", node]
     start = time.monotonic()

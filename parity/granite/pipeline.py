@@ -31,7 +31,7 @@ import torch
 
 from parity.capture import ModelRun, available_bytes, capture_against, capture_model, capture_pair, pair_from_values
 from parity.diff import ParityResult, diff_captures
-from parity.granite.hf import hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
+from parity.granite.hf import hf_from_folder, hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
 from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_for
 from parity.probes import Probe
@@ -225,10 +225,7 @@ def load_hf_family_model(folder: Union[str, Path], dtype: torch.dtype = torch.fl
     klass = getattr(transformers, _HF_CLASSES[member], None)
     if klass is None:
         raise ImportError(f"transformers {transformers.__version__} has no {_HF_CLASSES[member]}")
-    model = klass.from_pretrained(str(folder), use_safetensors=True, dtype=dtype)
-    if (Path(folder) / "adapter_config.json").is_file() and not getattr(model, "_hf_peft_config_loaded", False):
-        raise RuntimeError(f"{folder} has an adapter_config.json but transformers did not attach the adapter")
-    return model.to(device).eval()
+    return hf_from_folder(klass, folder, dtype, device)
 
 
 def load_fms_family_model(folder: Union[str, Path], dtype: torch.dtype, device: Union[str, torch.device],

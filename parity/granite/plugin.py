@@ -297,3 +297,18 @@ def pytest_generate_tests_family(metafunc):  # a second pytest_generate_tests, k
 def family_variant(request) -> str:
     """The family member a test runs at (see `family_variants_for`): a `parity.granite.fixtures.family` variant."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(family_variant, device, seed):
+    """The member's seeded checkpoint (HF's own classes and save_pretrained); real dimensions are drawn on the run's
+    device. A member whose HF reference class this transformers line lacks (4.57) is skipped, saying so."""
+    from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint
+
+    where = device if family_variant in REAL_FAMILY else torch.device("cpu")
+    try:
+        return build_family_checkpoint(family_variant, seed=seed, device=where)
+    except ImportError as err:
+        if not str(err).startswith("transformers "):
+            raise
+        pytest.skip(f"no HF reference to compare with: {err}")
