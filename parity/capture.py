@@ -169,6 +169,7 @@ class Captures:
     def __init__(self, side: str = ""):
         self.side = side
         self.resolved: Dict[str, str] = {}  # probe name -> module path actually hooked
+        self.raised: Optional[str] = None  # the side's forward raised (recorded with on_raise="record")
         self._tensors: Dict[str, torch.Tensor] = {}
         self._records: Dict[str, dict] = {}
         self._next_order = 0
@@ -588,11 +589,69 @@ def _forward(model: torch.nn.Module, inputs) -> Any:
         return inputs(model) if callable(inputs) else model(**inputs)
 
 
-def _run_side(model, inputs, side: str, probes, captures: Captures, install) -> None:
+ON_RAISE = ("raise", "record")
+
+
+def _check_on_raise(on_raise: str) -> None:
+    if on_raise not in ON_RAISE:
+        raise ValueError(f"on_raise must be one of {ON_RAISE}, got {on_raise!r}")
+
+
+def _run_side(model, inputs, side: str, probes, captures: Captures, install, on_raise: str = "raise") -> None:
+    """One forward with the probes hooked. With on_raise="record", an exception inside the forward is a finding,
+    not the end of the run: it is recorded on the innermost probed module that was running (then on the probes
+    around it), and every probe captured before it keeps its value."""
     _check_eval(model, side)
+    running: List[Tuple[str, ...]] = []  # the probes of each module entered and not left, outermost first
     with attached_hooks() as hooks:
         install(hooks, model, probes, captures)
-        _forward(model, inputs)
+        if on_raise == "record":
+            _track_running(hooks, model, probes, captures, running)
+        try:
+            _forward(model, inputs)
+        except Exception as err:
+            if on_raise != "record":
+                raise
+            _record_raise(captures, side, err, running)
+
+
+def _track_running(hooks, model, probes, captures: Captures, running: List[Tuple[str, ...]]) -> None:
+    by_path: Dict[str, List[str]] = {}
+    for probe in probes:
+        if probe.name in captures.resolved:
+            by_path.setdefault(captures.resolved[probe.name], []).append(probe.name)
+
+    def track(names: Tuple[str, ...]) -> Tuple[Callable, Callable]:
+        def enter(mod, args, kwargs):
+            running.append(names)
+
+        def leave(mod, args, kwargs, output):
+            # back to this module's latest entry: a call that raised inside it (a teacher re-run whose exception
+            # was recorded) left its entries behind
+            last = max(i for i, entry in enumerate(running) if entry is names)
+            del running[last:]
+
+        return enter, leave
+
+    for path, names in by_path.items():
+        enter, leave = track(tuple(names))
+        module = model.get_submodule(path) if path else model
+        hooks.pre_forward(module, enter)
+        hooks.forward(module, leave)
+
+
+def _record_raise(captures: Captures, side: str, err: Exception, running: List[Tuple[str, ...]]) -> None:
+    import traceback
+
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    message = f"{side} raised {type(err).__name__} at {Path(frame.filename).name}:{frame.lineno}: {err}"
+    names = [name for entry in reversed(running) for name in entry]  # innermost module first
+    innermost = next((name for name in names if not captures.seen(value_key(name))), None)
+    for name in names:  # the innermost record comes first in execution order
+        if not captures.seen(value_key(name)):
+            captures.put_error(value_key(name), message if name == innermost else
+                               f"{side} raised inside {innermost}", kind="raised")
+    captures.raised = message
 
 
 def _free() -> None:
@@ -642,11 +701,15 @@ def capture_pair(
     workdir: Union[str, Path, None] = None,
     hf_aliases: Sequence[Tuple[str, str]] = (),
     fms_aliases: Sequence[Tuple[str, str]] = (),
+    on_raise: str = "raise",
 ) -> PairCaptures:
     """Run HF (the reference) then FMS (the candidate) with the probes hooked; return both capture stores.
     In two-phase runs the HF captures are written to `workdir` (default: a temporary directory) as safetensors.
-    `hf_aliases` / `fms_aliases` rewrite probe paths for models whose layout differs from the table's."""
+    `hf_aliases` / `fms_aliases` rewrite probe paths for models whose layout differs from the table's.
+    `on_raise="record"`: a side whose forward raises is a finding (status `raised` on the module it was in), not the
+    end of the run."""
     mode = normalize_mode(mode)
+    _check_on_raise(on_raise)
     plan = plan_phases(hf, fms, phases)
     teacher = mode == "teacher_forced"
     probes = tuple(probes)
@@ -659,11 +722,11 @@ def capture_pair(
     if not plan.two_phase:
         hf_model = hf.model if hf.loaded else hf.model()
         fms_model = fms.model if fms.loaded else fms.model()
-        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf)
+        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf, on_raise)
     else:
         hf_model = hf.model()
         hf_ref = weakref.ref(hf_model)
-        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf)
+        _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf, on_raise)
         del hf_model
         _free()
         if hf_ref() is not None:
@@ -680,7 +743,7 @@ def capture_pair(
     def install_fms(hooks, model, ps, caps):
         _install_candidate(hooks, model, ps, caps, reference=hf_captures if teacher else None, aliases=fms_aliases)
 
-    _run_side(fms_model, fms.inputs, "FMS", probes, fms_captures, install_fms)
+    _run_side(fms_model, fms.inputs, "FMS", probes, fms_captures, install_fms, on_raise)
     return PairCaptures(hf_captures, fms_captures, mode, plan, probes)
 
 
@@ -695,7 +758,7 @@ def pair_from_values(rows: Sequence[Tuple[Probe, Any, Any]], *, mode: str = "pro
             if isinstance(value, torch.Tensor):
                 captures.put(key, value)
             elif isinstance(value, BaseException):
-                captures.put_error(key, f"raised {type(value).__name__}: {value}")
+                captures.put_error(key, f"raised {type(value).__name__}: {value}", kind="raised")
             elif value is None:
                 captures.put_error(key, "this stage did not run", kind="unresolved")
             else:
@@ -706,10 +769,11 @@ def pair_from_values(rows: Sequence[Tuple[Probe, Any, Any]], *, mode: str = "pro
 
 
 def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun, *, mode: str = "propagated",
-                    fms_aliases: Sequence[Tuple[str, str]] = ()) -> PairCaptures:
+                    fms_aliases: Sequence[Tuple[str, str]] = (), on_raise: str = "raise") -> PairCaptures:
     """The candidate run against reference captures recorded earlier, in another process or on another machine
     (`save_capture_sets` / `load_capture_sets`): the reference model is never loaded here."""
     mode = normalize_mode(mode)
+    _check_on_raise(on_raise)
     if mode == "teacher_forced" and not any("#tf_input:" in key for key in reference.keys()):
         raise ValueError("teacher-forced comparison needs reference captures recorded in teacher-forced mode "
                          "(they hold the inputs each module is re-run on); these hold none")
@@ -721,7 +785,7 @@ def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun,
                            aliases=fms_aliases)
 
     model = fms.model if fms.loaded else fms.model()
-    _run_side(model, fms.inputs, "FMS", probes, fms_captures, install)
+    _run_side(model, fms.inputs, "FMS", probes, fms_captures, install, on_raise)
     return PairCaptures(reference, fms_captures, mode, PhasePlan(False, "reference captures read from disk"), probes)
 
 

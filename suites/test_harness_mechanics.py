@@ -131,6 +131,39 @@ def test_capture_pair_removes_hooks_when_the_run_raises():
     assert_no_hooks(other)
 
 
+class Raising(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("planted crash")
+
+
+@pytest.mark.parametrize("mode", ["propagated", "teacher_forced"])
+def test_a_candidate_that_raises_is_a_finding_named_at_the_module_it_raised_in(mode):
+    """on_raise="record": the crash is status `raised` on the innermost probed module that was running, the probes
+    before it keep their verdicts, the enclosing probe is raised too, and later ones are missing."""
+    reference = make_chain()
+    candidate = copy.deepcopy(reference)
+    candidate.layers[2].linear = nn.Sequential(candidate.layers[2].linear, Raising()).eval()
+    probes = (Probe("model", "", ""), *chain_probes(), Probe("layer.2.linear", "layers.2.linear", "layers.2.linear"))
+    pair, result = run_pair(reference, candidate, probes, mode=mode, on_raise="record")
+    status = {p.name: p.propagated.status for p in result.probes}
+    assert status == {"model": Status.RAISED, "layer.0": Status.PASS, "layer.1": Status.PASS,
+                      "layer.2": Status.RAISED, "layer.2.linear": Status.RAISED, "layer.3": Status.MISSING,
+                      "layer.4": Status.MISSING}
+    assert result.first_divergence == "layer.2.linear"
+    detail = next(p.propagated.detail for p in result.probes if p.name == "layer.2.linear")
+    assert "RuntimeError" in detail and "planted crash" in detail and "test_harness_mechanics.py" in detail
+    assert "inside layer.2.linear" in next(p.propagated.detail for p in result.probes if p.name == "model")
+    assert pair.fms.raised and pair.hf.raised is None
+    assert_no_hooks(candidate)
+    with pytest.raises(RuntimeError, match="planted crash"):  # the default still raises
+        run_pair(reference, candidate, probes, mode=mode)
+
+
+def test_on_raise_is_validated():
+    with pytest.raises(ValueError, match="on_raise must be one of"):
+        run_pair(make_chain(), make_chain(), chain_probes(), on_raise="ignore")
+
+
 def test_assert_no_hooks_reports_a_leftover_hook():
     model = make_chain()
     hooks = HookSet()

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure each probe's noise floor with HF in float64, for localisation and 16-bit gates "
                           "(auto: when an fp64 copy fits in memory; default: %(default)s)")
     cmp.add_argument("--strict", action="store_true",
-                     help="also fail on probes inside tolerance but far (20x) above their measured noise floor")
+                     help="also fail on probes inside tolerance but far (8x) above their measured noise floor")
     cmp.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
                      help="greedy tokens compared with HF generate for --audio clips (default: %(default)s)")
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),

@@ -8,7 +8,7 @@ names the mutated module as the first divergence or the first own error (`expect
 `expect` holds probe names or prefixes: an entry matches a probe named exactly so, or any probe under it
 (`"encoder.block.0"` matches `encoder.block.0.conv`; an entry ending in "." such as `"step.1."` matches every probe that
 starts with it). The generation probes are `step.N.token` / `step.N.logits`: step 0 comes from the prefill (the
-model's own forward), steps >= 1 from the fast path's decode step.
+model's own forward), steps >= 1 from the fast path's decode step (`_DECODE_STEP` matches any of them).
 
 Missing-upcast mutants are no-ops in float32: only the bf16 case of compare's default inputs can see them. The catalogue is data; `suites/test_mutants.py` checks that every `old` still occurs
 exactly once, so the catalogue cannot rot silently while the sources move.
@@ -78,7 +78,9 @@ def matches(probe_name: str, entry: str) -> bool:
 
 _ENC_ATTN, _ENC_CONV = ("encoder.block.0.attn",), ("encoder.block.0.conv",)
 _Q_FORMER = ("projector.qformer.0",)
-_DECODE_STEP = ("step.1.",)  # the first step of the fast path's own decode (step 0 is the prefill's forward)
+# any step of the fast path's own decode (step 0 is the prefill's forward): a small error of the decode step (an
+# eps) may stand out only after a few steps; a first divergence at step 0 would name the prefill, and does not match
+_DECODE_STEP = tuple(f"step.{k}." for k in range(1, 64))
 _LORA_Q = ("decoder.layer.0.attn.q",)
 
 CONFORMER = (

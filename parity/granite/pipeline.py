@@ -54,6 +54,7 @@ class Case:
     generate: int = 0  # greedy new tokens to compare (0: no generation section)
     why: str = ""
     dtype: Optional[str] = None  # run this case in another dtype than the run's (e.g. bf16 as users run it)
+    padding_side: str = "left"  # asked of both processors (generation needs left; the forward takes either)
 
     def rows(self) -> Tuple[str, ...]:
         return self.instructions or (DEFAULT_INSTRUCTION,) * len(self.clips)
@@ -71,11 +72,14 @@ def default_cases() -> Tuple[Case, ...]:
         Case("padded batch of 3 (window + 1, on window, tiny block + 1)",
              ("9001-101-0000", "9003-103-0000", "9001-101-0001"), generate=12,
              why="clips of 16, 45 and 121 encoder frames: text- and audio-padded, left-padded prompts"),
-        Case("text only, adapter off", instructions=("the quick brown fox", "a much longer prompt about the harbour "
-                                                     "and the boats that came in at dawn"),
-             lora_mode="audio_only", why="no audio: HF's adapter is off, FMS applies no LoRA (audio_only mode)"),
+        Case("text only, adapter off, right-padded", instructions=(
+            "the quick brown fox", "a much longer prompt about the harbour and the boats that came in at dawn"),
+             lora_mode="audio_only", padding_side="right",
+             why="no audio: HF's adapter is off, FMS applies no LoRA (audio_only mode); padded on the right, the side "
+                 "the tokenizer does not pad on by default"),
         Case("LoRA audio_only mode (on window and tiny block)", ("9004-104-0000",), lora_mode="audio_only",
-             why="the LoRA kept separate and switched on by the audio"),
+             generate=6, why="the LoRA kept separate and switched on by the audio, in the prefill and every decode "
+                             "step"),
         Case("stereo 44.1 kHz file", (STEREO_44K + "9002-102-0000",),
              why="down-mixing and resampling to 16 kHz before the features"),
         Case("bf16 as users run it (padded batch of 2)", ("9002-102-0000", "9004-104-0001"), generate=8,
@@ -333,13 +337,14 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
                            ("audio_embed_sizes", "exact")):
             rows.append((Probe(f"features.{key}", "feature_extractor", "feature_extractor", teacher=(),
                                tolerance_class=klass), _field(hf_features, key), _field(fms_features, key)))
+    side = case.padding_side
     hf_batch = failed or _attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
-                                             return_tensors="pt", padding=True, padding_side="left"))
+                                             return_tensors="pt", padding=True, padding_side=side))
     fms_batch = fms_failed or _attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None,
-                                                             padding_side="left"))
+                                                             padding_side=side))
     for key in ("input_ids", "attention_mask"):
         rows.append((Probe(f"processor.{key}", "processor", "processor", teacher=(), tolerance_class="exact",
-                           note="after <|audio|> expansion, left-padded"), _field(hf_batch, key),
+                           note=f"after <|audio|> expansion, {side}-padded"), _field(hf_batch, key),
                      _field(fms_batch, key)))
     inputs_meta = inputs_meta or [{"audio": "(text only)"} for _ in case.rows()]
     mask = _field(hf_batch, "attention_mask")
@@ -409,7 +414,8 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
 
     if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
         pair = capture_against(probes, store.get(title), ModelRun(models.fms_model(case.lora_mode),
-                                                                  lambda m: m(**fms_inputs)), mode=mode)
+                                                                  lambda m: m(**fms_inputs)), mode=mode,
+                               on_raise="record")
         floor_captures = store.get(f"{title} #floors", optional=True)
         result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
                                masks=masks, floors=floor_captures)
@@ -422,11 +428,13 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     else:
         hf, fms = models.reference(), models.fms_model(case.lora_mode)
     pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs)), mode=mode,
-                        phases=phases, hf_aliases=HF_LAYOUT_ALIASES)
+                        phases=phases, hf_aliases=HF_LAYOUT_ALIASES, on_raise="record")
     extra = {**lora, "phases": pair.plan.reason}
     floor_captures = None
     wanted, why = (False, "noise floors off in a two-phase run") if phases == "two" else _floors_wanted(floors,
                                                                                                         models)
+    if pair.hf.raised:
+        wanted, why = False, "noise floors off: the HF forward raised"
     extra["floors"] = why
     if wanted:
         hf64 = models.reference64()
@@ -464,8 +472,32 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
     return tokens, logits
 
 
+def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens: torch.Tensor,
+                          store: "ReferenceStore"):
+    """HF `generate` in float64 on the same inputs: each step's logits are the rounding-only reference of that step
+    (its noise floor), for the steps before HF float64 picks a token HF did not (later steps saw other prefixes)."""
+    key = f"{case.name} · HF generate #floors"
+    if store.reading:
+        return store.get(key, optional=True)
+    steps = case.generate
+    hf64 = models.reference64()
+    _set_adapter(hf64, "input_features" in hf_inputs)
+    inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
+    with torch.no_grad():
+        out = hf64.generate(**inputs64, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    tokens64 = out.sequences[:, hf_inputs["input_ids"].size(1):].cpu()
+    scaling = hf64.config.text_config.logits_scaling
+    same_prefix = [k for k in range(steps) if torch.equal(tokens64[:, :k], hf_tokens[:, :k])]
+    logits64 = {k: hf_logits_to_fms(out.logits[k], scaling).cpu() for k in same_prefix}
+    floors = pair_from_values([(Probe(f"step.{k}.logits", "generate", "generate", teacher=()), value, value)
+                               for k, value in logits64.items()]).hf
+    store.put(key, floors)
+    return floors
+
+
 def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
-                         store: "ReferenceStore") -> List[Section]:
+                         store: "ReferenceStore", floors: str = "auto") -> List[Section]:
     from fms.utils.generation import generate
 
     from granite_speech.fast_generate import StaticGenerator
@@ -473,44 +505,108 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
 
     fms = models.fms_model(case.lora_mode)
     steps = case.generate
-    hf_tokens, hf_logits = _hf_generation(case, models, hf_inputs, store)
-
-    eager_logits: List[torch.Tensor] = []
-
-    def keep(position, logits, next_val, kwargs):
-        eager_logits.append(logits[:, -1] if logits.dim() == 3 else logits)
-        return next_val, kwargs
-
     fms_len = fms_inputs["input_ids"].size(1)
-    attn = padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype)
-    extra_kwargs = {k: v for k, v in fms_inputs.items() if k in ("input_features", "input_features_mask")}
-    with torch.no_grad():
-        eager = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
-                         do_sample=False, use_cache=True, prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
-                         post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+
+    def run_eager():
+        logits: List[torch.Tensor] = []
+
+        def keep(position, step_logits, next_val, kwargs):
+            logits.append(step_logits[:, -1] if step_logits.dim() == 3 else step_logits)
+            return next_val, kwargs
+
+        attn = padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype)
+        extra_kwargs = {k: v for k, v in fms_inputs.items() if k in ("input_features", "input_features_mask")}
+        tokens = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
+                          do_sample=False, use_cache=True, prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
+                          post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+        return tokens, logits
+
+    def run_fast():
         fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda")
         audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
-        fast_logits = [fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
-                                    fms_inputs["attention_mask"]).clone()]
+        logits = [fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
+                               fms_inputs["attention_mask"]).clone()]
         for _ in range(1, steps):
-            fast_logits.append(fast.decode_step().clone())
-        fast_tokens = fast.tokens(fms_len + steps)[:, fms_len:].clone()
+            logits.append(fast.decode_step().clone())
+        return fast.tokens(fms_len + steps)[:, fms_len:].clone(), logits
+
+    # a side that raised is reported on every step it did not reach, instead of ending the run
+    hf_run = _attempt(lambda: _hf_generation(case, models, hf_inputs, store))
+    floor_captures, floors_why = None, "noise floors off (HF generate raised)"
+    if not isinstance(hf_run, BaseException):
+        wanted, floors_why = _floors_wanted(floors, models) if not store.reading else (True, "read with the reference")
+        if wanted:
+            floor_captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store)
+    with torch.no_grad():
+        eager, fast = _attempt(run_eager), _attempt(run_fast)
+
+    def step_values(run, step: int, dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
+        if isinstance(run, BaseException):
+            return run, run
+        tokens, logits = run
+        token = tokens[:, step].cpu() if step < tokens.size(1) else None
+        value = logits[step] if step < len(logits) else None
+        return token, None if value is None else value.to(dtype or value.dtype).cpu()
 
     sections = []
-    for label, tokens, logits in (("eager FMS generate", eager, eager_logits), ("fast path", fast_tokens,
-                                                                                 fast_logits)):
-        rows = []
+    for label, run in (("eager FMS generate", eager), ("fast path", fast)):
+        ties = _near_tie_flips(hf_run, run, models.dtype)
+        rows, masks = [], {}
+        batch = _rows(hf_run, run) if ties else 0
         for step in range(steps):
-            rows.append((Probe(f"step.{step}.token", "generate", "generate", teacher=(), tolerance_class="exact"),
-                         hf_tokens[:, step].cpu(), tokens[:, step].cpu() if step < tokens.size(1) else None))
-            rows.append((Probe(f"step.{step}.logits", "generate", "generate", teacher=(), tolerance_class="logits"),
-                         hf_logits[step].cpu(), logits[step].to(models.dtype).cpu() if step < len(logits) else None))
-        result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
-        distinct = len(set(hf_tokens.flatten().tolist()))
-        sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result,
-                         {"new_tokens": steps, "distinct_hf_tokens": distinct,
-                          "rows_differ": bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all())}))
+            hf_token, hf_logits = step_values(hf_run, step)
+            token, logits = step_values(run, step, models.dtype)
+            # a row that flipped at a near-tie is compared up to that step's logits (its later prefixes differ)
+            for part, hf_value, value, klass, last in (("token", hf_token, token, "exact", -1),
+                                                       ("logits", hf_logits, logits, "logits", 0)):
+                valid = ""
+                if ties:
+                    keep = torch.tensor([r not in ties or step <= ties[r]["step"] + last for r in range(batch)])
+                    if not keep.any():
+                        continue
+                    valid = f"{part}.{step}"
+                    masks[valid] = keep
+                rows.append((Probe(f"step.{step}.{part}", "generate", "generate", teacher=(), tolerance_class=klass,
+                                   valid=valid), hf_value, value))
+        result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
+                               floors=floor_captures, masks=masks)
+        extra = {"new_tokens": steps, "floors": floors_why}
+        if ties:
+            extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
+        if not isinstance(hf_run, BaseException):
+            hf_tokens = hf_run[0]
+            extra.update(distinct_hf_tokens=len(set(hf_tokens.flatten().tolist())),
+                         rows_differ=bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all()))
+        sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result, extra))
     return sections
+
+
+def _rows(*runs) -> int:
+    return next(run[0].size(0) for run in runs if not isinstance(run, BaseException))
+
+
+def _near_tie_flips(hf_run, run, dtype: torch.dtype) -> Dict[int, dict]:
+    """Rows whose greedy token first differs from HF's at a near-tie: HF's own logits put FMS's token within twice
+    the step's largest logit difference of HF's token, so rounding alone can swap them (random weights at a real
+    vocabulary leave many such ties in 16-bit). Such a row is compared up to that step's logits, not past it: later
+    steps continue different prefixes. A flip at a wider margin is not a tie and stays a failure."""
+    if isinstance(hf_run, BaseException) or isinstance(run, BaseException):
+        return {}
+    (hf_tokens, hf_logits), (tokens, logits) = hf_run, run
+    ties, parted = {}, set()
+    for step in range(min(hf_tokens.size(1), tokens.size(1), len(hf_logits), len(logits))):
+        for r in torch.nonzero(hf_tokens[:, step].cpu() != tokens[:, step].cpu()).flatten().tolist():
+            if r in parted:  # only a row's first difference can be a tie
+                continue
+            parted.add(r)
+            ref, cand = hf_logits[step][r].double().cpu(), logits[step][r].to(dtype).double().cpu()
+            hf_token, token = int(hf_tokens[r, step]), int(tokens[r, step])
+            margin = float(ref[hf_token] - ref[token])
+            bound = 2 * float((ref - cand).abs().max())
+            if margin <= bound:
+                ties[r] = {"row": r, "step": step, "hf_token": hf_token, "fms_token": token,
+                           "hf_logit_margin": margin, "bound": bound}
+    return ties
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,9 +684,10 @@ def _hf_ctc_decoding(case: Case, models: Models, hf_inputs: dict, store: "Refere
 
 
 def _ctc_generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
-                             store: "ReferenceStore") -> List[Section]:
+                             store: "ReferenceStore", floors: str = "auto") -> List[Section]:
     """FMS `generate` (per-frame ids), `ctc_decode` (collapsed ids) and its processor's text, each exactly against
-    HF's on HF's own inputs' clips (each side its own features, as the model section)."""
+    HF's on HF's own inputs' clips (each side its own features, as the model section). `floors` is accepted for the
+    common signature and has nothing to act on: every value here is ids or text, compared exactly."""
     fms = models.fms_model(case.lora_mode)
     _, fms_processor = models.processors()
     hf = _hf_ctc_decoding(case, models, hf_inputs, store)
@@ -666,7 +763,7 @@ def run_pipeline(
                 model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
             sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
-                sections.extend(generation(case, models, hf_inputs, fed, overrides, store))
+                sections.extend(generation(case, models, hf_inputs, fed, overrides, store, floors))
     written = store.finish()
     return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode,
                       "saved_captures": None if written is None else str(written),
