@@ -4,6 +4,8 @@ The adapter's weights are loaded as parameters of their own (`lora.layers.N.{q,k
 each checkpoint key maps to one parameter whatever partial state dict FMS's loader hands to the adapter steps.
 After loading they are either merged into the fused QKV weights or kept and applied by a forward hook on each
 attention's `in_proj` only when audio is present (HF enables the adapter in `generate` only with audio).
+Under FMS tensor parallelism each rank holds the full (small) adapter and adds the rows of its own heads: FMS splits
+q, k and v row-wise into contiguous per-rank blocks of heads.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -26,6 +28,13 @@ def add_lora_deltas(qkv: Sequence[torch.Tensor], x: torch.Tensor, pairs: Sequenc
     for slot, lora_a, lora_b in pairs:
         out[slot] = out[slot] + scaling * F.linear(F.linear(x, lora_a), lora_b)
     return out
+
+
+def local_rows(full: torch.Tensor, attn: nn.Module) -> torch.Tensor:
+    """This rank's rows of a full q/k/v-sized tensor: FMS's TPMultiHeadAttention keeps rows [r*n/w, (r+1)*n/w) of
+    each projection (GraniteSpeech refuses kv heads fewer than ranks, where FMS would replicate them instead)."""
+    world = getattr(attn, "world_size", 1)
+    return full if world == 1 else full.chunk(world, dim=0)[attn.rank]
 
 
 class LoRAPair(nn.Module):
@@ -77,7 +86,7 @@ class ModalityLoRA(nn.Module):
         for layer, block in zip(self.layers, decoder.layers):
             in_proj = block.attn.in_proj
             for target, pair in layer.items():
-                delta = (self.scaling * pair.delta_weight()).to(self._weight(in_proj, target).dtype)
+                delta = local_rows(self.scaling * pair.delta_weight(), block.attn).to(self._weight(in_proj, target).dtype)
                 self._weight(in_proj, target).add_(delta)
 
     @staticmethod
@@ -94,18 +103,19 @@ class ModalityLoRA(nn.Module):
             return
         self.detach()
         for layer, block in zip(self.layers, decoder.layers):
-            self._hooks.append(block.attn.in_proj.register_forward_hook(self._make_hook(layer)))
+            self._hooks.append(block.attn.in_proj.register_forward_hook(self._make_hook(layer, block.attn)))
 
     def detach(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
 
-    def _make_hook(self, layer: nn.ModuleDict):
+    def _make_hook(self, layer: nn.ModuleDict, attn: nn.Module):
         def add_lora(module: nn.Module, args: tuple, output: tuple) -> Optional[tuple]:
             if not self.enabled:
                 return None
-            pairs = [(TARGET_SLOT[t], pair.lora_A.weight, pair.lora_B.weight) for t, pair in layer.items()]
+            pairs = [(TARGET_SLOT[t], pair.lora_A.weight, local_rows(pair.lora_B.weight, attn))
+                     for t, pair in layer.items()]
             return tuple(add_lora_deltas(output, args[0], pairs, self.scaling))
 
         return add_lora

@@ -5,13 +5,14 @@ factory registration. The checkpoint adapter steps live in `granite_speech.check
 """
 
 import logging
+import math
 from typing import Any, MutableMapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from fms import models
-from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
+from fms.distributed.strategy import DistributedStrategy, NoOpStrategy, TensorParallelStrategy
 from fms.models.granite import Granite
 from fms.modules.positions import RopeLlama3ScalingImpl, RopeNoScalingImpl, RotaryEmbedding
 
@@ -144,6 +145,22 @@ def check_audio_token_counts(
         )
 
 
+def check_tensor_parallel(text_config, strategy: DistributedStrategy) -> None:
+    """Tensor parallelism shards the decoder only (FMS Granite's TP: attention heads and MLP columns); the encoder
+    and projector run once per clip, hold a small share of the weights and are replicated. Refused before any
+    weight loads: head counts that do not divide by the ranks (FMS would replicate kv heads, which the per-rank
+    LoRA rows do not follow)."""
+    if not isinstance(strategy, TensorParallelStrategy):
+        return
+    world = torch.distributed.get_world_size(strategy.group)
+    kvheads = text_config.kvheads or text_config.nheads
+    if text_config.nheads % world or kvheads % world:
+        raise ValueError(
+            f"tensor parallelism over {world} ranks needs the attention heads ({text_config.nheads}) and kv heads "
+            f"({kvheads}) to be multiples of {world}; use a world size that divides {math.gcd(text_config.nheads, kvheads)}"
+        )
+
+
 class GraniteSpeech(nn.Module):
     def __init__(
         self,
@@ -158,7 +175,9 @@ class GraniteSpeech(nn.Module):
         if not self.config.fused_weights:
             self.config.text_config.fused_weights = False
         self.distributed_strategy = distributed_strategy
+        check_tensor_parallel(self.config.text_config, distributed_strategy)
 
+        # the encoder and projector are replicated on every rank (see check_tensor_parallel)
         self.encoder = ConformerEncoder(self.config.encoder_config)
         self.projector = QFormerProjector(self.config.projector_config)
         self.language_model = Granite(self.config.text_config, distributed_strategy)

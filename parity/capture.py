@@ -324,20 +324,21 @@ def _install_reference(hooks, model, probes, captures: Captures, *, teacher: boo
                 _hook_teacher_input(hooks, module, probe.name, hf_spec, captures)
 
 
-def _hook_value(hooks, module, name: str, take: Take, captures: Captures, suppress: Optional[_Suppress]) -> None:
+def _hook_value(hooks, module, name: str, take: Take, captures: Captures, suppress: Optional[_Suppress],
+                whole: Callable[[torch.Tensor], torch.Tensor] = lambda value: value) -> None:
     key = value_key(name)
     if take.kind == "output":
 
         def on_output(mod, args, kwargs, output):
             if suppress is None or not suppress.depth:
-                _capture_value(captures, key, take, lambda: select_output(take, output))
+                _capture_value(captures, key, take, lambda: whole(select_output(take, output)))
 
         hooks.forward(module, on_output)
     else:
 
         def on_input(mod, args, kwargs):
             if suppress is None or not suppress.depth:
-                _capture_value(captures, key, take, lambda: select_input(take, mod, args, kwargs))
+                _capture_value(captures, key, take, lambda: whole(select_input(take, mod, args, kwargs)))
 
         hooks.pre_forward(module, on_input)
 
@@ -422,7 +423,8 @@ def _teacher_rerun(probe: Probe, mod, args, kwargs, reference: Captures, suppres
         raise _TeacherError(f"teacher-forced output: {err}") from None
 
 
-def _install_candidate(hooks, model, probes, captures: Captures, *, reference: Optional[Captures], aliases) -> None:
+def _install_candidate(hooks, model, probes, captures: Captures, *, reference: Optional[Captures], aliases,
+                       gather: Optional[Callable[[Probe, torch.Tensor], torch.Tensor]] = None) -> None:
     suppress = _Suppress()
     for probe in probes:
         try:
@@ -432,12 +434,14 @@ def _install_candidate(hooks, model, probes, captures: Captures, *, reference: O
             continue
         captures.resolved[probe.name] = path
         take = Take.parse(probe.fms_take)
-        _hook_value(hooks, module, probe.name, take, captures, suppress)
+        whole = (lambda value, probe=probe: gather(probe, value)) if gather is not None else (lambda value: value)
+        _hook_value(hooks, module, probe.name, take, captures, suppress, whole)
         if reference is not None and probe.teacher and take.kind == "output":
-            _hook_teacher_rerun(hooks, module, probe, captures, reference, suppress)
+            _hook_teacher_rerun(hooks, module, probe, captures, reference, suppress, whole)
 
 
-def _hook_teacher_rerun(hooks, module, probe: Probe, captures: Captures, reference: Captures, suppress: _Suppress):
+def _hook_teacher_rerun(hooks, module, probe: Probe, captures: Captures, reference: Captures, suppress: _Suppress,
+                        whole: Callable[[torch.Tensor], torch.Tensor]):
     key = teacher_output_key(probe.name)
 
     def on_output(mod, args, kwargs, output):
@@ -448,7 +452,7 @@ def _hook_teacher_rerun(hooks, module, probe: Probe, captures: Captures, referen
             return
         try:
             value, notes = _teacher_rerun(probe, mod, args, kwargs, reference, suppress)
-            captures.put(key, value, ordered=False, note=notes)
+            captures.put(key, whole(value), ordered=False, note=notes)
         except _TeacherError as err:
             captures.put_error(key, str(err), kind=err.kind, ordered=False)
         except Exception as err:  # the re-run itself failed: recorded, the propagated run goes on
@@ -471,6 +475,9 @@ class ModelRun:
     inputs: Union[Mapping[str, Any], Callable[[torch.nn.Module], Any]]
     param_bytes: Optional[int] = None
     device: Union[str, torch.device, None] = None
+    # candidate side only: makes a value held in shards (tensor parallelism) whole before it is recorded. Every rank
+    # runs the same forward and calls it at the same points, so it may run collectives (an all-gather).
+    gather: Optional[Callable[[Probe, torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if not (isinstance(self.model, torch.nn.Module) or callable(self.model)):
@@ -741,7 +748,8 @@ def capture_pair(
     fms_captures = Captures("fms")
 
     def install_fms(hooks, model, ps, caps):
-        _install_candidate(hooks, model, ps, caps, reference=hf_captures if teacher else None, aliases=fms_aliases)
+        _install_candidate(hooks, model, ps, caps, reference=hf_captures if teacher else None, aliases=fms_aliases,
+                           gather=fms.gather)
 
     _run_side(fms_model, fms.inputs, "FMS", probes, fms_captures, install_fms, on_raise)
     return PairCaptures(hf_captures, fms_captures, mode, plan, probes)
@@ -782,7 +790,7 @@ def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun,
 
     def install(hooks, model, ps, caps):
         _install_candidate(hooks, model, ps, caps, reference=reference if mode == "teacher_forced" else None,
-                           aliases=fms_aliases)
+                           aliases=fms_aliases, gather=fms.gather)
 
     model = fms.model if fms.loaded else fms.model()
     _run_side(model, fms.inputs, "FMS", probes, fms_captures, install, on_raise)

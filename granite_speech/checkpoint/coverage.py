@@ -29,8 +29,22 @@ class _Ledger:
     def shapes(self) -> Dict[str, tuple]:
         if self._shapes is None:
             model = self.model()
-            self._shapes = {} if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            self._shapes = {} if model is None else {k: tuple(v.shape) for k, v in _unsharded(model).state_dict().items()}
         return self._shapes
+
+
+def _unsharded(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as its checkpoint describes it. A tensor-parallel model holds this rank's shards while the adapter
+    steps see full tensors (FMS shards them after the steps), so their shapes come from an unsharded copy on the
+    meta device."""
+    from fms.distributed.strategy import TensorParallelStrategy
+
+    if not isinstance(getattr(model, "distributed_strategy", None), TensorParallelStrategy):
+        return model
+    with torch.device("meta"):
+        full = type(model)(model.config)
+    _LEDGERS.pop(id(full.config), None)
+    return full
 
 
 _LEDGERS: Dict[int, _Ledger] = {}

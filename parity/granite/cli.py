@@ -45,7 +45,7 @@ TOP_EXIT = exit_codes_epilog(ok=" (compare: parity holds; diff: nothing grew or 
                              failed="compare: parity fails; diff: a probe grew more than --growth or regressed")
 
 
-def _progress(message: str, start: float) -> None:
+def _print_progress(message: str, start: float) -> None:
     print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
@@ -62,22 +62,40 @@ def _write_outputs(writes, verdict: str) -> list:
 
 
 def run_compare(run: CompareRun) -> int:
-    """The run of a checked `compare`: 0 when parity holds, 1 when it fails."""
+    """The run of a checked `compare`: 0 when parity holds, 1 when it fails (the same on every rank with --tp)."""
+    start = time.monotonic()
+    device, dtype = run.device, run.dtype
+    if run.tp > 1:
+        from parity.granite import tp
+
+        device = tp.start(device)
+        try:
+            return _compare(run, device, dtype, start, quiet=not tp.is_writer())
+        finally:
+            tp.stop()
+    return _compare(run, device, dtype, start)
+
+
+def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: float, quiet: bool = False) -> int:
+    """`compare` in this process; `quiet` (a tensor-parallel rank other than 0) computes the same verdict and
+    neither prints nor writes."""
     from granite_speech.checkpoint import CheckpointCoverageError
     from parity.capture import available_bytes, checkpoint_param_bytes
     from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import Case, compare_report, default_cases
     from parity.report import render_terminal, write_html, write_json
 
-    start = time.monotonic()
-    device, dtype = run.device, run.dtype
+    def _progress(message: str, start: float) -> None:
+        if not quiet:
+            _print_progress(message, start)
+
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     if run.checkpoint is not None:
         checkpoint = run.checkpoint
         warning = adapter_warning(checkpoint, "merged")
-        if warning:
+        if warning and not quiet:
             print(warning, file=sys.stderr)
     elif run.model in FAMILY_VARIANTS:  # a family member: HF's save_pretrained, drawn on the run's device at real size
         from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint
@@ -96,7 +114,7 @@ def run_compare(run: CompareRun) -> int:
                       instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
     else:
         cases = default_cases()
-    phases = run.phases
+    phases = "one" if run.tp > 1 else run.phases  # every rank holds both models (two phases are refused with --tp)
     if phases == "auto":  # both models (and HF in float64 for the floors) at once, if they fit
         needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
         free = available_bytes(device)
@@ -111,9 +129,11 @@ def run_compare(run: CompareRun) -> int:
         )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
-    print(render_terminal(report))
     summary = report["summary"]
     passed = summary["verdict"] == "pass"
+    if quiet:
+        return 0 if passed else 1
+    print(render_terminal(report))
     first = summary.get("first_divergence") or {}
     verdict = "PASS" if passed else f"FAIL (first divergence: {first.get('name')} in {first.get('section')})"
     print(f"{verdict}: {summary['probes']} probes in {len(report['sections'])} sections", flush=True)
@@ -206,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
                      help="memory schedule: both models at once (one), one at a time with HF captures on disk "
                           "(two), or decide by size (auto, the default)")
+    cmp.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                     help="shard the FMS decoder over N ranks (FMS tensor parallelism); launch with "
+                          "`torchrun --nproc-per-node N -m parity.granite compare --tp N` (default: %(default)s)")
     cmp.add_argument("--atol", type=tolerance, metavar="X",
                      help="absolute tolerance for every probe instead of the dtype's table (finite, >= 0)")
     cmp.add_argument("--rtol", type=tolerance, metavar="X",

@@ -52,6 +52,7 @@ class CompareRun:
     floors: str = "auto"
     strict: bool = False
     new_tokens: int = 8
+    tp: int = 1  # ranks the FMS decoder is sharded over (torchrun launched this process)
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,36 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
         (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
     ]
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
+    check_tensor_parallel_args(args, checkpoint, model, save, reference)
     return CompareRun(
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
         save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
-        feed=args.feed, floors=args.floors, strict=args.strict, new_tokens=args.new_tokens,
+        feed=args.feed, floors=args.floors, strict=args.strict, new_tokens=args.new_tokens, tp=args.tp,
     )
+
+
+def check_tensor_parallel_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str,
+                               save: Optional[Path], reference: Optional[Path]) -> None:
+    """`--tp N` needs N processes from torchrun and a member with a decoder to shard; what stays single-process is
+    refused here rather than run in N copies."""
+    from parity.granite.tp import launched_ranks
+
+    ranks = launched_ranks()
+    if args.tp == 1:
+        if ranks > 1:
+            raise UsageError(f"launched as {ranks} processes (WORLD_SIZE={ranks}) but --tp is 1; pass --tp {ranks}")
+        return
+    if ranks != args.tp:
+        raise UsageError(f"--tp {args.tp} needs {args.tp} processes, this is {ranks}; launch with "
+                         f"`torchrun --nproc-per-node {args.tp} -m parity.granite compare --tp {args.tp} ...`")
+    if args.phases == "two":
+        raise UsageError("--tp runs both models side by side on every rank; --phases two is single-process")
+    if save is not None or reference is not None:
+        raise UsageError("--save-captures / --reference-captures are single-process; run them without --tp")
+    config = json.loads((checkpoint / "config.json").read_text()) if checkpoint is not None else {}
+    if config.get("model_type") == "granite_speech5_ctc" or model in ("5.0-470m", "tiny-5"):
+        raise UsageError("--tp shards a decoder; granite-speech-5.0 (CTC) has none")
 
 
 def _read_report(path: Path, option: str) -> dict:

@@ -34,6 +34,7 @@ from parity.diff import ParityResult, diff_captures
 from parity.granite.hf import hf_from_folder, hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
 from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_for
+from parity.granite.tp import tp_gather
 from parity.probes import Probe
 
 AUDIO_TOKEN = "<|audio|>"
@@ -414,7 +415,7 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
 
     if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
         pair = capture_against(probes, store.get(title), ModelRun(models.fms_model(case.lora_mode),
-                                                                  lambda m: m(**fms_inputs)), mode=mode,
+                                                                  lambda m: m(**fms_inputs), gather=tp_gather()), mode=mode,
                                on_raise="record")
         floor_captures = store.get(f"{title} #floors", optional=True)
         result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
@@ -427,7 +428,8 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
                                             lora_mode=case.lora_mode)
     else:
         hf, fms = models.reference(), models.fms_model(case.lora_mode)
-    pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs)), mode=mode,
+    pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs), gather=tp_gather()),
+                        mode=mode,
                         phases=phases, hf_aliases=HF_LAYOUT_ALIASES, on_raise="record")
     extra = {**lora, "phases": pair.plan.reason}
     floor_captures = None
@@ -537,8 +539,10 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         wanted, floors_why = _floors_wanted(floors, models) if not store.reading else (True, "read with the reference")
         if wanted:
             floor_captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store)
+    # the fast path is single-device: a tensor-parallel run compares eager generation only, and says so
+    tensor_parallel = tp_gather() is not None
     with torch.no_grad():
-        eager, fast = _attempt(run_eager), _attempt(run_fast)
+        eager, fast = _attempt(run_eager), None if tensor_parallel else _attempt(run_fast)
 
     def step_values(run, step: int, dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
         if isinstance(run, BaseException):
@@ -550,6 +554,8 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
 
     sections = []
     for label, run in (("eager FMS generate", eager), ("fast path", fast)):
+        if run is None:
+            continue
         ties = _near_tie_flips(hf_run, run, models.dtype)
         rows, masks = [], {}
         batch = _rows(hf_run, run) if ties else 0
@@ -571,6 +577,8 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
                                floors=floor_captures, masks=masks)
         extra = {"new_tokens": steps, "floors": floors_why}
+        if tensor_parallel:
+            extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
         if ties:
             extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
         if not isinstance(hf_run, BaseException):
@@ -579,6 +587,11 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
                          rows_differ=bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all()))
         sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result, extra))
     return sections
+
+
+def _ranks() -> int:
+    """The ranks the FMS decoder is sharded over (1: not tensor parallel)."""
+    return torch.distributed.get_world_size() if tp_gather() is not None else 1
 
 
 def _rows(*runs) -> int:
@@ -871,5 +884,6 @@ def compare_report(
         checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
+        tensor_parallel_ranks=_ranks(),
     )
     return build_multi_report(sections, meta)

@@ -1,0 +1,124 @@
+"""Tensor-parallel FMS (decoder sharded over 2 ranks, gloo on the CPU) against HF, through the real `compare`
+launched by torchrun; and the sharding bugs a TP port typically has, planted one at a time, each failing the run
+at the module it lives in."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from parity.granite.cli import main as parity_main
+
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
+
+CLIP = Path(__file__).resolve().parents[1] / "parity" / "granite" / "fixtures" / "speech" / "9002-102-0000.flac"
+
+# each planted bug is a patch applied in every rank before `compare` runs
+PLANTS = {
+    "none": "",
+    # the modality LoRA merged from rank 0's rows on every rank (the per-shard slice forgotten)
+    "lora_rows_of_rank_0": """
+        import granite_speech.lora as lora
+        lora.local_rows = lambda full, attn: full if getattr(attn, "world_size", 1) == 1 else \\
+            full.chunk(attn.world_size, dim=0)[0]
+    """,
+    # the all-reduce after the row-parallel attention output projection left out
+    "attention_without_all_reduce": """
+        import fms.modules.attention as attention
+        attention.reduce_from_tensor_model_parallel_region = lambda tensor, group: tensor
+    """,
+    # the harness's own gather of sharded q/k/v left out: a rank's heads must not pass for the whole tensor
+    "probe_values_not_gathered": """
+        import parity.granite.tp as tp
+        tp.gather_shards = lambda probe, value: value
+    """,
+}
+
+
+def _launch(tmp_path: Path, plant: str, *extra: str) -> tuple:
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent(PLANTS[plant]) + "\nimport sys\nfrom parity.granite.cli import main\n"
+                        "sys.exit(main(sys.argv[1:]))\n")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(launcher), "compare", "--tp", "2", "--audio", str(CLIP), "--new-tokens", "4",
+                           "--json", str(report), "--report", str(tmp_path / "report.html"), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    data = json.loads(report.read_text()) if report.exists() else None
+    return proc, data
+
+
+def _probe(report: dict, name: str) -> dict:
+    model = next(s for s in report["sections"] if s["kind"] == "model")
+    return next(p for p in model["result"]["probes"] if p["name"] == name)
+
+
+def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
+    proc, report = _launch(tmp_path, "none")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["meta"]["tensor_parallel_ranks"] == 2
+    assert report["summary"]["verdict"] == "pass"
+    # the sharded q/k/v came back whole: HF's shape, values within tolerance (teacher-forced and propagated)
+    for name in ("decoder.layer.0.attn.q", "decoder.layer.1.attn.k", "decoder.layer.1.attn.v"):
+        probe = _probe(report, name)
+        assert probe["propagated"]["hf_shape"] == probe["propagated"]["fms_shape"]
+        assert probe["propagated"]["status"] == "pass" and probe["propagated"]["metrics"]["numel"] > 0
+    generation = [s for s in report["sections"] if s["kind"] == "generation"]
+    assert [s["extra"]["fast_path"] for s in generation] == ["not run: the fast path is single-device "
+                                                            "(tensor-parallel run)"]
+    # the comparison is not degenerate: HF's greedy tokens vary
+    assert generation[0]["extra"]["distinct_hf_tokens"] > 1
+    assert "PASS" in proc.stdout and proc.stdout.count("PASS:") == 1  # rank 1 prints no verdict of its own
+
+
+@pytest.mark.parametrize("plant, first", [
+    ("lora_rows_of_rank_0", "decoder.layer.0.attn.q"),
+    ("attention_without_all_reduce", "decoder.layer.0.attn"),
+    ("probe_values_not_gathered", "decoder.layer.0.attn.q"),
+])
+def test_a_sharding_bug_fails_at_its_module(tmp_path, plant, first):
+    proc, report = _launch(tmp_path, plant)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["summary"]["verdict"] == "fail"
+    assert report["summary"]["first_divergence"]["name"] == first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--tp", "2"], "--tp 2 needs 2 processes, this is 1"),
+    (["compare", "--tp", "2", "--model", "tiny-5"], "--tp 2 needs 2 processes"),
+])
+def test_tp_without_torchrun_is_a_usage_error(capsys, argv, message):
+    assert parity_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tp_refuses_what_stays_single_process(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parity_main(["compare", "--tp", "2", "--phases", "two"]) == 2
+    assert "--phases two is single-process" in capsys.readouterr().err
+    assert parity_main(["compare", "--tp", "2", "--model", "tiny-5"]) == 2
+    assert "granite-speech-5.0 (CTC) has none" in capsys.readouterr().err
+    assert parity_main(["compare", "--tp", "2", "--save-captures", str(tmp_path / "caps")]) == 2
+    assert "single-process" in capsys.readouterr().err
+    assert parity_main(["compare"]) == 2
+    assert "pass --tp 2" in capsys.readouterr().err
+
+
+def test_head_counts_that_do_not_divide_are_refused_before_loading(monkeypatch):
+    import granite_speech.model as model
+    from granite_speech.config import VARIANTS
+
+    class ThreeRanks:  # stands in for a TensorParallelStrategy over 3 ranks
+        group = None
+
+    monkeypatch.setattr(model, "TensorParallelStrategy", ThreeRanks)
+    monkeypatch.setattr(model.torch.distributed, "get_world_size", lambda group=None: 3)
+    with pytest.raises(ValueError, match="heads \\(4\\) and kv heads \\(2\\) to be multiples of 3"):
+        model.check_tensor_parallel(VARIANTS["tiny"].text_config, ThreeRanks())
