@@ -65,6 +65,7 @@ def _audio_settings(folder: Path) -> tuple:
 
 
 CTC_MEMBER = "granite_speech5_ctc"
+DECODERS = ("auto", "eager", "fast")
 
 
 def _member(folder: Path) -> str:
@@ -86,6 +87,7 @@ class TranscribeJob:
     device: torch.device
     dtype: torch.dtype
     member: str = "granite_speech"  # the HF model_type: granite_speech, granite_speech_plus, granite_speech5_ctc
+    decoder: str = "eager"  # "eager" (FMS generate) or "fast" (static KV cache, CUDA graphs on CUDA)
 
 
 def check_transcribe_inputs(
@@ -99,6 +101,7 @@ def check_transcribe_inputs(
     max_audio_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
     notify: Callable[[str], None] = _stderr,
     cli: bool = False,
+    decoder: str = "auto",
 ) -> TranscribeJob:
     """Every check of a transcription, before any model loads; raises UsageError (AudioInputError for audio)."""
     opt = (lambda flag, name: flag) if cli else (lambda flag, name: name)
@@ -107,6 +110,11 @@ def check_transcribe_inputs(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UsageError(f"{opt('--max-new-tokens', 'max_new_tokens')} must be a whole number >= 1, got "
                          f"{max_new_tokens!r}")
+    if decoder not in DECODERS:
+        raise UsageError(f"{opt('--decoder', 'decoder')} must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    requested = decoder
+    if decoder == "auto":  # the fast path where it pays: CUDA graphs over the decode step
+        decoder = "fast" if device.type == "cuda" else "eager"
     if isinstance(clips, (str, Path)) or not clips:
         raise UsageError("no audio clips given; expected one or more audio files")
     folder = check_model_folder(checkpoint, opt("--checkpoint", "checkpoint"))
@@ -115,7 +123,13 @@ def check_transcribe_inputs(
     if member != CTC_MEMBER:  # the CTC model takes no prompt
         check_prompt(instruction, audio_token)
     audio = [read_audio(Path(clip), rate, max_seconds=max_audio_seconds, notify=notify) for clip in clips]
-    return TranscribeJob(folder, [str(c) for c in clips], audio, instruction, max_new_tokens, device, dtype, member)
+    if member == CTC_MEMBER:
+        if requested == "fast":
+            raise UsageError(f"{opt('--decoder', 'decoder')} fast: {folder.name} is a CTC model (granite-speech-5.0); "
+                             "its greedy decoding is one forward pass, with no decode loop to run fast")
+        decoder = "eager"
+    return TranscribeJob(folder, [str(c) for c in clips], audio, instruction, max_new_tokens, device, dtype, member,
+                         decoder)
 
 
 def _run_ctc_transcription(job: TranscribeJob, notify: Callable[[str], None]) -> List[str]:
@@ -144,6 +158,7 @@ def _run_ctc_transcription(job: TranscribeJob, notify: Callable[[str], None]) ->
 def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
     """Load the processor and the FMS model and transcribe the checked clips as one batch."""
     from granite_speech.checkpoint import CheckpointCoverageError, load_model
+    from granite_speech.fast_generate import generate_static
     from granite_speech.generation import generate_greedy
     from granite_speech.model import padding_attn_kwargs
     from granite_speech.processor import GraniteSpeechProcessor
@@ -162,18 +177,24 @@ def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stder
     inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")
     input_ids = inputs["input_ids"].to(job.device)
     eos = processor.tokenizer.eos_token_id
-    output = generate_greedy(
-        model,
-        input_ids,
-        max_new_tokens=job.max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=processor.tokenizer.pad_token_id,
-        extra_kwargs={
-            "input_features": inputs["input_features"].to(job.device, job.dtype),
-            "input_features_mask": inputs["input_features_mask"].to(job.device),
-            **padding_attn_kwargs(inputs["attention_mask"].to(job.device), dtype=job.dtype),
-        },
-    )
+    features = inputs["input_features"].to(job.device, job.dtype)
+    features_mask = inputs["input_features_mask"].to(job.device)
+    attention_mask = inputs["attention_mask"].to(job.device)
+    if job.decoder == "fast":
+        output = generate_static(model, input_ids, features, features_mask, attention_mask,
+                                 max_new_tokens=job.max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=processor.tokenizer.pad_token_id,
+                                 use_cuda_graph=job.device.type == "cuda")
+    else:
+        output = generate_greedy(
+            model,
+            input_ids,
+            max_new_tokens=job.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            extra_kwargs={"input_features": features, "input_features_mask": features_mask,
+                          **padding_attn_kwargs(attention_mask, dtype=job.dtype)},
+        )
     texts = []
     for name, row in zip(job.names, output[:, input_ids.size(1):].tolist()):
         ended = eos in row
@@ -195,11 +216,13 @@ def transcribe(
     device: Union[str, torch.device] = "cpu",
     dtype: Union[str, torch.dtype] = torch.float32,
     max_audio_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
+    decoder: str = "auto",
 ) -> List[str]:
-    """Transcripts of `clips` (audio file paths) with the FMS model of `checkpoint`, one per clip. Bad input raises
-    UsageError (a ValueError; AudioInputError for audio files) before the model loads."""
+    """Transcripts of `clips` (audio file paths) with the FMS model of `checkpoint`, one per clip, decoded as one
+    batch (`decoder`: "eager", "fast" or "auto" = fast on CUDA). Bad input raises UsageError (a ValueError;
+    AudioInputError for audio files) before the model loads."""
     job = check_transcribe_inputs(checkpoint, clips, instruction=instruction, max_new_tokens=max_new_tokens,
-                                  device=device, dtype=dtype, max_audio_seconds=max_audio_seconds)
+                                  device=device, dtype=dtype, max_audio_seconds=max_audio_seconds, decoder=decoder)
     return run_transcription(job)
 
 
@@ -236,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     tr.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations dtype (default: %(default)s)")
+    tr.add_argument("--decoder", default="auto", choices=DECODERS,
+                    help="greedy decoding loop: eager (FMS generate), fast (static KV cache, CUDA graphs on CUDA) "
+                         "or auto: fast on CUDA, eager elsewhere (default: %(default)s)")
     tr.add_argument("--max-audio-seconds", type=positive_seconds, default=DEFAULT_MAX_SECONDS, metavar="S",
                     help="refuse clips longer than S seconds (default: %(default)g)")
     return parser
@@ -245,7 +271,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     job = check_transcribe_inputs(
         args.checkpoint, args.clips, instruction=args.prompt, max_new_tokens=args.max_new_tokens, device=args.device,
-        dtype=args.dtype, max_audio_seconds=args.max_audio_seconds, cli=True,
+        dtype=args.dtype, max_audio_seconds=args.max_audio_seconds, cli=True, decoder=args.decoder,
     )
     texts = run_transcription(job)
     for name, text in zip(job.names, texts):

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from granite_speech.__main__ import DEFAULT_PROMPT, check_transcribe_inputs, main, transcribe  # noqa: E402
 from granite_speech.audio import read_audio  # noqa: E402
+from granite_speech.cli_errors import UsageError  # noqa: E402
 from parity.granite.fixtures import SPEECH_DIR  # noqa: E402
 from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
 from parity.granite.pipeline import load_hf_family_model, member_of  # noqa: E402
@@ -46,10 +47,16 @@ def hf_transcripts(folder, clips, device, dtype, new_tokens: int = NEW_TOKENS):
     return processor.batch_decode(out[:, inputs["input_ids"].size(1):], skip_special_tokens=True)
 
 
-def test_transcribe_matches_hf(family_checkpoint, device, dtype, record_property):
+@pytest.mark.parametrize("decoder", ["eager", "fast"])
+def test_transcribe_matches_hf(family_checkpoint, device, dtype, record_property, decoder):
+    if decoder == "fast" and member_of(family_checkpoint) == CTC:  # one forward: no decode loop to run fast
+        with pytest.raises(UsageError, match="decoder fast: .* is a CTC model"):
+            check_transcribe_inputs(family_checkpoint, CLIPS, decoder="fast")
+        return
     expected = hf_transcripts(family_checkpoint, CLIPS, device, dtype)
     assert any(text.strip() for text in expected), "HF produced only empty transcripts: the comparison would be weak"
-    got = transcribe(family_checkpoint, CLIPS, max_new_tokens=NEW_TOKENS, device=device, dtype=dtype)
+    got = transcribe(family_checkpoint, CLIPS, max_new_tokens=NEW_TOKENS, device=device, dtype=dtype,
+                     decoder=decoder)
     record_property("transcripts", got)
     assert got == expected
 

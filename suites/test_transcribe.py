@@ -46,10 +46,16 @@ def hf_transcripts(folder: Path, clips, new_tokens: int = NEW_TOKENS):
     return processor.batch_decode(new, skip_special_tokens=True), new, inputs
 
 
-def test_transcribe_matches_hf(untied):
+# both decoding loops of transcribe: FMS generate, and the static-cache fast path (its default on CUDA)
+DECODERS = pytest.mark.parametrize("decoder", ["eager", "fast"])
+
+
+@DECODERS
+def test_transcribe_matches_hf(untied, decoder):
     expected, _, _ = hf_transcripts(untied, CLIPS)
     assert any(text.strip() for text in expected), "HF produced only empty transcripts: the comparison would be weak"
-    assert transcribe(untied, CLIPS, max_new_tokens=NEW_TOKENS) == expected
+    assert expected[0] != expected[1], "both clips give one transcript: a clip mix-up would pass"
+    assert transcribe(untied, CLIPS, max_new_tokens=NEW_TOKENS, decoder=decoder) == expected
 
 
 def test_transcribe_cli_prints_one_line_per_clip(untied, capsys):
@@ -121,7 +127,8 @@ def rows_end_apart(untied, tmp_path_factory):
     return folder, s0 + 1, s1 + 1
 
 
-def test_each_row_stops_at_its_own_eos_like_hf(rows_end_apart):
+@DECODERS
+def test_each_row_stops_at_its_own_eos_like_hf(rows_end_apart, decoder):
     folder, end0, end1 = rows_end_apart
     expected, new, _ = hf_transcripts(folder, CLIPS)
     from transformers import AutoTokenizer
@@ -130,7 +137,7 @@ def test_each_row_stops_at_its_own_eos_like_hf(rows_end_apart):
     # HF: the rows end at different steps, and HF stops after the later one
     assert new[0].tolist().index(eos) == end0 and new[1].tolist().index(eos) == end1 and new.size(1) == end1 + 1
     assert expected[0] != expected[1] and all(text.strip() for text in expected), expected
-    assert transcribe(folder, CLIPS, max_new_tokens=NEW_TOKENS) == expected
+    assert transcribe(folder, CLIPS, max_new_tokens=NEW_TOKENS, decoder=decoder) == expected
 
 
 def test_generate_greedy_tokens_equal_hf_generate_on_hf_inputs(rows_end_apart):
@@ -180,3 +187,13 @@ def test_empty_transcript_is_pointed_out(untied, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out == f"{CLIPS[0]}\t\n"
     assert f"warning: {CLIPS[0]}: empty transcript (the model emitted 0 token(s) before end-of-text)" in err, err
+
+
+def test_decoder_choice_is_checked_before_loading(untied):
+    from granite_speech.__main__ import check_transcribe_inputs
+    from granite_speech.cli_errors import UsageError
+
+    with pytest.raises(UsageError, match="decoder must be one of auto, eager, fast, got 'graph'"):
+        check_transcribe_inputs(untied, CLIPS, decoder="graph")
+    assert check_transcribe_inputs(untied, CLIPS, device="cpu").decoder == "eager"  # auto: fast only on CUDA
+    assert check_transcribe_inputs(untied, CLIPS, device="cpu", decoder="fast").decoder == "fast"
