@@ -175,15 +175,18 @@ def test_missing_adapter_is_a_warning_naming_the_lora_mode(untied, tmp_path, cap
             f"applied: lora_mode 'merged' ran with LoRA rank 0") in err, err
 
 
-def test_empty_transcript_is_pointed_out(untied, monkeypatch, capsys):
+@DECODERS
+def test_empty_transcript_is_pointed_out(untied, monkeypatch, capsys, decoder):
+    import granite_speech.fast_generate as fast_generate
     import granite_speech.generation as generation
     from granite_speech.__main__ import main
 
-    def eos_at_once(model, input_ids, *, eos_token_id, **kwargs):
+    def eos_at_once(model, input_ids, *args, eos_token_id, **kwargs):
         return torch.cat([input_ids, torch.full_like(input_ids[:, :1], eos_token_id)], dim=1)
 
     monkeypatch.setattr(generation, "generate_greedy", eos_at_once)
-    assert main(["transcribe", "--checkpoint", str(untied), str(CLIPS[0])]) == 0
+    monkeypatch.setattr(fast_generate, "generate_static", eos_at_once)
+    assert main(["transcribe", "--checkpoint", str(untied), str(CLIPS[0]), "--decoder", decoder]) == 0
     out, err = capsys.readouterr()
     assert out == f"{CLIPS[0]}\t\n"
     assert f"warning: {CLIPS[0]}: empty transcript (the model emitted 0 token(s) before end-of-text)" in err, err

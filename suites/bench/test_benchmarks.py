@@ -18,7 +18,7 @@ import pytest
 import torch
 from fms.utils.generation import generate
 
-from bench_models import DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, BenchModels, synchronize
+from bench_models import DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, VARIANTS, BenchModels, synchronize
 from granite_speech.model import padding_attn_kwargs
 from parity.granite.hf import hf_audio_features
 
@@ -245,3 +245,32 @@ def test_profile_decode_step(models, results, impl):
     print(f"\n{models.variant} {impl}: {summary['kernels_per_step']:.0f} kernels/step, GPU busy "
           f"{summary['gpu_ms_per_step']:.2f} ms ({per_step}), graph step {graph_step_ms:.2f} ms")
     assert summary["kernels_per_step"] > 0
+
+
+_TRANSCRIPTS = {}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("decoder", ("eager", "fast"))
+def test_transcribe_batch(benchmark, results, variant, decoder):
+    """`transcribe` end to end as a user runs it (model load from the checkpoint folder included) on every bundled
+    clip as one padded batch, with each decoding loop; the transcripts of both loops must be equal."""
+    from granite_speech.__main__ import transcribe
+    from granite_speech.audio import read_audio
+    from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
+
+    folder = build_checkpoint(variant)
+    clips = sorted(SPEECH_DIR.glob("*.flac"))
+    audio_s = sum(read_audio(clip, 16000).numel() for clip in clips) / 16000
+
+    def run():
+        return transcribe(folder, clips, max_new_tokens=MAX_NEW_TOKENS, device=DEVICE, dtype=DTYPE,
+                          decoder=decoder)
+
+    texts = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    _TRANSCRIPTS[variant, decoder] = texts
+    other = _TRANSCRIPTS.get((variant, "eager" if decoder == "fast" else "fast"))
+    assert other is None or other == texts, "the fast decoding loop transcribed differently from FMS generate"
+    seconds = benchmark.stats.stats.median
+    results.add(variant, f"transcribe {len(clips)} clips ({audio_s:.1f} s audio), load included", decoder,
+                seconds * 1e3, "ms", rtfx=audio_s / seconds, texts=texts)
