@@ -274,3 +274,33 @@ def test_transcribe_batch(benchmark, results, variant, decoder):
     seconds = benchmark.stats.stats.median
     results.add(variant, f"transcribe {len(clips)} clips ({audio_s:.1f} s audio), load included", decoder,
                 seconds * 1e3, "ms", rtfx=audio_s / seconds, texts=texts)
+
+
+THROUGHPUT_BATCH = 64
+
+
+@pytest.mark.parametrize("impl", ("fast", "hf"))
+@torch.no_grad()
+def test_throughput_batch(benchmark, models, results, impl):
+    """Batch throughput: 64 clips of 30 s, 128 new tokens each (forced), one `generate` call; RTFx = audio seconds
+    per wall second, and peak memory, for the fast path and HF `generate` on the same inputs; how many rows give
+    HF's tokens exactly is recorded (bf16 near-ties on random weights separate some)."""
+    inputs = models.inputs(LONGEST_AUDIO_S, batch=THROUGHPUT_BATCH)
+    run_generate(models, impl, inputs, 2)  # warm-up (captures this batch size's graph)
+    durations = []
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens = benchmark.pedantic(timed(lambda: run_generate(models, impl, inputs, MAX_NEW_TOKENS), durations),
+                                rounds=2, iterations=1)
+    wall = statistics.median(durations)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
+    results.add(models.variant, f"throughput_b{THROUGHPUT_BATCH}_30s_128", impl,
+                THROUGHPUT_BATCH * LONGEST_AUDIO_S / wall, "RTFx", wall_s=wall, peak_GiB=peak)
+    print(f"\n{models.variant} {impl} batch {THROUGHPUT_BATCH}: {wall:.2f} s, RTFx "
+          f"{THROUGHPUT_BATCH * LONGEST_AUDIO_S / wall:.0f}, peak {peak:.1f} GiB")
+    assert tokens.shape == (THROUGHPUT_BATCH, inputs["input_ids"].size(1) + MAX_NEW_TOKENS)
+    models.tokens[(impl, THROUGHPUT_BATCH)] = tokens[:, inputs["input_ids"].size(1):].cpu()
+    other = models.tokens.get(("hf" if impl == "fast" else "fast", THROUGHPUT_BATCH))
+    if other is not None:  # greedy tokens agree where no bf16 near-tie separates them: record how many rows do
+        results.add(models.variant, f"throughput_b{THROUGHPUT_BATCH}_rows_equal_hf", "fast",
+                    float((other == models.tokens[(impl, THROUGHPUT_BATCH)]).all(dim=1).sum()), "rows")
