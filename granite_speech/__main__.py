@@ -158,9 +158,6 @@ def _run_ctc_transcription(job: TranscribeJob, notify: Callable[[str], None]) ->
 def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
     """Load the processor and the FMS model and transcribe the checked clips as one batch."""
     from granite_speech.checkpoint import CheckpointCoverageError, load_model
-    from granite_speech.fast_generate import generate_static
-    from granite_speech.generation import generate_greedy
-    from granite_speech.model import padding_attn_kwargs
     from granite_speech.processor import GraniteSpeechProcessor
 
     if job.member == CTC_MEMBER:
@@ -173,6 +170,16 @@ def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stder
         model = load_model(job.checkpoint, dtype=job.dtype, device=job.device)
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {job.checkpoint} does not fit its config.json: {one_line(err)}") from err
+    return transcribe_loaded(model, processor, job, notify)
+
+
+def transcribe_loaded(model, processor, job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
+    """The checked clips of `job` through a loaded model and processor: prompts from the chat template, one padded
+    batch, greedy decoding with `job.decoder`, each row cut at its own end-of-text."""
+    from granite_speech.fast_generate import generate_static
+    from granite_speech.generation import generate_greedy
+    from granite_speech.model import padding_attn_kwargs
+
     prompt = build_prompt(processor.tokenizer, job.instruction)
     inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")
     input_ids = inputs["input_ids"].to(job.device)

@@ -468,7 +468,7 @@ _tiny_config = GraniteSpeechConfig(
         hidden_grow_factor=2.0,
         multiple_of=1,
         max_expected_seq_len=4096,
-        rope_theta=10_000.0,
+        rope_theta=50_000.0,  # not FMS's default 10000, so a dropped rope_theta shows
         pad_id=0,
         p_dropout=0.0,
         tie_heads=True,
@@ -480,7 +480,7 @@ _tiny_config = GraniteSpeechConfig(
     ),
     audio_token_index=TINY_VOCAB_SIZE - 1,
     lora_rank=8,
-    lora_alpha=16.0,
+    lora_alpha=20.0,  # scaling 2.5: alpha // r (2) would show
 )
 
 # Every named variant, defined once: FMS registrations, the harness's --model choices and the fixture configs

@@ -441,6 +441,20 @@ def test_compare_exits_0_when_parity_holds_and_1_when_it_fails(compare_reports):
     assert all((root / f"{n}.{ext}").is_file() for n in ("pass", "fail") for ext in ("html", "json"))
 
 
+def test_compare_runs_transcribe_with_both_decoders_against_hfs_recipe(compare_reports):
+    root, _, _ = compare_reports
+    report = json.loads((root / "pass.json").read_text())
+    [section] = [s for s in report["sections"] if " · transcribe: " in s["title"]]
+    probes = {p["name"]: p for p in section["result"]["probes"]}
+    assert set(probes) == {"transcribe.eager.text", "transcribe.fast.text"}
+    assert all(p["propagated"]["status"] == "pass" and p["propagated"]["metrics"]["numel"] > 0
+               for p in probes.values())
+    extra = section["extra"]
+    # not degenerate: three clips, three different non-empty transcripts, equal on every side
+    assert len(extra["hf_text"]) == 3 and extra["rows_differ"] and all(t.strip() for t in extra["hf_text"])
+    assert extra["eager_text"] == extra["fast_text"] == extra["hf_text"]
+
+
 def test_compare_prints_the_verdict_then_where_reports_went(compare_reports):
     root, _, outs = compare_reports
     for name, verdict in (("pass", "PASS: "), ("fail", "FAIL (first divergence: ")):

@@ -34,7 +34,7 @@ from parity.tolerances import Tolerance
 
 TOL = Tolerance(1e-4, 1e-4, why="family parity suites: fp32 atol = rtol = 1e-4")
 CLIPS = ("9002-102-0001", "9001-101-0001")
-LORA_R, LORA_ALPHA, LORA_B_STD = 8, 16, 0.3
+LORA_R, LORA_ALPHA, LORA_B_STD = 8, 20, 0.3
 
 
 def _tiny_merged_config() -> dict:

@@ -209,7 +209,7 @@ def test_hub_layout_files(hub_folder, tiny_config):
 
     adapter_config = json.loads((hub_folder / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
-    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 16)
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 20)
     assert adapter_config["target_modules"] == ["q_proj", "v_proj"]
     assert adapter_config["base_model_name_or_path"] == str(hub_folder)
     adapter = _read_safetensors(hub_folder, "adapter_model.safetensors")
@@ -263,7 +263,7 @@ def test_weights_follow_the_fixture_regime(variant):
     b_std = torch.cat([t.flatten() for k, t in adapter.items() if "lora_B" in k]).std()
     assert 0.8 * regime.lora_b_std < float(b_std) < 1.2 * regime.lora_b_std
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
-    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (regime.lora_shape or (8, 16))
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (regime.lora_shape or (8, 20))
 
 
 def _default(config, name):
@@ -315,10 +315,13 @@ def _check_loaded(model, info, folder, n_text_layers):
     lora = _lora_modules(model)
     assert len(lora) == 2 * n_text_layers
     adapter = _read_safetensors(folder, "adapter_model.safetensors")
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    lora_r, lora_alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    assert (lora_r, lora_alpha) == (8, 20)
     for name, module in lora.items():
         layer = name.split(".layers.")[1]
         file_prefix = f"base_model.model.language_model.model.layers.{layer}"
-        assert module.scaling["default"] == 2.0
+        assert module.scaling["default"] == lora_alpha / lora_r  # PEFT's plain LoRA scale: 2.5
         assert torch.equal(module.lora_A["default"].weight, adapter[f"{file_prefix}.lora_A.weight"])
         assert torch.equal(module.lora_B["default"].weight, adapter[f"{file_prefix}.lora_B.weight"])
         assert float(module.lora_B["default"].weight.abs().max()) > 0

@@ -373,9 +373,29 @@ CONFIG = (
            new="",
            expect=("decoder.layer.0.attn",), kind="config",
            why="the HF -> FMS text mapping forgets attention_multiplier; the default 1.0 replaces Granite's 1/Dh"),
+    Mutant("config_lora_scale_floor_division", "config.py",
+           old="return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_use_rslora else self.lora_rank)",
+           new="return self.lora_alpha // (math.sqrt(self.lora_rank) if self.lora_use_rslora else self.lora_rank)",
+           expect=_LORA_Q, kind="lora",
+           why="alpha // r: exact for 16/8, zero for the published 32/64 adapter"),
+    Mutant("config_rope_theta_defaulted_on_5x", "config.py",
+           old='theta = params.get("rope_theta", getattr(text, "rope_theta", None))',
+           new="theta = 10_000.0",
+           expect=("decoder.layer.0",), kind="rope",
+           why="the 5.x rope_parameters path ignores rope_theta; FMS's default 10000 hides it where a config uses it"),
 )
 
-CATALOGUE: Tuple[Mutant, ...] = CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + CONFIG
+# the `transcribe` plumbing around the model (compare's transcribe section)
+CLI = (
+    Mutant("transcribe_first_clip_for_every_prompt", "__main__.py",
+           old='inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")',
+           new='inputs = processor([prompt] * len(job.audio), job.audio[:1] * len(job.audio), padding_side="left")',
+           expect=("transcribe.",), kind="preprocessing",
+           why="transcribe gives every prompt the first clip's audio"),
+)
+
+CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + CONFIG
+                                 + CLI)
 
 
 def by_name(names: Iterable[str]) -> List[Mutant]:

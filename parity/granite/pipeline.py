@@ -722,6 +722,78 @@ def _ctc_generation_sections(case: Case, models: Models, hf_inputs: dict, fms_in
               "tokens_per_row": [int((row >= 0).sum()) for row in hf["ctc.ids"]]})]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# `transcribe` as users run it
+
+
+def _transcribe_case(cases: Sequence[Case]) -> Optional[Case]:
+    """The case `transcribe` is compared on: the first with generation, at least two bundled clips (a padded batch)
+    and the run's dtype."""
+    return next((c for c in cases if c.generate and len(c.clips) >= 2 and not c.dtype and not c.instructions
+                 and not any(clip.startswith(STEREO_44K) for clip in c.clips)), None)
+
+
+def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "ReferenceStore") -> torch.Tensor:
+    """HF's own transcription recipe (the model card's): its `load_audio`, the tokenizer's chat template, the
+    processor, `generate` (adapter on), `batch_decode`. Texts as UTF-8 bytes."""
+    from granite_speech.__main__ import DEFAULT_PROMPT
+
+    key = f"{case.name} · HF transcribe"
+    if store.reading:
+        return store.get(key).get("transcribe.text")
+    hf_processor, _ = models.processors()
+    hf = models.reference()
+    _set_adapter(hf, True)
+    prompt = hf_processor.tokenizer.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPT}],
+                                                        tokenize=False, add_generation_prompt=True)
+    audio = [hf_load_audio(path, 16000).numpy() for path in paths]
+    inputs = hf_processor(text=[prompt] * len(audio), audio=audio, return_tensors="pt", padding=True,
+                          padding_side="left")
+    inputs = {k: (v.to(models.device, models.dtype) if v.is_floating_point() else v.to(models.device))
+              for k, v in inputs.items()}
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False)
+    texts = _text_tensor(hf_processor.batch_decode(out[:, inputs["input_ids"].size(1):], skip_special_tokens=True))
+    store.put(key, pair_from_values([(Probe("transcribe.text", "transcribe", "transcribe", teacher=()), texts,
+                                      texts)]).hf)
+    return texts
+
+
+def _transcribe_section(case: Case, models: Models, workdir: Path, overrides, store: "ReferenceStore") -> Section:
+    """`granite_speech.__main__.transcribe_loaded` (prompt, reading, processor, batch, decoding loop, eos cut,
+    decode) with each decoding loop, exactly against HF's own recipe on the same files: the plumbing around the
+    model that the model sections never run."""
+    from granite_speech.__main__ import check_transcribe_inputs, transcribe_loaded
+
+    paths = [_clip_path(clip, workdir) for clip in case.clips]
+    hf_texts = _attempt(lambda: _hf_transcripts(case, models, paths, store))
+    _, fms_processor = models.processors()
+    decoders = ("eager",) if tp_gather() is not None else ("eager", "fast")  # the fast path is single-device
+    rows, texts = [], {}
+    for decoder in decoders:
+        def run(decoder=decoder):
+            job = check_transcribe_inputs(models.checkpoint, paths, max_new_tokens=case.generate,
+                                          device=models.device, dtype=models.dtype, decoder=decoder,
+                                          notify=lambda message: None)
+            return transcribe_loaded(models.fms_model("merged"), fms_processor, job, notify=lambda message: None)
+
+        got = _attempt(run)
+        texts[decoder] = got if isinstance(got, BaseException) else list(got)
+        rows.append((Probe(f"transcribe.{decoder}.text", "transcribe", "transcribe", teacher=(),
+                           tolerance_class="exact", note=f"transcripts as UTF-8 bytes (--decoder {decoder})"),
+                     hf_texts, got if isinstance(got, BaseException) else _text_tensor(got)))
+    result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
+    extra = {"clips": [p.name for p in paths], "new_tokens": case.generate,
+             **{f"{d}_text": (repr(t) if isinstance(t, BaseException) else t) for d, t in texts.items()}}
+    if not isinstance(hf_texts, BaseException):
+        hf_list = _tensor_text(hf_texts)
+        extra.update(hf_text=hf_list, rows_differ=len(set(hf_list)) > 1)
+    if len(decoders) == 1:
+        extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
+    return (f"{case.name} · transcribe: FMS transcribe vs HF's recipe (chat template, processor, generate, "
+            "batch_decode)", "generation", result, extra)
+
+
 def run_pipeline(
     checkpoint: Union[str, Path],
     *,
@@ -757,7 +829,9 @@ def run_pipeline(
         ctc = models.member == CTC5
         preprocess = _preprocess_ctc if ctc else _preprocess
         generation = _ctc_generation_sections if ctc else _generation_sections
-        for case in cases_for(models.checkpoint, cases):
+        run_cases = cases_for(models.checkpoint, cases)
+        transcribed = _transcribe_case(run_cases)
+        for case in run_cases:
             progress(f"case: {case.name}")
             models = base.at(getattr(torch, case.dtype)) if case.dtype else base
             rows, hf_inputs, fms_inputs, extra = preprocess(case, models, Path(tmp))
@@ -777,6 +851,8 @@ def run_pipeline(
             sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
                 sections.extend(generation(case, models, hf_inputs, fed, overrides, store, floors))
+                if not ctc and case is transcribed:
+                    sections.append(_transcribe_section(case, models, Path(tmp), overrides, store))
     written = store.finish()
     return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode,
                       "saved_captures": None if written is None else str(written),
