@@ -7,7 +7,7 @@ at capture time; rank 0 writes the report.
 """
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,6 @@ def gather_shards(probe: Probe, value: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def tp_gather() -> Optional[object]:
+def tp_gather() -> Optional[Callable[[Probe, torch.Tensor], torch.Tensor]]:
     """The gather of this process's FMS models: `gather_shards` under tensor parallelism, else None."""
     return gather_shards if dist.is_initialized() and dist.get_world_size() > 1 else None
