@@ -26,6 +26,16 @@ PLANTS = {
         lora.local_rows = lambda full, attn: full if getattr(attn, "world_size", 1) == 1 else \\
             full.chunk(attn.world_size, dim=0)[0]
     """,
+    # the separate (audio_only) LoRA's hook adds rank 0's rows on every rank; the merged LoRA stays right
+    "audio_only_lora_hook_rows_of_rank_0": """
+        import granite_speech.lora as lora
+        make_hook = lora.ModalityLoRA._make_hook
+
+        class Rank0:
+            rank, world_size = 0, 2
+
+        lora.ModalityLoRA._make_hook = lambda self, layer, attn: make_hook(self, layer, Rank0())
+    """,
     # the all-reduce after the row-parallel attention output projection left out
     "attention_without_all_reduce": """
         import fms.modules.attention as attention
@@ -39,7 +49,7 @@ PLANTS = {
 }
 
 
-def _launch(tmp_path: Path, plant: str, *extra: str) -> tuple:
+def _launch(tmp_path: Path, plant: str, *extra: str, inputs=("--audio", str(CLIP), "--new-tokens", "4")) -> tuple:
     launcher = tmp_path / "launch.py"
     launcher.write_text(textwrap.dedent(PLANTS[plant]) + "\nimport sys\nfrom parity.granite.cli import main\n"
                         "sys.exit(main(sys.argv[1:]))\n")
@@ -48,7 +58,7 @@ def _launch(tmp_path: Path, plant: str, *extra: str) -> tuple:
                                                         os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(launcher), "compare", "--tp", "2", "--audio", str(CLIP), "--new-tokens", "4",
+                           str(launcher), "compare", "--tp", "2", *inputs,
                            "--json", str(report), "--report", str(tmp_path / "report.html"), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
     data = json.loads(report.read_text()) if report.exists() else None
@@ -61,7 +71,9 @@ def _probe(report: dict, name: str) -> dict:
 
 
 def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
-    proc, report = _launch(tmp_path, "none")
+    """The default input set: merged LoRA, the separate `audio_only` LoRA (applied per shard by its hook), text only,
+    bf16 and the transcribe section, all over 2 ranks."""
+    proc, report = _launch(tmp_path, "none", inputs=())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["meta"]["tensor_parallel_ranks"] == 2
     assert report["summary"]["verdict"] == "pass"
@@ -70,11 +82,13 @@ def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
         probe = _probe(report, name)
         assert probe["propagated"]["hf_shape"] == probe["propagated"]["fms_shape"]
         assert probe["propagated"]["status"] == "pass" and probe["propagated"]["metrics"]["numel"] > 0
+    titles = [s["title"] for s in report["sections"]]
+    assert any(t.startswith("LoRA audio_only mode") and t.endswith("· model") for t in titles), titles
     generation = [s for s in report["sections"] if s["kind"] == "generation"]
-    assert [s["extra"]["fast_path"] for s in generation] == ["not run: the fast path is single-device "
-                                                            "(tensor-parallel run)"]
+    assert generation and all(s["extra"]["fast_path"] == "not run: the fast path is single-device "
+                                                         "(tensor-parallel run)" for s in generation)
     # the comparison is not degenerate: HF's greedy tokens vary
-    assert generation[0]["extra"]["distinct_hf_tokens"] > 1
+    assert all(s["extra"]["distinct_hf_tokens"] > 1 for s in generation if "distinct_hf_tokens" in s["extra"])
     assert "PASS" in proc.stdout and proc.stdout.count("PASS:") == 1  # rank 1 prints no verdict of its own
 
 
@@ -88,6 +102,15 @@ def test_a_sharding_bug_fails_at_its_module(tmp_path, plant, first):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["summary"]["verdict"] == "fail"
     assert report["summary"]["first_divergence"]["name"] == first
+
+
+def test_the_audio_only_lora_hook_applies_this_ranks_rows(tmp_path):
+    proc, report = _launch(tmp_path, "audio_only_lora_hook_rows_of_rank_0", inputs=())
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = report["summary"]["first_divergence"]
+    assert first["name"] == "decoder.layer.0.attn.q" and first["section"].startswith("LoRA audio_only mode"), first
+    verdicts = {s["title"]: s["summary"]["verdict"] for s in report["sections"]}
+    assert all(v == "pass" for t, v in verdicts.items() if not t.startswith("LoRA audio_only mode")), verdicts
 
 
 @pytest.mark.parametrize("argv, message", [
