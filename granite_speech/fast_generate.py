@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fms.distributed.strategy import TensorParallelStrategy
 from fms.modules.layernorm import LayerNormParameterized
 
 from granite_speech.lora import TARGET_SLOT, add_lora_deltas
@@ -299,6 +300,10 @@ class StaticGenerator:
             raise ValueError(f"max_len must be at least 2 (one prompt token, one new token), got {max_len}")
         if model.training:
             raise ValueError("call model.eval() first: the fast path has no dropout")
+        if isinstance(model.distributed_strategy, TensorParallelStrategy):
+            # its decode step reads the weights directly and has no all-reduce: on shards it would be silently wrong
+            raise ValueError("the fast path is single-device; a tensor-parallel model generates with FMS `generate` "
+                             "(or granite_speech.generation.generate_greedy)")
         self.model = model
         self.lm = model.language_model
         self.device = self.lm.head.weight.device

@@ -145,3 +145,19 @@ def test_head_counts_that_do_not_divide_are_refused_before_loading(monkeypatch):
     monkeypatch.setattr(model.torch.distributed, "get_world_size", lambda group=None: 3)
     with pytest.raises(ValueError, match="heads \\(4\\) and kv heads \\(2\\) to be multiples of 3"):
         model.check_tensor_parallel(VARIANTS["tiny"].text_config, ThreeRanks())
+
+
+def test_the_fast_path_refuses_a_tensor_parallel_model(monkeypatch):
+    """Its decode step reads the weights directly, with no all-reduce: on shards it would be silently wrong."""
+    import granite_speech.fast_generate as fast_generate
+    from granite_speech.config import VARIANTS
+    from granite_speech.model import GraniteSpeech
+
+    class TwoRanks:  # stands in for a TensorParallelStrategy
+        pass
+
+    model = GraniteSpeech(VARIANTS["tiny"]).eval()
+    monkeypatch.setattr(fast_generate, "TensorParallelStrategy", TwoRanks)
+    model.distributed_strategy = TwoRanks()
+    with pytest.raises(ValueError, match="the fast path is single-device"):
+        fast_generate.StaticGenerator(model, 16, use_cuda_graph=False)
