@@ -674,8 +674,10 @@ def capture_model(
     *,
     side: str = "hf",
     aliases: Sequence[Tuple[str, str]] = (),
+    on_raise: str = "raise",
 ) -> Captures:
-    """Record the probes of one model (HF paths/takes with side="hf", FMS ones with side="fms"); no comparison."""
+    """Record the probes of one model (HF paths/takes with side="hf", FMS ones with side="fms"); no comparison.
+    `on_raise="record"`: a raising forward is recorded on the probe it was in (as `capture_pair`)."""
     if side not in ("hf", "fms"):
         raise ValueError(f"side must be 'hf' or 'fms', got {side!r}")
     captures = Captures(side)
@@ -686,7 +688,7 @@ def capture_model(
         else:
             _install_candidate(hooks, m, ps, caps, reference=None, aliases=aliases)
 
-    _run_side(model, inputs, side.upper(), tuple(probes), captures, install)
+    _run_side(model, inputs, side.upper(), tuple(probes), captures, install, on_raise=on_raise)
     return captures
 
 

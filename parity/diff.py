@@ -134,8 +134,9 @@ class ProbeResult:
     noise_floor: Optional[float] = None  # max |reference - rounding-only reference| (None: not measured)
     floor_ratio: Optional[float] = None  # propagated max_abs / effective floor
     own_floor_ratio: Optional[float] = None  # teacher-forced (own) max_abs / effective floor
-    suspect: bool = False  # inside tolerance but far above the floor
+    suspect: bool = False  # inside tolerance but far above the floor, or failing the float64 formula check
     valid: str = ""  # validity mask applied
+    float64: Optional[Comparison] = None  # both sides in float64 on the same inputs (None: not run)
 
     @property
     def status(self) -> str:
@@ -144,7 +145,7 @@ class ProbeResult:
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(tolerance=self.tolerance.to_dict(), propagated=self.propagated.to_dict(),
-                    teacher=self.teacher.to_dict())
+                    teacher=self.teacher.to_dict(), float64=None if self.float64 is None else self.float64.to_dict())
         for name in ("noise_floor", "floor_ratio", "own_floor_ratio"):
             if isinstance(data[name], float):
                 data[name] = _float_out(data[name])
@@ -157,7 +158,8 @@ class ProbeResult:
             if data.get(name) is not None:
                 data[name] = _float_in(data[name])
         data.update(tolerance=Tolerance.from_dict(data["tolerance"]),
-                    propagated=Comparison.from_dict(data["propagated"]), teacher=Comparison.from_dict(data["teacher"]))
+                    propagated=Comparison.from_dict(data["propagated"]), teacher=Comparison.from_dict(data["teacher"]),
+                    float64=None if data.get("float64") is None else Comparison.from_dict(data["float64"]))
         return cls(**data)
 
 
@@ -406,6 +408,7 @@ def diff_captures(
     tolerances: Optional[Mapping[str, Tolerance]] = None,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     floors=None,
+    candidate64=None,
     floor_factor: float = FLOOR_FACTOR,
     floor_gate: float = FLOOR_GATE,
     strict: bool = False,
@@ -414,7 +417,10 @@ def diff_captures(
     (`dtype` or the HF capture's dtype, `device`) with `overrides` applied. `masks` maps a probe's `valid` name to
     its validity mask. `floors` are the captures of a reference run differing only in rounding (e.g. HF in float64):
     they give each probe its noise floor, and errors `floor_factor` times above it locate the divergence (and fail
-    the run when `strict`); in 16-bit runs an error within `floor_gate` times the floor passes (FLOOR_GATE)."""
+    the run when `strict`); in 16-bit runs an error within `floor_gate` times the floor passes (FLOOR_GATE).
+    `candidate64` are the FMS captures in float64 on the same inputs: the probes it hooked are judged against
+    `floors` with the float64 table (the formula check); a failure marks the probe suspect and locates the
+    divergence."""
     masks = dict(masks or {})
     probes = tuple(probes if probes is not None else pair.probes)
     teacher_mode = pair.mode == "teacher_forced"
@@ -462,7 +468,12 @@ def diff_captures(
                 if run_dtype in FLOOR_GATED_DTYPES:
                     for comparison in (propagated, teacher):
                         _floor_gate(comparison, floor, floor_gate)
-        suspect = propagated.passed and any(r is not None and r > floor_factor for r in (floor_ratio, own_ratio))
+        float64 = None
+        if floors is not None and candidate64 is not None and probe.name in candidate64.resolved:
+            float64 = _compare_keys(floors, candidate64, key, key, probe,
+                                    tolerance_for("float64", device, probe.tolerance_class), "float64", valid)
+        suspect = propagated.passed and (any(r is not None and r > floor_factor for r in (floor_ratio, own_ratio))
+                                         or _formula_fault(float64))
         hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
         results.append(ProbeResult(
             index=index, name=probe.name,
@@ -473,6 +484,7 @@ def diff_captures(
             calls_hf=pair.hf.calls(key), calls_fms=pair.fms.calls(key),
             propagated=propagated, teacher=teacher, attribution=_attribution(propagated, teacher), note=probe.note,
             noise_floor=floor, floor_ratio=floor_ratio, own_floor_ratio=own_ratio, suspect=suspect, valid=probe.valid,
+            float64=float64,
         ))
     factor = floor_factor if floors is not None else None
     return ParityResult(pair.mode, results, first_divergence(results, factor), first_own_error(results, factor),
@@ -489,11 +501,16 @@ def _above(ratio: Optional[float], factor: Optional[float]) -> bool:
     return factor is not None and ratio is not None and ratio > factor
 
 
+def _formula_fault(float64: Optional[Comparison]) -> bool:
+    """Both sides in float64 disagree beyond rounding: a different formula, not a different rounding."""
+    return float64 is not None and float64.status in _OWN_ERROR
+
+
 def first_divergence(results: Sequence[ProbeResult], floor_factor: Optional[float] = None) -> Optional[str]:
     """The earliest probe (execution order) that fails, or, with measured floors, stands `floor_factor` above its
-    noise floor."""
+    noise floor, or fails the float64 formula check."""
     for result in _execution_sorted(results):
-        if result.status != Status.PASS or _above(result.floor_ratio, floor_factor):
+        if result.status != Status.PASS or _above(result.floor_ratio, floor_factor) or _formula_fault(result.float64):
             return result.name
     return None
 

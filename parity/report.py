@@ -149,6 +149,8 @@ def _brief(probe: Mapping, section: Optional[str] = None) -> dict:
         "teacher_status": (probe.get("teacher") or {}).get("status"),
         "noise_floor": probe.get("noise_floor"), "floor_ratio": probe.get("floor_ratio"),
         "suspect": bool(probe.get("suspect")),
+        "float64": ((probe.get("float64") or {}).get("status")),
+        "float64_max_abs": _metrics(probe, "float64").get("max_abs"),
     }
     if section is not None:
         brief["section"] = section
@@ -434,6 +436,8 @@ def _brief_lines(label: str, brief: Optional[Mapping], several: bool) -> List[st
              f"err/tol={_num(brief['tol_ratio'])} ({_pct(brief['tol_ratio'])}) max|d|={_num(brief['max_abs'])} "
              f"needs atol>={_num(brief['min_atol'])} (atol {_num(brief['atol'])}, rtol {_num(brief['rtol'])})"
              + (f" floor ratio {_times(brief.get('floor_ratio'))}" if brief.get("floor_ratio") is not None else "")
+             + (f" float64 check {brief['float64']} (max|d| {_num(brief.get('float64_max_abs'))})"
+                if brief.get("float64") not in (None, "pass") else "")
              + f"; cause: {brief['attribution']}"]
     if brief.get("worst_index") is not None:
         lines.append(f"    largest |d| at {brief['worst_index']}: HF {_num(brief['worst_hf'], 5)} "
