@@ -661,7 +661,7 @@ def _record_raise(captures: Captures, side: str, err: Exception, running: List[T
     captures.raised = message
 
 
-def _free() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -737,7 +737,7 @@ def capture_pair(
         hf_ref = weakref.ref(hf_model)
         _run_side(hf_model, hf.inputs, "HF", probes, hf_captures, install_hf, on_raise)
         del hf_model
-        _free()
+        free_memory()
         if hf_ref() is not None:
             raise RuntimeError(
                 "two-phase run: the HF model is still referenced after its phase (the factory or the inputs callable "

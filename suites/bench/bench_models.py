@@ -4,6 +4,7 @@ weights built in device memory (no checkpoint on disk), and prompts of 30 text t
 Environment:
   GRANITE_SPEECH_BENCH_VARIANTS  comma-separated variants (default "2b,8b"; "tiny" for a quick debugging run)
   GRANITE_SPEECH_BENCH_DEVICE    torch device (default "cuda"; "cpu" runs the same code at tiny dims to debug it)
+  GRANITE_SPEECH_BENCH_IMPLS     comma-separated implementations to time (default: all of IMPLS)
 """
 
 import os
@@ -22,6 +23,10 @@ SEED = 0
 MAX_NEW_TOKENS = 128
 PROMPT_TEXT_TOKENS = 30  # text tokens around the audio placeholders (perf-anchors.md: 30)
 LONGEST_AUDIO_S = 30
+# hf: HF eager `generate`; hf_static: HF `generate` with a static KV cache, whose decode forward transformers compiles
+# by itself on CUDA (what an HF user picks for speed); fms: FMS eager `generate`; fast / fast_compiled: the fast path
+IMPLS = ("fast", "fast_compiled", "hf", "hf_static", "fms")
+SELECTED_IMPLS = tuple(i for i in os.environ.get("GRANITE_SPEECH_BENCH_IMPLS", ",".join(IMPLS)).split(",") if i)
 
 
 def synchronize() -> None:
@@ -72,6 +77,7 @@ class BenchModels:
     decoder_bytes: int  # what one decode step must read: every decoder weight once (tied embedding/head once)
     build_s: float
     generators: Dict[str, object] = field(default_factory=dict)
+    hf_caches: Dict[int, object] = field(default_factory=dict)  # batch -> HF StaticCache of max_len()
     tokens: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (impl, batch) -> generated tokens
 
     def inputs(self, seconds: float = LONGEST_AUDIO_S, batch: int = 1, seed: int = SEED):
@@ -87,6 +93,18 @@ class BenchModels:
             kwargs = {"fast": {}, "fast_compiled": {"compile_step": True}, "fast_eager": {"use_cuda_graph": False}}
             self.generators[impl] = StaticGenerator(self.fms, self.max_len(), **kwargs[impl])
         return self.generators[impl]
+
+
+    def hf_static_cache(self, batch: int):
+        """One HF StaticCache per batch size, of the longest length any benchmark asks for (one shape: compiled once),
+        emptied before each use."""
+        from transformers import StaticCache
+
+        if batch not in self.hf_caches:
+            self.hf_caches[batch] = StaticCache(config=self.hf.config, max_cache_len=self.max_len())
+        cache = self.hf_caches[batch]
+        cache.reset()
+        return cache
 
 
 def build_models(variant: str) -> BenchModels:

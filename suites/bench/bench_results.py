@@ -20,6 +20,7 @@ OUT_ENV = "GRANITE_SPEECH_BENCH_OUT"  # file to write instead of results/bench/<
 
 IMPL_LABELS = {
     "hf": "HF eager `generate`",
+    "hf_static": "HF `generate`, static cache (decode compiled by transformers)",
     "fms": "FMS eager `generate` (use_cache)",
     "fast": "fast path (static cache + CUDA graph)",
     "fast_compiled": "fast path, layers compiled (inductor) + CUDA graph",
@@ -115,6 +116,7 @@ TABLE_ROWS = [
     ("rtf_30s_128", "RTF (end to end / 30 s)", 4),
     ("peak_memory", "peak GPU memory (GiB)", 2),
     ("warmup", "first call incl. graph capture / compile (s)", 1),
+    ("throughput_b64_30s_128", "throughput RTFx: 64 x 30 s clips, 128 tokens each, one call", 0),
 ]
 
 
@@ -142,6 +144,9 @@ def render_markdown(data: Dict[str, Any]) -> str:
                 + " | ".join(f"{row['value']:.2f}" for _ in impls)
                 + " |"
             )
+            ratios = [_value(rows, variant, f"decode_b{row['batch']}", impl) for impl in impls]
+            lines.append(f"| decode, batch {row['batch']}: times the floor | "
+                         + " | ".join("–" if r is None else f"{r['over_floor']:.2f}x" for r in ratios) + " |")
         lines.append("")
     return "\n".join(lines)
 

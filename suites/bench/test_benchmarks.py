@@ -18,16 +18,18 @@ import pytest
 import torch
 from fms.utils.generation import generate
 
-from bench_models import DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, VARIANTS, BenchModels, synchronize
+from bench_models import (DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, SELECTED_IMPLS, VARIANTS, BenchModels,
+                          synchronize)
 from granite_speech.model import padding_attn_kwargs
 from parity.granite.hf import hf_audio_features
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.gpu]
 
-GENERATE_IMPLS = ("fast", "fast_compiled", "hf", "fms")
-ENCODER_IMPLS = ("fast", "hf", "fms")
+GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "hf", "hf_static", "fms") if i in SELECTED_IMPLS)
+ENCODER_IMPLS = tuple(i for i in ("fast", "hf", "fms") if i in SELECTED_IMPLS)
+THROUGHPUT_IMPLS = tuple(i for i in ("fast", "hf", "hf_static") if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
-ROUNDS = {"hf": 3, "fms": 3, "fast": 5, "fast_compiled": 5}
+ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
 
@@ -54,9 +56,10 @@ def median_seconds(fn, rounds: int) -> float:
 
 def run_generate(models: BenchModels, impl: str, inputs, new_tokens: int) -> torch.Tensor:
     """Greedy generation of exactly `new_tokens` tokens (eos disabled/forced off) with one implementation."""
-    if impl == "hf":
+    if impl in ("hf", "hf_static"):
+        cache = {"past_key_values": models.hf_static_cache(inputs["input_ids"].size(0))} if impl == "hf_static" else {}
         return models.hf.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **cache
         )
     if impl == "fms":
         prompt_len = inputs["input_ids"].size(1)
@@ -78,7 +81,7 @@ def run_generate(models: BenchModels, impl: str, inputs, new_tokens: int) -> tor
 
 
 def run_audio_features(models: BenchModels, impl: str, features: torch.Tensor) -> torch.Tensor:
-    if impl == "hf":
+    if impl.startswith("hf"):
         return hf_audio_features(models.hf, features)
     if impl == "fms":
         return models.fms.get_audio_features(features)
@@ -86,7 +89,7 @@ def run_audio_features(models: BenchModels, impl: str, features: torch.Tensor) -
 
 
 def model_bytes(models: BenchModels, impl: str) -> int:
-    return models.hf_bytes if impl == "hf" else models.fms_bytes
+    return models.hf_bytes if impl.startswith("hf") else models.fms_bytes
 
 
 def kv_cache_bytes(models: BenchModels, batch: int, length: int) -> int:
@@ -121,9 +124,10 @@ def test_prefill(benchmark, models, results, impl):
     start = time.perf_counter()
     run_generate(models, impl, inputs, 2)  # warm-up; for the fast paths also graph capture / compile
     synchronize()
-    if impl.startswith("fast"):
+    if impl in ("fast", "fast_compiled", "hf_static"):
         results.add(models.variant, "warmup", impl, time.perf_counter() - start, "s",
-                    what="first call: encoder graph, batch-1 decode graph capture (and compile)")
+                    what="first call: encoder graph, batch-1 decode graph capture (and compile)" if impl != "hf_static"
+                    else "first call: transformers compiles the decode forward for the static cache")
     durations = []
     benchmark.pedantic(timed(lambda: run_generate(models, impl, inputs, 1), durations), rounds=5, iterations=1)
     results.add(models.variant, "prefill", impl, statistics.median(durations) * 1e3, "ms",
@@ -166,6 +170,8 @@ def test_decode(benchmark, models, results, copy_bandwidth, impl, batch):
         results.add(models.variant, "rtf_30s_128", impl, full_s / LONGEST_AUDIO_S, "")
         generator = models.generators.get(impl)
         state_bytes = generator.static_bytes(batch) if generator is not None else 0  # allocated before the run
+        if impl == "hf_static":
+            state_bytes = kv_cache_bytes(models, batch, models.max_len())
         peak = model_bytes(models, impl) + state_bytes + transient
         results.add(models.variant, "peak_memory", impl, peak / 2**30, "GiB", weights_GiB=model_bytes(models, impl) / 2**30,
                     static_cache_GiB=state_bytes / 2**30, transient_peak_GiB=transient / 2**30)
@@ -279,7 +285,7 @@ def test_transcribe_batch(benchmark, results, variant, decoder):
 THROUGHPUT_BATCH = 64
 
 
-@pytest.mark.parametrize("impl", ("fast", "hf"))
+@pytest.mark.parametrize("impl", THROUGHPUT_IMPLS)
 @torch.no_grad()
 def test_throughput_batch(benchmark, models, results, impl):
     """Batch throughput: 64 clips of 30 s, 128 new tokens each (forced), one `generate` call; RTFx = audio seconds
@@ -301,6 +307,6 @@ def test_throughput_batch(benchmark, models, results, impl):
     assert tokens.shape == (THROUGHPUT_BATCH, inputs["input_ids"].size(1) + MAX_NEW_TOKENS)
     models.tokens[(impl, THROUGHPUT_BATCH)] = tokens[:, inputs["input_ids"].size(1):].cpu()
     other = models.tokens.get(("hf" if impl == "fast" else "fast", THROUGHPUT_BATCH))
-    if other is not None:  # greedy tokens agree where no bf16 near-tie separates them: record how many rows do
+    if other is not None and impl in ("fast", "hf"):  # greedy tokens agree where no bf16 near-tie separates them: record how many rows do
         results.add(models.variant, f"throughput_b{THROUGHPUT_BATCH}_rows_equal_hf", "fast",
                     float((other == models.tokens[(impl, THROUGHPUT_BATCH)]).all(dim=1).sum()), "rows")
