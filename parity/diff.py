@@ -137,6 +137,7 @@ class ProbeResult:
     suspect: bool = False  # inside tolerance but far above the floor, or failing the float64 formula check
     valid: str = ""  # validity mask applied
     float64: Optional[Comparison] = None  # both sides in float64 on the same inputs (None: not run)
+    missing_upcast: List[str] = field(default_factory=list)  # sensitive ops FMS runs in 16 bits here and HF not
 
     @property
     def status(self) -> str:
@@ -409,6 +410,7 @@ def diff_captures(
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     floors=None,
     candidate64=None,
+    upcasts: Optional[Mapping[str, Sequence[str]]] = None,
     floor_factor: float = FLOOR_FACTOR,
     floor_gate: float = FLOOR_GATE,
     strict: bool = False,
@@ -472,8 +474,9 @@ def diff_captures(
         if floors is not None and candidate64 is not None and probe.name in candidate64.resolved:
             float64 = _compare_keys(floors, candidate64, key, key, probe,
                                     tolerance_for("float64", device, probe.tolerance_class), "float64", valid)
+        missing = list((upcasts or {}).get(probe.name, ()))
         suspect = propagated.passed and (any(r is not None and r > floor_factor for r in (floor_ratio, own_ratio))
-                                         or _formula_fault(float64))
+                                         or _formula_fault(float64) or bool(missing))
         hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
         results.append(ProbeResult(
             index=index, name=probe.name,
@@ -484,7 +487,7 @@ def diff_captures(
             calls_hf=pair.hf.calls(key), calls_fms=pair.fms.calls(key),
             propagated=propagated, teacher=teacher, attribution=_attribution(propagated, teacher), note=probe.note,
             noise_floor=floor, floor_ratio=floor_ratio, own_floor_ratio=own_ratio, suspect=suspect, valid=probe.valid,
-            float64=float64,
+            float64=float64, missing_upcast=missing,
         ))
     factor = floor_factor if floors is not None else None
     return ParityResult(pair.mode, results, first_divergence(results, factor), first_own_error(results, factor),
@@ -508,9 +511,10 @@ def _formula_fault(float64: Optional[Comparison]) -> bool:
 
 def first_divergence(results: Sequence[ProbeResult], floor_factor: Optional[float] = None) -> Optional[str]:
     """The earliest probe (execution order) that fails, or, with measured floors, stands `floor_factor` above its
-    noise floor, or fails the float64 formula check."""
+    noise floor, or fails the float64 formula check, or runs a sensitive op in 16 bits where HF does not."""
     for result in _execution_sorted(results):
-        if result.status != Status.PASS or _above(result.floor_ratio, floor_factor) or _formula_fault(result.float64):
+        if (result.status != Status.PASS or _above(result.floor_ratio, floor_factor) or _formula_fault(result.float64)
+                or result.missing_upcast):
             return result.name
     return None
 

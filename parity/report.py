@@ -151,6 +151,7 @@ def _brief(probe: Mapping, section: Optional[str] = None) -> dict:
         "suspect": bool(probe.get("suspect")),
         "float64": ((probe.get("float64") or {}).get("status")),
         "float64_max_abs": _metrics(probe, "float64").get("max_abs"),
+        "missing_upcast": list(probe.get("missing_upcast") or ()),
     }
     if section is not None:
         brief["section"] = section
@@ -438,6 +439,8 @@ def _brief_lines(label: str, brief: Optional[Mapping], several: bool) -> List[st
              + (f" floor ratio {_times(brief.get('floor_ratio'))}" if brief.get("floor_ratio") is not None else "")
              + (f" float64 check {brief['float64']} (max|d| {_num(brief.get('float64_max_abs'))})"
                 if brief.get("float64") not in (None, "pass") else "")
+             + (f" missing upcast: FMS runs {', '.join(brief['missing_upcast'])} here, HF does not"
+                if brief.get("missing_upcast") else "")
              + f"; cause: {brief['attribution']}"]
     if brief.get("worst_index") is not None:
         lines.append(f"    largest |d| at {brief['worst_index']}: HF {_num(brief['worst_hf'], 5)} "

@@ -21,6 +21,7 @@ Every member of the family runs (`member_of(checkpoint)` reads config.json's mod
   greedy ids, the CTC-collapsed ids and the decoded text against FMS `generate` / `ctc_decode` / its processor.
 """
 
+import contextlib
 import copy
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from parity.granite.hf import hf_from_folder, hf_load_audio, hf_logits_to_fms, l
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
 from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_for
 from parity.granite.tp import tp_gather
+from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
 
 AUDIO_TOKEN = "<|audio|>"
@@ -452,10 +454,35 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         store.put(f"{title} #floors", floor_captures)
     candidate64, extra["float64"] = _candidate64(case, models, fms_inputs, probes,
                                                  None if pair.fms.raised else floor_captures)
+    upcasts = None
+    if phases != "two" and models.dtype in LOW_PRECISION and not (pair.hf.raised or pair.fms.raised):
+        upcasts, extra["upcast_audit"] = _upcast_audit(pair, hf, hf_forward, fms, lambda m: m(**fms_inputs))
     store.put(title, pair.hf)
     result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides, masks=masks,
-                           floors=floor_captures, candidate64=candidate64)
+                           floors=floor_captures, candidate64=candidate64, upcasts=upcasts)
     return result, extra
+
+
+def _places(captures) -> Dict[str, str]:
+    """module path -> the first probe hooked there (the place an op is recorded under)."""
+    places: Dict[str, str] = {}
+    for name, path in captures.resolved.items():
+        places.setdefault(path, name)
+    return places
+
+
+def _upcast_audit(pair, hf, hf_forward, fms, fms_forward) -> Tuple[Dict[str, List[str]], dict]:
+    """Both forwards once more under the upcast audit: per probe, the sensitive ops FMS runs in 16 bits where HF
+    does not (a missing fp32 upcast)."""
+    with torch.no_grad():
+        with audit_ops(hf, _places(pair.hf)) as hf_ops:
+            hf_forward(hf)
+        with audit_ops(fms, _places(pair.fms)) as fms_ops:
+            fms_forward(fms)
+    missing = missing_upcasts(hf_ops, fms_ops)
+    summary = {"hf": {k or "(outside every probe)": sorted(v) for k, v in hf_ops.items()},
+               "fms": {k or "(outside every probe)": sorted(v) for k, v in fms_ops.items()}}
+    return missing, summary
 
 
 # where both sides compute in float64 throughout when loaded in float64 (measured on every default case: |FMS - HF|
@@ -551,6 +578,12 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     fms = models.fms_model(case.lora_mode)
     steps = case.generate
     fms_len = fms_inputs["input_ids"].size(1)
+    # the upcast audit in 16-bit runs: the ops each side runs in 16 bits, FMS's per step, HF's over its generate
+    audit = models.dtype in LOW_PRECISION and not store.reading
+    ops: Dict[str, Dict[str, set]] = {"HF": {}, "eager FMS generate": {}, "fast path": {}}
+
+    def audited(side: str, place: Callable[[], str]):
+        return audit_ops(place=place) if audit else contextlib.nullcontext(ops[side])
 
     def run_eager():
         logits: List[torch.Tensor] = []
@@ -561,22 +594,34 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
 
         attn = padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype)
         extra_kwargs = {k: v for k, v in fms_inputs.items() if k in ("input_features", "input_features_mask")}
-        tokens = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
-                          do_sample=False, use_cache=True, prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
-                          post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+        with audited("eager FMS generate", lambda: f"step.{len(logits)}.logits") as seen:
+            tokens = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
+                              do_sample=False, use_cache=True,
+                              prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
+                              post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+        ops["eager FMS generate"] = seen
         return tokens, logits
 
     def run_fast():
-        fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda")
-        audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
-        logits = [fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
-                               fms_inputs["attention_mask"]).clone()]
-        for _ in range(1, steps):
-            logits.append(fast.decode_step().clone())
+        logits: List[torch.Tensor] = []
+        with audited("fast path", lambda: f"step.{len(logits)}.logits") as seen:
+            fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda")
+            audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
+            logits.append(fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
+                                       fms_inputs["attention_mask"]).clone())
+            for _ in range(1, steps):
+                logits.append(fast.decode_step().clone())
+        ops["fast path"] = seen
         return fast.tokens(fms_len + steps)[:, fms_len:].clone(), logits
 
+    def run_hf():
+        with audited("HF", lambda: "generate") as seen:
+            result = _hf_generation(case, models, hf_inputs, store)
+        ops["HF"] = seen
+        return result
+
     # a side that raised is reported on every step it did not reach, instead of ending the run
-    hf_run = _attempt(lambda: _hf_generation(case, models, hf_inputs, store))
+    hf_run = _attempt(run_hf)
     floor_captures, floors_why = None, "noise floors off (HF generate raised)"
     if not isinstance(hf_run, BaseException):
         wanted, floors_why = _floors_wanted(floors, models) if not store.reading else (True, "read with the reference")
@@ -617,9 +662,15 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
                     masks[valid] = keep
                 rows.append((Probe(f"step.{step}.{part}", "generate", "generate", teacher=(), tolerance_class=klass,
                                    valid=valid), hf_value, value))
+        upcasts = None
+        if audit and not isinstance(hf_run, BaseException):
+            upcasts = missing_upcasts(ops["HF"], ops[label], lambda place: "generate")
         result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
-                               floors=floor_captures, masks=masks)
+                               floors=floor_captures, masks=masks, upcasts=upcasts)
         extra = {"new_tokens": steps, "floors": floors_why}
+        if upcasts is not None:
+            extra["upcast_audit"] = {"hf": sorted(ops["HF"].get("generate", ())),
+                                     "fms": {k: sorted(v) for k, v in ops[label].items()}}
         if tensor_parallel:
             extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
         if ties:
