@@ -455,6 +455,25 @@ def test_compare_runs_transcribe_with_both_decoders_against_hfs_recipe(compare_r
     assert extra["eager_text"] == extra["fast_text"] == extra["hf_text"]
 
 
+def test_compare_in_bf16_passes_a_correct_port_strictly(tmp_path):
+    """`compare --dtype bfloat16 --strict` on the CPU passes a correct port: 16-bit gates from measured floors, the
+    upcast audit in every model and generation section, exact transcripts from the float32 pair (in 16 bits a
+    greedy near-tie may flip a token of a correct port, which the generation sections judge instead)."""
+    import contextlib
+    import io
+
+    from parity.granite.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["compare", "--dtype", "bfloat16", "--strict", "--json", str(tmp_path / "bf16.json")])
+    report = json.loads((tmp_path / "bf16.json").read_text())
+    assert code == 0, [(s["title"], s["summary"]["verdict"]) for s in report["sections"]]
+    [section] = [s for s in report["sections"] if " · transcribe: " in s["title"]]
+    assert section["extra"]["dtype"].startswith("float32 in a bfloat16 run")
+    audited = [s["title"] for s in report["sections"] if "upcast_audit" in s["extra"]]
+    assert any(t.endswith(" · model") for t in audited) and any("generation" in t for t in audited)
+
+
 def test_compare_prints_the_verdict_then_where_reports_went(compare_reports):
     root, _, outs = compare_reports
     for name, verdict in (("pass", "PASS: "), ("fail", "FAIL (first divergence: ")):

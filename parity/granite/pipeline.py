@@ -39,6 +39,7 @@ from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_f
 from parity.granite.tp import tp_gather
 from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
+from parity.tolerances import dtype_name
 
 AUDIO_TOKEN = "<|audio|>"
 DEFAULT_INSTRUCTION = f"{AUDIO_TOKEN}can you transcribe the speech into a written format?"
@@ -854,10 +855,27 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
     return texts
 
 
-def _transcribe_section(case: Case, models: Models, workdir: Path, overrides, store: "ReferenceStore") -> Section:
+def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
+    """The models the transcribe section runs: float32 always. It compares texts exactly, which only float32 can
+    promise: in 16 bits a greedy near-tie flips a token (the generation sections judge 16-bit numerics, with the
+    near-tie rule). In a 16-bit run the float32 pair is loaded for it where it fits."""
+    if models.dtype == torch.float32:
+        return models, "float32"
+    loaded = torch.float32 in models.hf and (torch.float32, "merged") in models.fms
+    need = 0 if loaded else 2 * 4 * sum(p.numel() for p in models.reference().parameters())
+    free = available_bytes(models.device)
+    if free is not None and need * 1.25 > free:
+        return None, (f"not run: exact transcripts need the float32 models ({need / 2**30:.1f} GiB, "
+                      f"{free / 2**30:.1f} free) in a {dtype_name(models.dtype)} run")
+    return models.at(torch.float32), (f"float32 in a {dtype_name(models.dtype)} run: exact transcripts need it; "
+                                      "the generation sections judge the 16-bit numerics")
+
+
+def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, overrides,
+                        store: "ReferenceStore") -> Section:
     """`granite_speech.__main__.transcribe_loaded` (prompt, reading, processor, batch, decoding loop, eos cut,
-    decode) with each decoding loop, exactly against HF's own recipe on the same files: the plumbing around the
-    model that the model sections never run."""
+    decode) with each decoding loop, exactly against HF's own recipe on the same files, in float32: the plumbing
+    around the model that the model sections never run."""
     from granite_speech.__main__ import check_transcribe_inputs, transcribe_loaded
 
     paths = [_clip_path(clip, workdir) for clip in case.clips]
@@ -878,7 +896,7 @@ def _transcribe_section(case: Case, models: Models, workdir: Path, overrides, st
                            tolerance_class="exact", note=f"transcripts as UTF-8 bytes (--decoder {decoder})"),
                      hf_texts, got if isinstance(got, BaseException) else _text_tensor(got)))
     result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
-    extra = {"clips": [p.name for p in paths], "new_tokens": case.generate,
+    extra = {"clips": [p.name for p in paths], "new_tokens": case.generate, "dtype": why,
              **{f"{d}_text": (repr(t) if isinstance(t, BaseException) else t) for d, t in texts.items()}}
     if not isinstance(hf_texts, BaseException):
         hf_list = _tensor_text(hf_texts)
@@ -919,6 +937,7 @@ def run_pipeline(
     store = ReferenceStore(save_captures, reference_captures)
     sections: List[Section] = []
     inputs_meta = []
+    skipped: Dict[str, str] = {}  # a section left out, and why (reported in the run's metadata)
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
         base = models
         ctc = models.member == CTC5
@@ -947,9 +966,14 @@ def run_pipeline(
             if case.generate and phases != "two":
                 sections.extend(generation(case, models, hf_inputs, fed, overrides, store, floors))
                 if not ctc and case is transcribed:
-                    sections.append(_transcribe_section(case, models, Path(tmp), overrides, store))
+                    plumbing, why = _float32_models(models)
+                    if plumbing is None:
+                        progress(f"transcribe section {why}")
+                        skipped["transcribe"] = why
+                    else:
+                        sections.append(_transcribe_section(case, plumbing, why, Path(tmp), overrides, store))
     written = store.finish()
-    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode,
+    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode, **skipped,
                       "saved_captures": None if written is None else str(written),
                       "reference_captures": None if reference_captures is None else str(reference_captures)}
 
@@ -1055,6 +1079,6 @@ def compare_report(
         checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
-        tensor_parallel_ranks=_ranks(),
+        tensor_parallel_ranks=_ranks(), **({"transcribe": extra["transcribe"]} if "transcribe" in extra else {}),
     )
     return build_multi_report(sections, meta)
