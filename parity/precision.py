@@ -8,7 +8,7 @@ was running; `missing_upcasts` lists what the candidate runs in 16 bits at a pla
 """
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Set
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -37,8 +37,8 @@ class _Audit(TorchFunctionMode):
 
 
 @contextmanager
-def audit_ops(model: torch.nn.Module = None, places: Mapping[str, str] = None,
-              place: Callable[[], str] = None) -> Iterator[Dict[str, Set[str]]]:
+def audit_ops(model: Optional[torch.nn.Module] = None, places: Optional[Mapping[str, str]] = None,
+              place: Optional[Callable[[], str]] = None) -> Iterator[Dict[str, Set[str]]]:
     """Record 16-bit sensitive ops while the block runs: {place: {"softmax in bfloat16", ...}}. The place is the
     innermost running module of `places` (module path in `model` -> place name), or `place()` when given."""
     seen: Dict[str, Set[str]] = {}
