@@ -380,16 +380,28 @@ def _model_inputs(batch: Any, models: Models) -> Any:
     return out
 
 
+def _shortfall(models: Models, copies: float, bytes_per_value: int) -> Optional[str]:
+    """None when `copies` more copies of the model at `bytes_per_value` fit on the run device (with 25% headroom),
+    else what they need and what is free."""
+    need = copies * sum(p.numel() for p in models.reference().parameters()) * bytes_per_value
+    free = available_bytes(models.device)
+    if free is not None and need * 1.25 > free:
+        return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+    return None
+
+
+def _float64(inputs: dict) -> dict:
+    return {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
 def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
     if floors == "off":
         return False, "noise floors off (--floors off)"
     if floors == "on":
         return True, "HF in float64 (requested)"
-    hf = models.reference()
-    need = 2 * sum(p.numel() for p in hf.parameters()) * 8  # an fp64 copy beside what is loaded
-    free = available_bytes(models.device)
-    if free is not None and need * 1.25 > free:
-        return False, f"noise floors skipped: an fp64 copy needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+    short = _shortfall(models, 2, 8)  # an fp64 copy beside what is loaded
+    if short:
+        return False, f"noise floors skipped: an fp64 copy {short}"
     return True, "HF in float64"
 
 
@@ -449,7 +461,7 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     if wanted:
         hf64 = models.reference64()
         _set_adapter(hf64, has_audio)
-        inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
+        inputs64 = _float64(hf_inputs)
         floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
                                        aliases=HF_LAYOUT_ALIASES)
         store.put(f"{title} #floors", floor_captures)
@@ -506,14 +518,13 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors) -
     exact = tuple(p for p in probes if p.name.startswith(FLOAT64_EXACT_PREFIXES))
     if not exact:
         return None, "off (no probe on the float64-exact audio path)"
-    need = sum(p.numel() for p in models.reference().parameters()) * 8
-    free = available_bytes(models.device)
-    if free is not None and need * 1.25 > free:
-        return None, f"off: FMS in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+    short = _shortfall(models, 1, 8)
+    if short:
+        return None, f"off: FMS in float64 {short}"
     # loaded by FMS's own loader (the LoRA merged in float64) and freed at once: a float64 copy held per LoRA mode
     # would leave no room for the next case's noise floors on a GPU
     fms64 = load_fms_family_model(models.checkpoint, torch.float64, models.device, lora_mode=case.lora_mode)
-    inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in fms_inputs.items()}
+    inputs64 = _float64(fms_inputs)
     try:
         captures = capture_model(fms64, lambda m: m(**inputs64), exact, side="fms", on_raise="record")
     finally:
@@ -556,7 +567,7 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     steps = case.generate
     hf64 = models.reference64()
     _set_adapter(hf64, "input_features" in hf_inputs)
-    inputs64 = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in hf_inputs.items()}
+    inputs64 = _float64(hf_inputs)
     with torch.no_grad():
         out = hf64.generate(**inputs64, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                             output_logits=True, return_dict_in_generate=True)
@@ -862,11 +873,9 @@ def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
     if models.dtype == torch.float32:
         return models, "float32"
     loaded = torch.float32 in models.hf and (torch.float32, "merged") in models.fms
-    need = 0 if loaded else 2 * 4 * sum(p.numel() for p in models.reference().parameters())
-    free = available_bytes(models.device)
-    if free is not None and need * 1.25 > free:
-        return None, (f"not run: exact transcripts need the float32 models ({need / 2**30:.1f} GiB, "
-                      f"{free / 2**30:.1f} free) in a {dtype_name(models.dtype)} run")
+    short = None if loaded else _shortfall(models, 2, 4)
+    if short:
+        return None, f"not run: exact transcripts need the float32 models: {short}"
     return models.at(torch.float32), (f"float32 in a {dtype_name(models.dtype)} run: exact transcripts need it; "
                                       "the generation sections judge the 16-bit numerics")
 
