@@ -117,6 +117,19 @@ def merge_audio_embeds(
     return torch.where(is_audio.unsqueeze(-1), gathered.to(text_embeds.dtype), text_embeds)
 
 
+def check_token_ids(input_ids: torch.Tensor, is_audio: torch.Tensor, vocab_size: int) -> int:
+    """Raise when a token id lies outside the embedding table (ids of another tokenizer: on CUDA the lookup would
+    fail as a device-side assert that poisons the process); returns the number of audio placeholders. One sync."""
+    if input_ids.numel() == 0:
+        return 0
+    low, high, n_placeholders = torch.stack([input_ids.min(), input_ids.max(), is_audio.sum()]).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids hold token id {bad}, outside this model's vocabulary [0, {vocab_size}); "
+                         "were they made by another model's tokenizer?")
+    return n_placeholders
+
+
 def check_audio_token_counts(
     input_ids: torch.Tensor, audio_token_index: int, audio_rows: int, audio_mask: Optional[torch.Tensor], n_audio: int
 ) -> None:
@@ -236,14 +249,17 @@ class GraniteSpeech(nn.Module):
         if input_features is not None and audio_embeds is not None:
             raise ValueError("pass either input_features or precomputed audio_embeds, not both")
         is_audio = input_ids == self.config.audio_token_index
+        checking = not torch.compiler.is_compiling()
+        if checking:
+            n_placeholders = check_token_ids(input_ids, is_audio, self.language_model.base_model.embedding.num_embeddings)
         # HF embeds the placeholders as token 0 before overwriting them
         text_embeds = self.language_model.base_model.embedding(input_ids.masked_fill(is_audio, 0))
         if input_features is not None:
             audio_embeds = self.get_audio_features(input_features)
         if audio_embeds is None:
-            if not torch.compiler.is_compiling() and bool(is_audio.any()):
+            if checking and n_placeholders:
                 raise ValueError(
-                    f"input_ids hold {int(is_audio.sum())} audio tokens (id {self.config.audio_token_index}) "
+                    f"input_ids hold {n_placeholders} audio tokens (id {self.config.audio_token_index}) "
                     "but no input_features were given"
                 )
             return text_embeds

@@ -111,7 +111,8 @@ def forward_inputs(fms_model, device, dtype):
     ids = torch.tensor([[5] + [audio_id] * q + [7] * (q + 2), [5] + [audio_id] * (2 * q) + [7, 8]])
     features = torch.randn(2, frames, cfg.encoder_config.input_dim, generator=g)
     mask = torch.arange(2 * q).unsqueeze(0) < torch.tensor([[q], [2 * q]])
-    return {"ids": ids.to(device), "features": features.to(device, dtype), "mask": mask.to(device), "q": q}
+    return {"ids": ids.to(device), "features": features.to(device, dtype), "mask": mask.to(device), "q": q,
+            "vocab": cfg.text_config.src_vocab_size}
 
 
 @torch.no_grad()
@@ -140,6 +141,13 @@ def _break(inputs, case):
         return dict(input_ids=ids, input_features=features[0], input_features_mask=mask)
     if case == "features-4d":
         return dict(input_ids=ids, input_features=features[None], input_features_mask=mask)
+    if case == "id-beyond-the-vocabulary":  # ids of another (larger) tokenizer: a device-side assert on CUDA
+        vocab = inputs["vocab"]
+        return dict(input_ids=torch.cat([ids[:, :-1], torch.full_like(ids[:, -1:], vocab)], 1),
+                    input_features=features, input_features_mask=mask)
+    if case == "negative-id":
+        return dict(input_ids=torch.cat([torch.full_like(ids[:, :1], -1), ids[:, 1:]], 1), input_features=features,
+                    input_features_mask=mask)
     if case == "features-wrong-size":
         return dict(input_ids=ids, input_features=features[..., : features.shape[-1] // 2], input_features_mask=mask)
     raise AssertionError(case)
@@ -160,12 +168,15 @@ def _break(inputs, case):
         ("features-2d", r"input_features must be \[batch, frames, \d+\], got \(\d+, \d+\)$"),
         ("features-4d", r"input_features must be \[batch, frames, \d+\], got \(1, 2, \d+, \d+\)"),
         ("features-wrong-size", r"input_features must be \[batch, frames, (\d+)\], got \(2, \d+, \d+\)"),
+        ("id-beyond-the-vocabulary", r"input_ids hold token id {vocab}, outside this model's vocabulary \[0, {vocab}\); "
+                                     r"were they made by another model's tokenizer\?"),
+        ("negative-id", r"input_ids hold token id -1, outside this model's vocabulary \[0, {vocab}\)"),
     ],
 )
 @torch.no_grad()
 def test_forward_rejects_bad_tensors(fms_model, forward_inputs, case, message):
     q = forward_inputs["q"]
-    message = message.format(q=q, q2=2 * q, q2m1=2 * q - 1)
+    message = message.format(q=q, q2=2 * q, q2m1=2 * q - 1, vocab=forward_inputs["vocab"])
     with pytest.raises(ValueError, match=message):
         fms_model(**_break(forward_inputs, case))
 

@@ -657,7 +657,9 @@ def test_variant_entry_point_still_loads_safetensors(assets):
 
 # ---------------------------------------------------------------------------------------------- pytest plugin
 def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    # the repository first, then whatever the caller's PYTHONPATH holds (a GPU runner's packages may live there)
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "parity.granite.plugin", "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

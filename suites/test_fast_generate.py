@@ -9,7 +9,7 @@ oracle is token equality, which 16-bit rounding would make fragile.
 
 On a CUDA device the fast path runs as it does in production, replayed from CUDA graphs; the `gpu`-marked tests also
 check the graph against the same step run eagerly, and the inductor-compiled step against eager, on the tiny fixture
-and on the session model (--model, e.g. 2b on the GPU gate).
+(suites/test_fast_generate_session.py does so on the session model: --model, e.g. 2b on the GPU gate).
 """
 
 import pytest
@@ -310,21 +310,3 @@ def test_inductor_compiled_graph_equals_eager_step(fms_model, prompts, fast_devi
     torch._dynamo.reset()
     compiled, eager = _graph_vs_eager(fms_model, prompts, 16, compile_step=True)
     assert torch.equal(compiled, eager), "compiled graph and eager decode step disagree"
-
-
-@pytest.mark.gpu
-@pytest.mark.runs_at("session")
-@torch.no_grad()
-def test_cuda_graph_replay_equals_eager_step_on_session_model(request, speech_dataset):
-    """The same on the session model (--model/--dtype; e.g. 2b on the GPU gate), on a real clip."""
-    session_device = request.getfixturevalue("device")
-    if session_device.type != "cuda":
-        pytest.skip("needs a CUDA device: run with --device cuda")
-    model, processor = request.getfixturevalue("fms_model"), request.getfixturevalue("hf_processor")
-    clip = torch.tensor(min(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64000))["audio"]["array"])
-    inputs = processor(text=["<|audio|> transcribe"], audio=[clip], return_tensors="pt")
-    dtype = model.language_model.head.weight.dtype
-    prompts = {k: (v.to(session_device, dtype) if v.is_floating_point() else v.to(session_device))
-               for k, v in inputs.items() if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
-    graphed, eager = _graph_vs_eager(model, prompts, NEW_TOKENS)
-    assert torch.equal(graphed, eager), "graph replay and eager decode step disagree"

@@ -7,6 +7,7 @@ suites/test_fixture_regime.py; here the weights are checked against the rules th
 the untied fixture's hyperparameters against every default a port could fall back to.
 """
 
+import copy
 import json
 import os
 
@@ -28,6 +29,7 @@ from parity.granite.fixtures import (
     load_speech_dataset,
     speech_clip_table,
 )
+from parity.granite.fixtures.checkpoint import InitRegime
 
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 TF5_MODULE_PATHS = hasattr(transformers, "GraniteSpeechModel") and TF_MAJOR >= 5
@@ -241,18 +243,28 @@ def test_hub_weights_are_non_degenerate(hub_folder):
         assert float(tensor.abs().mean()) > 1e-3, f"{key} is (near) zero"
 
 
+def _one_layer(variant):
+    """The variant's config with one encoder / Q-Former / decoder layer: its real widths, built in seconds."""
+    config = copy.deepcopy(load_hf_config(variant))
+    config["encoder_config"]["num_layers"] = config["text_config"]["num_hidden_layers"] = 1
+    config["projector_config"]["num_hidden_layers"] = 1
+    return config
+
+
+# the real sizes' rules (gains over each tensor's fan-in) checked on one-layer models of their widths
 @pytest.mark.parametrize("variant", sorted(REGIMES))
 def test_weights_follow_the_fixture_regime(variant):
     """Every >= 2-D weight has the std its regime rule gives (so no weight keeps an init that depends on the
     transformers line: 4.57 inits the encoder from the top-level initializer_range, 5.x from the encoder config's)."""
-    folder = build_checkpoint(variant)
-    config, regime = load_hf_config(variant), REGIMES[variant]
+    regime = REGIMES[variant]
+    config = load_hf_config(variant) if variant.startswith("tiny") else _one_layer(variant)
+    folder = build_checkpoint(variant if variant.startswith("tiny") else config, regime=regime)
     weights = _read_safetensors(folder, "model-*-of-*.safetensors")
     unruled, off = [], []
     for key, tensor in weights.items():
         if tensor.ndim < 2 or not tensor.is_floating_point():
             continue
-        std = regime.std_for(key, config)
+        std = regime.std_for(key, config, tuple(tensor.shape))
         if std is None:
             unruled.append(key)
         elif tensor.numel() >= 256 and not 0.8 * std < float(tensor.std()) < 1.2 * std:
@@ -263,7 +275,20 @@ def test_weights_follow_the_fixture_regime(variant):
     b_std = torch.cat([t.flatten() for k, t in adapter.items() if "lora_B" in k]).std()
     assert 0.8 * regime.lora_b_std < float(b_std) < 1.2 * regime.lora_b_std
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
-    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (regime.lora_shape or (8, 20))
+    expected_shape = regime.lora_shape or ((8, 20) if variant.startswith("tiny") else (64, 32))
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == expected_shape
+
+
+def test_fan_in_rules_scale_with_the_width():
+    """A ("fan_in", gain) rule: std = gain / sqrt(input width x kernel), per tensor."""
+    regime = InitRegime(weight_std=((r"^a$", ("fan_in", 2.0)), (r"^b$", 0.5), (r"^c$", "initializer_range")))
+    assert regime.std_for("a", {}, (10, 400)) == pytest.approx(0.1)
+    assert regime.std_for("a", {}, (10, 16, 25)) == pytest.approx(0.1)  # a convolution: 16 channels x kernel 25
+    assert regime.std_for("b", {}, (10, 400)) == 0.5
+    assert regime.std_for("c", {"initializer_range": 0.02}, (10, 400)) == 0.02
+    assert regime.std_for("d", {}, (10, 400)) is None
+    with pytest.raises(ValueError, match=r"unknown init rule \('fan_out', 2.0\)"):
+        InitRegime(weight_std=((r".", ("fan_out", 2.0)),)).std_for("a", {}, (1, 1))
 
 
 def _default(config, name):

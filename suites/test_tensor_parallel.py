@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from parity.granite.cli import main as parity_main
 
@@ -58,7 +59,7 @@ def _launch(tmp_path: Path, plant: str, *extra: str, inputs=("--audio", str(CLIP
                                                         os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(launcher), "compare", "--tp", "2", *inputs,
+                           str(launcher), "compare", "--tp", "2", "--device", "cpu", *inputs,
                            "--json", str(report), "--report", str(tmp_path / "report.html"), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
     data = json.loads(report.read_text()) if report.exists() else None
@@ -132,6 +133,15 @@ def test_tp_refuses_what_stays_single_process(monkeypatch, capsys, tmp_path):
     assert "single-process" in capsys.readouterr().err
     assert parity_main(["compare"]) == 2
     assert "pass --tp 2" in capsys.readouterr().err
+
+
+def test_tp_over_more_ranks_than_cuda_devices_is_a_usage_error(monkeypatch, capsys):
+    # one visible card and two ranks: each rank would take cuda:<local rank>, and rank 1 has no card
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parity_main(["compare", "--tp", "2", "--device", "cuda"]) == 2
+    assert "--tp 2 on cuda needs 2 CUDA devices, this machine sees 1; pass --device cpu" in capsys.readouterr().err
 
 
 def test_head_counts_that_do_not_divide_are_refused_before_loading(monkeypatch):

@@ -135,7 +135,7 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
         (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
     ]
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
-    check_tensor_parallel_args(args, checkpoint, model, save, reference)
+    check_tensor_parallel_args(args, checkpoint, model, save, reference, device)
     return CompareRun(
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
@@ -145,7 +145,7 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
 
 
 def check_tensor_parallel_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str,
-                               save: Optional[Path], reference: Optional[Path]) -> None:
+                               save: Optional[Path], reference: Optional[Path], device: torch.device) -> None:
     """`--tp N` needs N processes from torchrun and a member with a decoder to shard; what stays single-process is
     refused here rather than run in N copies."""
     from parity.granite.tp import launched_ranks
@@ -165,6 +165,10 @@ def check_tensor_parallel_args(args: argparse.Namespace, checkpoint: Optional[Pa
     config = json.loads((checkpoint / "config.json").read_text()) if checkpoint is not None else {}
     if config.get("model_type") == "granite_speech5_ctc" or model in ("5.0-470m", "tiny-5"):
         raise UsageError("--tp shards a decoder; granite-speech-5.0 (CTC) has none")
+    if device.type == "cuda" and torch.cuda.device_count() < args.tp:
+        # one rank per device: on fewer devices a rank would address a card that is not there (a device-side assert)
+        raise UsageError(f"--tp {args.tp} on cuda needs {args.tp} CUDA devices, this machine sees "
+                         f"{torch.cuda.device_count()}; pass --device cpu to shard over CPU processes (gloo)")
 
 
 def _read_report(path: Path, option: str) -> dict:

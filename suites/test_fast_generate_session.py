@@ -1,0 +1,44 @@
+"""The fast path on the session model (--model / --device / --dtype; 2b on the GPU gate): the CUDA-graph-replayed
+decode step gives the tokens of the same step run eagerly, on a real clip through the checkpoint's own processor.
+
+A module of its own because suites/test_fast_generate.py overrides `fms_model` with its tiny fixture: a test there
+that asked for the session's processor got a 2b tokenizer's ids fed to the tiny model (a device-side assert on the
+GPU gate, which poisoned every later CUDA test of the run).
+"""
+
+import pytest
+import torch
+
+from granite_speech.checkpoint import load_model
+from granite_speech.fast_generate import StaticGenerator
+
+pytestmark = [pytest.mark.gpu, pytest.mark.runs_at("session")]
+
+NEW_TOKENS = 32
+MIN_DISTINCT_TOKENS = 8  # of NEW_TOKENS: a model that repeats one token would make the comparison empty
+
+
+@pytest.fixture(scope="module")
+def audio_only_model(checkpoint_dir, device, dtype):
+    # the adapter kept separate and switched on by the audio, as transcribe runs it
+    return load_model(checkpoint_dir, lora_mode="audio_only", dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dataset, hf_processor, audio_only_model):
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA device: run with --device cuda")
+    clip = torch.tensor(min(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64000))["audio"]["array"])
+    inputs = hf_processor(text=["<|audio|> transcribe"], audio=[clip], return_tensors="pt")
+    dtype = audio_only_model.language_model.head.weight.dtype
+    prompts = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+               for k, v in inputs.items() if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+    max_len = prompts["input_ids"].size(1) + NEW_TOKENS
+    graphed = StaticGenerator(audio_only_model, max_len, use_cuda_graph=True)
+    assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
+    graphed_tokens = graphed.generate(**prompts, max_new_tokens=NEW_TOKENS)
+    eager_tokens = StaticGenerator(audio_only_model, max_len, use_cuda_graph=False).generate(
+        **prompts, max_new_tokens=NEW_TOKENS)
+    distinct = len(set(eager_tokens[0, -NEW_TOKENS:].tolist()))
+    assert distinct >= MIN_DISTINCT_TOKENS, f"degenerate generation ({distinct} distinct tokens): nothing to compare"
+    assert torch.equal(graphed_tokens, eager_tokens), "graph replay and eager decode step disagree"
