@@ -251,7 +251,8 @@ class GraniteSpeech(nn.Module):
         is_audio = input_ids == self.config.audio_token_index
         checking = not torch.compiler.is_compiling()
         if checking:
-            n_placeholders = check_token_ids(input_ids, is_audio, self.language_model.base_model.embedding.num_embeddings)
+            vocab_size = self.language_model.base_model.embedding.num_embeddings
+            n_placeholders = check_token_ids(input_ids, is_audio, vocab_size)
         # HF embeds the placeholders as token 0 before overwriting them
         text_embeds = self.language_model.base_model.embedding(input_ids.masked_fill(is_audio, 0))
         if input_features is not None:

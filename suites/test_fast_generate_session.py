@@ -32,7 +32,8 @@ def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dat
     inputs = hf_processor(text=["<|audio|> transcribe"], audio=[clip], return_tensors="pt")
     dtype = audio_only_model.language_model.head.weight.dtype
     prompts = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-               for k, v in inputs.items() if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+               for k, v in inputs.items()
+               if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
     max_len = prompts["input_ids"].size(1) + NEW_TOKENS
     graphed = StaticGenerator(audio_only_model, max_len, use_cuda_graph=True)
     assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
