@@ -3,8 +3,9 @@
 A random model at a small init scale hides bugs: its attention is uniform (a sign-flipped Shaw distance, a RoPE
 off by one or a wrong mask change nothing), its GELU/SiLU inputs sit in the linear range (tanh-GELU = erf-GELU to
 1e-6), its LoRA changes no token and its greedy output repeats one token. `parity.granite.fixtures.REGIMES` gives the
-fixtures the weight scales of a trained model's regime (the 2b and 8b ones as gains over each tensor's fan-in); this suite measures that regime
-(`parity.granite.fixtures.regime`), records every number as a junit property and fails when it drifts back:
+fixtures the weight scales of a trained model's regime (the 2b and 8b ones as gains over each tensor's fan-in); this
+suite measures that regime (`parity.granite.fixtures.regime`), records every number as a junit property and fails
+when it drifts back:
 
 - attention far from uniform: mean entropy / max entropy per encoder layer, Q-Former self/cross-attention and
   decoder layer (1.0 = uniform); the Shaw relative-position term comparable to q.k;
@@ -53,7 +54,7 @@ pytestmark = [pytest.mark.runs_at("tiny-fixtures", device="cpu", dtype="float32"
 
 def _two_layer_2b():
     """2b's widths, vocabulary and scales (its regime) with two encoder and two decoder layers: the real-size regime
-    rules (gains over each tensor's fan-in) held on the CPU in seconds."""
+    rules (gains over each tensor's fan-in) held on the CPU in about a minute."""
     config = copy.deepcopy(load_hf_config("2b"))
     config["encoder_config"]["num_layers"] = config["text_config"]["num_hidden_layers"] = 2
     return config
