@@ -20,14 +20,12 @@ Fixed size (the tiny fixtures and a two-layer model of 2b's widths, CPU, fp32; `
 regime is a property of the fixtures. The GPU gate at --model 2b runs the full 2b fixture in that regime.
 """
 
-import copy
-
 import pytest
 import torch
 
 from granite_speech.checkpoint import load_model
 from granite_speech.model import padding_attn_kwargs
-from parity.granite.fixtures import REGIMES, build_checkpoint, load_hf_config, read_speech_rows
+from parity.granite.fixtures import REGIMES, build_checkpoint, read_speech_rows, shallow_config
 from parity.granite.fixtures.checkpoint import InitRegime
 from parity.granite.fixtures.regime import format_table, lora_share, measure_regime
 
@@ -52,21 +50,13 @@ pytestmark = [pytest.mark.runs_at("tiny-fixtures", device="cpu", dtype="float32"
               pytest.mark.usefixtures("single_torch_thread")]
 
 
-def _two_layer_2b():
-    """2b's widths, vocabulary and scales (its regime) with two encoder and two decoder layers: the real-size regime
-    rules (gains over each tensor's fan-in) held on the CPU in about a minute."""
-    config = copy.deepcopy(load_hf_config("2b"))
-    config["encoder_config"]["num_layers"] = config["text_config"]["num_hidden_layers"] = 2
-    return config
-
-
 class Fixture:
     def __init__(self, name, regime="auto"):
         from transformers import AutoProcessor
 
         self.name = name
         if name == "2b-two-layers":
-            self.folder = build_checkpoint(_two_layer_2b(), regime=REGIMES["2b"] if regime == "auto" else regime)
+            self.folder = build_checkpoint(shallow_config("2b", 2), regime=REGIMES["2b"] if regime == "auto" else regime)
         else:
             self.folder = build_checkpoint(name, regime=regime)
         self.model = load_model(self.folder)

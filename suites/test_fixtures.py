@@ -7,7 +7,6 @@ suites/test_fixture_regime.py; here the weights are checked against the rules th
 the untied fixture's hyperparameters against every default a port could fall back to.
 """
 
-import copy
 import json
 import os
 
@@ -27,6 +26,7 @@ from parity.granite.fixtures import (
     hf_config_path,
     load_hf_config,
     load_speech_dataset,
+    shallow_config,
     speech_clip_table,
 )
 from parity.granite.fixtures.checkpoint import InitRegime
@@ -243,21 +243,13 @@ def test_hub_weights_are_non_degenerate(hub_folder):
         assert float(tensor.abs().mean()) > 1e-3, f"{key} is (near) zero"
 
 
-def _one_layer(variant):
-    """The variant's config with one encoder / Q-Former / decoder layer: its real widths, built in seconds."""
-    config = copy.deepcopy(load_hf_config(variant))
-    config["encoder_config"]["num_layers"] = config["text_config"]["num_hidden_layers"] = 1
-    config["projector_config"]["num_hidden_layers"] = 1
-    return config
-
-
 # the real sizes' rules (gains over each tensor's fan-in) checked on one-layer models of their widths
 @pytest.mark.parametrize("variant", sorted(REGIMES))
 def test_weights_follow_the_fixture_regime(variant):
     """Every >= 2-D weight has the std its regime rule gives (so no weight keeps an init that depends on the
     transformers line: 4.57 inits the encoder from the top-level initializer_range, 5.x from the encoder config's)."""
     regime = REGIMES[variant]
-    config = load_hf_config(variant) if variant.startswith("tiny") else _one_layer(variant)
+    config = load_hf_config(variant) if variant.startswith("tiny") else shallow_config(variant, 1)
     folder = build_checkpoint(variant if variant.startswith("tiny") else config, regime=regime)
     weights = _read_safetensors(folder, "model-*-of-*.safetensors")
     unruled, off = [], []
