@@ -6,7 +6,9 @@ FMS's `fms.utils.generation.generate` grows the KV cache by concatenation, so ev
 
 - the audio is encoded once (per clip shape captured as a CUDA graph on GPU);
 - the prompt is prefilled by the model's own `forward` (use_cache=True), and its K/V copied into a static cache
-  `[layers] x [B, kvheads, max_len (+ a few always-masked columns), head_dim]`;
+  `[layers] x [B, kvheads, max_len (+ always-masked columns), head_dim]`; or, with static_prefill=True, by the decode
+  step's own layer math over the whole prompt, writing straight into that cache (left-padded to a multiple of
+  PREFILL_BUCKET, so on GPU one captured CUDA graph serves a bucket of prompt lengths);
 - a decode step over FMS Granite's weights (`ln`, `attn.in_proj`, `attn.dense`, `ff_ln`, `ff_sub_layer`, `rot_emb`,
   `dec_norm`, `head`) reads the token at cache column `slot`, writes its K/V at `slot`, attends over the valid
   columns (left padding masked), writes the greedy token at `slot + 1` and advances `slot`, all in place on static
@@ -45,6 +47,9 @@ _CACHE_LEN_MULTIPLE = 16
 # With an eos token, "have all rows finished?" costs a device sync: asked once per this many tokens.
 _EOS_CHECK_EVERY = 16
 _WARMUP_STEPS = 2
+# The static prefill rounds the prompt up to a multiple of this many columns (left padding, masked), so one captured
+# prefill graph serves every prompt length of its bucket.
+PREFILL_BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class StaticKVCache:
             length = k.size(2)
             key[:, :, :length].copy_(k)
             value[:, :, :length].copy_(v)
+
+    def columns(self, length: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) views of columns [0, length), as FMS's cache lays them out."""
+        return [(k[:, :, :length], v[:, :, :length]) for k, v in zip(self.keys, self.values)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -115,9 +124,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """FMS RotaryEmbedding on [B, heads, head_dim] with per-row rotation matrices rot [B, head_dim/2, 2, 2]."""
-    pairs = x.float().view(*x.shape[:-1], -1, 2)  # B H D/2 2
-    return (rot.unsqueeze(1) * pairs.unsqueeze(-2)).sum(-1).flatten(-2).type_as(x)
+    """FMS RotaryEmbedding on [..., heads, head_dim] with rotation matrices rot [..., head_dim/2, 2, 2] (one per row,
+    or per row and position)."""
+    pairs = x.float().view(*x.shape[:-1], -1, 2)  # ... H D/2 2
+    return (rot.unsqueeze(-4) * pairs.unsqueeze(-2)).sum(-1).flatten(-2).type_as(x)
 
 
 def _step_prologue(
@@ -138,6 +148,54 @@ def _step_prologue(
     attn_bias = attn_bias.masked_fill(~valid, float("-inf")).view(batch, 1, 1, valid.size(1))
     x = F.embedding(token, embedding_w) * spec.embedding_multiplier
     return x, attn_bias, rope_table.index_select(0, rope_pos)
+
+
+def _attention_inputs(
+    spec: _DecoderSpec,
+    x: torch.Tensor,
+    mlp_out: torch.Tensor,
+    ln_w: torch.Tensor,
+    qkv_w: torch.Tensor,
+    qkv_b: Optional[torch.Tensor],
+    lora: Tuple[torch.Tensor, ...],
+    rot: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The previous layer's MLP residual added, then ln, q/k/v (+ LoRA), RoPE on q and k. x: [..., D]; returns x and
+    q [..., nheads, head_dim], k and v [..., kvheads, head_dim]."""
+    lead = x.shape[:-1]
+    q_dim, kv_dim = spec.nheads * spec.head_dim, spec.kvheads * spec.head_dim
+    x = mlp_out * spec.residual_multiplier + x
+    h = _rms_norm(x, ln_w, spec.norm_eps)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+    if lora:
+        pairs = [(s, lora[2 * i], lora[2 * i + 1]) for i, s in enumerate(spec.lora_slots)]
+        q, k, v = add_lora_deltas((q, k, v), h, pairs, spec.lora_scaling)  # the same math as ModalityLoRA's hook
+        qk = torch.cat([q, k], dim=-1)
+    else:
+        qk = qkv[..., : q_dim + kv_dim]
+    # queries and keys rotated together: [..., nheads + kvheads, head_dim]
+    qk = _rope(qk.reshape(*lead, spec.nheads + spec.kvheads, spec.head_dim), rot)
+    return x, qk[..., : spec.nheads, :], qk[..., spec.nheads :, :], v.reshape(*lead, spec.kvheads, spec.head_dim)
+
+
+def _attention_output_and_mlp(
+    spec: _DecoderSpec,
+    x: torch.Tensor,
+    attn: torch.Tensor,  # [..., nheads * head_dim]
+    dense_w: torch.Tensor,
+    dense_b: Optional[torch.Tensor],
+    ff_ln_w: torch.Tensor,
+    wg1_w: torch.Tensor,
+    wg1_b: Optional[torch.Tensor],
+    w2_w: torch.Tensor,
+    w2_b: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x + r * dense(attn), and the MLP's output (its residual is left to the next layer's `_attention_inputs`)."""
+    x = F.linear(attn, dense_w, dense_b) * spec.residual_multiplier + x
+    h = _rms_norm(x, ff_ln_w, spec.norm_eps)
+    gate, up = F.linear(h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
+    return x, F.linear(F.silu(gate) * up, w2_w, w2_b)
 
 
 def _decode_layer(
@@ -167,31 +225,66 @@ def _decode_layer(
     layer's RMSNorm; the math is GraniteBlock's: x = x + r * dense(attn(ln(x))); x = x + r * w2(silu(wg) * w1).
     """
     batch = x.size(0)
-    q_dim, kv_dim = spec.nheads * spec.head_dim, spec.kvheads * spec.head_dim
-    x = mlp_out * spec.residual_multiplier + x
-
-    h = _rms_norm(x, ln_w, spec.norm_eps)
-    qkv = F.linear(h, qkv_w, qkv_b)
-    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-    if lora:
-        pairs = [(s, lora[2 * i], lora[2 * i + 1]) for i, s in enumerate(spec.lora_slots)]
-        q, k, v = add_lora_deltas((q, k, v), h, pairs, spec.lora_scaling)  # the same math as ModalityLoRA's hook
-        qk = torch.cat([q, k], dim=-1)
-    else:
-        qk = qkv[:, : q_dim + kv_dim]
-    # queries and keys rotated together: [B, nheads + kvheads, head_dim]
-    qk = _rope(qk.reshape(batch, spec.nheads + spec.kvheads, spec.head_dim), rot)
-    q, k = qk[:, : spec.nheads], qk[:, spec.nheads :]
+    x, q, k, v = _attention_inputs(spec, x, mlp_out, ln_w, qkv_w, qkv_b, lora, rot)
     key_cache.index_copy_(2, slot, k.unsqueeze(2))
-    value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))
+    value_cache.index_copy_(2, slot, v.unsqueeze(2))
     # GQA without expanding the cache: the nheads // kvheads query heads of one kv head become its query rows
     q = q.reshape(batch, spec.kvheads, spec.nheads // spec.kvheads, spec.head_dim)
     attn = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=attn_bias, scale=spec.attention_multiplier)
-    x = F.linear(attn.reshape(batch, q_dim), dense_w, dense_b) * spec.residual_multiplier + x
+    return _attention_output_and_mlp(
+        spec, x, attn.reshape(batch, spec.nheads * spec.head_dim), dense_w, dense_b, ff_ln_w, wg1_w, wg1_b, w2_w, w2_b
+    )
 
-    h = _rms_norm(x, ff_ln_w, spec.norm_eps)
-    gate, up = F.linear(h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
-    return x, F.linear(F.silu(gate) * up, w2_w, w2_b)
+
+def _prefill_prologue(
+    spec: _DecoderSpec, embeds: torch.Tensor, real: torch.Tensor, rope_table: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt embeddings x embedding_multiplier, FMS's padding mask [B, 1, T, T] (causal, real tokens never see pads,
+    pads see only pads so they stay finite: `padding_attn_kwargs`) and the RoPE rotations of each position."""
+    allowed = (real.unsqueeze(-1) == real.unsqueeze(-2)).tril()
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(~allowed, float("-inf"))
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return embeds * spec.embedding_multiplier, mask.unsqueeze(1), rope_table[positions]
+
+
+def _prefill_layer(
+    spec: _DecoderSpec,
+    x: torch.Tensor,  # [B, T, D]
+    mlp_out: torch.Tensor,
+    ln_w: torch.Tensor,
+    qkv_w: torch.Tensor,
+    qkv_b: Optional[torch.Tensor],
+    dense_w: torch.Tensor,
+    dense_b: Optional[torch.Tensor],
+    ff_ln_w: torch.Tensor,
+    wg1_w: torch.Tensor,
+    wg1_b: Optional[torch.Tensor],
+    w2_w: torch.Tensor,
+    w2_b: Optional[torch.Tensor],
+    lora: Tuple[torch.Tensor, ...],
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    rot: torch.Tensor,  # [B, T, head_dim/2, 2, 2]
+    mask: torch.Tensor,  # [B, 1, T, T]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One GraniteBlock over the whole prompt, its K/V written straight into cache columns [0, T) (no dynamic cache
+    to copy); attention as FMS's prefill computes it (kv heads expanded, the padding mask, attention_multiplier)."""
+    batch, length = x.shape[:2]
+    x, q, k, v = _attention_inputs(spec, x, mlp_out, ln_w, qkv_w, qkv_b, lora, rot)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kvheads, T, head_dim]
+    key_cache[:, :, :length].copy_(k)
+    value_cache[:, :, :length].copy_(v)
+    groups = spec.nheads // spec.kvheads
+    attn = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(groups, dim=1),
+        v.repeat_interleave(groups, dim=1),
+        attn_mask=mask,
+        scale=spec.attention_multiplier,
+    )
+    return _attention_output_and_mlp(
+        spec, x, attn.transpose(1, 2).reshape(batch, length, -1), dense_w, dense_b, ff_ln_w, wg1_w, wg1_b, w2_w, w2_b
+    )
 
 
 def _step_epilogue(
@@ -277,13 +370,19 @@ class _Session:
         self.cache = cache
         self.state = state
         self.length = 0  # host copy of state.slot (read without a device sync)
+        self.offset = 0  # cache column of the prompt's first token (the static prefill's bucket padding before it)
         self.graphs: Dict[bool, torch.cuda.CUDAGraph] = {}  # keyed by "LoRA adapter on"
+        self.prefill_embeds: Dict[int, torch.Tensor] = {}  # bucket length -> [B, bucket, D] input of its prefill
+        self.prefill_graphs: Dict[Tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket length, LoRA on)
 
 
 class StaticGenerator:
     """Greedy generation for one `GraniteSpeech` with a static KV cache of `max_len` columns (prompt + new tokens).
 
-    Caches and captured graphs are kept per batch size and reused across `generate` calls.
+    Caches and captured graphs are kept per batch size and reused across `generate` calls. By default the prompt runs
+    through `model.forward` and FMS's cache is copied in. `static_prefill=True` runs it through the step's own layer
+    math over the whole prompt instead, writing K/V straight into the static cache (no second copy of the prompt's
+    KV), and on GPU replays it from a CUDA graph per (batch size, prompt length rounded up to PREFILL_BUCKET).
     """
 
     def __init__(
@@ -293,6 +392,7 @@ class StaticGenerator:
         use_cuda_graph: bool = True,
         compile_step: bool = False,
         compile_backend: str = "inductor",
+        static_prefill: bool = False,
     ):
         if not isinstance(model, GraniteSpeech):
             raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
@@ -309,9 +409,11 @@ class StaticGenerator:
         self.device = self.lm.head.weight.device
         self.dtype = self.lm.head.weight.dtype
         self.max_len = max_len
-        # cache columns: max_len plus room for the capture's warm-up steps (they write up to 2 columns past the
-        # current one), rounded up for alignment; the extra columns are always masked
-        self.capacity = -(-(max_len + _WARMUP_STEPS + 1) // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
+        self.static_prefill = static_prefill
+        # cache columns: max_len plus the static prefill's bucket padding and room for the capture's warm-up steps
+        # (they write up to 2 columns past the current one), rounded up for alignment; the extra columns are masked
+        padding = PREFILL_BUCKET - 1 if static_prefill else 0
+        self.capacity = -(-(max_len + padding + _WARMUP_STEPS + 1) // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self.spec = self._build_spec()
         self._layers = self._collect_layer_weights()
@@ -322,6 +424,9 @@ class StaticGenerator:
             self._prologue, self._layer, self._epilogue = _STEP_FUNCTIONS
         self._sessions: Dict[int, _Session] = {}
         self._audio_graphs: Dict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # the prefill graphs of every bucket and batch size share one memory pool: they never run concurrently and
+        # write everything they keep into the session's static tensors
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self._active: Optional[_Session] = None
 
     # ------------------------------------------------------------------ setup
@@ -446,7 +551,8 @@ class StaticGenerator:
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
     ) -> torch.Tensor:
-        """Run the prompt through `model.forward` (use_cache), fill the static cache and pick the first new token.
+        """Run the prompt through the decoder into the static cache and pick the first new token: by `model.forward`
+        (use_cache) or, with static_prefill=True, by the static prefill (bucketed, graphed on GPU).
 
         Returns the last-position logits [B, vocab] (fp32, FMS scale: head / logits_scaling).
         """
@@ -467,33 +573,90 @@ class StaticGenerator:
         eos = -1 if eos_token_id is None else int(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (self.lm.config.pad_id if self.lm.config.pad_id >= 0 else 0)
 
-        attn = padding_attn_kwargs(real.long(), dtype=self.dtype)
-        logits, cache = self.model(
-            input_ids,
-            input_features_mask=input_features_mask,
-            audio_embeds=audio_embeds,
-            use_cache=True,
-            last_n_tokens=1,
-            **attn,
-        )
         session = self._session(batch)
-        session.cache.load_prefix(cache)
         state = session.state
+        if self.static_prefill:
+            bucket = -(-length // PREFILL_BUCKET) * PREFILL_BUCKET
+            offset = bucket - length
+        else:
+            bucket, offset = length, 0
         state.seq.zero_()
-        state.seq[:, :length].copy_(input_ids)
+        state.seq[:, offset:bucket].copy_(input_ids)
         state.valid.zero_()
-        state.valid[:, :length].copy_(real)
-        state.rope_pos.copy_(real.sum(-1))  # real tokens so far = position of the next one
-        state.slot.fill_(length)
-        session.length = length
+        state.valid[:, offset:bucket].copy_(real)
         state.eos.fill_(eos)
         state.pad.fill_(int(pad))
         state.finished.zero_()
-        logits = logits[:, -1].float()
-        state.logits.copy_(logits)
-        _pick_next(logits, state.seq, state.slot, state.finished, state.eos, state.pad)
+        if self.static_prefill:
+            # the epilogue picks the token after column bucket - 1 and advances slot and position past it
+            state.slot.fill_(bucket - 1)
+            state.rope_pos.copy_(real.sum(-1) - 1)
+            self._run_static_prefill(session, input_ids, audio_embeds, input_features_mask, offset)
+        else:
+            attn = padding_attn_kwargs(real.long(), dtype=self.dtype)
+            logits, cache = self.model(
+                input_ids,
+                input_features_mask=input_features_mask,
+                audio_embeds=audio_embeds,
+                use_cache=True,
+                last_n_tokens=1,
+                **attn,
+            )
+            session.cache.load_prefix(cache)
+            state.rope_pos.copy_(real.sum(-1))  # real tokens so far = position of the next one
+            state.slot.fill_(length)
+            logits = logits[:, -1].float()
+            state.logits.copy_(logits)
+            _pick_next(logits, state.seq, state.slot, state.finished, state.eos, state.pad)
+        session.length = bucket
+        session.offset = offset
         self._active = session
         return state.logits
+
+    def _run_static_prefill(
+        self,
+        session: _Session,
+        input_ids: torch.Tensor,
+        audio_embeds: Optional[torch.Tensor],
+        input_features_mask: Optional[torch.Tensor],
+        offset: int,
+    ) -> None:
+        # the merge (and its checks, which read the device) stays eager; the layers run on a static input buffer
+        embeds = self.model.embed_inputs(input_ids, input_features_mask=input_features_mask, audio_embeds=audio_embeds)
+        if self.model.lora is not None:
+            self.model.lora.enabled = audio_embeds is not None  # as GraniteSpeech.forward sets it
+        lora_on = self._lora_on()
+        bucket = offset + input_ids.size(1)
+        if bucket not in session.prefill_embeds:
+            session.prefill_embeds[bucket] = torch.zeros(
+                session.batch, bucket, embeds.size(-1), dtype=self.dtype, device=self.device
+            )
+        buffer = session.prefill_embeds[bucket]
+        buffer[:, offset:].copy_(embeds)  # columns before offset stay zero: padding, masked
+        if not self.use_cuda_graph:
+            self._prefill_step(session, bucket, lora_on)
+            return
+        key = (bucket, lora_on)
+        if key not in session.prefill_graphs:
+            session.prefill_graphs[key] = self._capture(
+                session, lambda: self._prefill_step(session, bucket, lora_on), pool=self._prefill_pool
+            )
+        session.prefill_graphs[key].replay()
+
+    def _prefill_step(self, session: _Session, bucket: int, lora_on: bool) -> None:
+        """The prompt's `bucket` columns through every layer into the static cache, then the first new token; every
+        tensor op is in place on `session` (capturable)."""
+        state, cache, base, spec = session.state, session.cache, self.lm.base_model, self.spec
+        x, mask, rot = _prefill_prologue(spec, session.prefill_embeds[bucket], state.valid[:, :bucket], self._rope_table)
+        mlp_out = torch.zeros_like(x)
+        for weights, key_cache, value_cache in zip(self._layers, cache.keys, cache.values):
+            x, mlp_out = _prefill_layer(
+                spec, x, mlp_out, *self._layer_weights(weights, lora_on), key_cache, value_cache, rot, mask
+            )
+        _step_epilogue(
+            spec, x[:, -1], mlp_out[:, -1], base.dec_norm.weight, self.lm.head.weight, state.seq, state.slot,
+            state.rope_pos, state.finished, state.eos, state.pad, state.logits,
+        )
 
     # ------------------------------------------------------------------ decode
     def _step(self, session: _Session, lora_on: bool) -> None:
@@ -507,24 +670,7 @@ class StaticGenerator:
         mlp_out = torch.zeros_like(x)
         for weights, key_cache, value_cache in zip(self._layers, cache.keys, cache.values):
             x, mlp_out = self._layer(
-                spec,
-                x,
-                mlp_out,
-                weights["ln_w"],
-                weights["qkv_w"],
-                weights["qkv_b"],
-                weights["dense_w"],
-                weights["dense_b"],
-                weights["ff_ln_w"],
-                weights["wg1_w"],
-                weights["wg1_b"],
-                weights["w2_w"],
-                weights["w2_b"],
-                weights["lora"] if lora_on else (),
-                key_cache,
-                value_cache,
-                rot,
-                state.slot,
+                spec, x, mlp_out, *self._layer_weights(weights, lora_on), key_cache, value_cache, rot, state.slot,
                 attn_bias,
             )
         self._epilogue(
@@ -532,19 +678,30 @@ class StaticGenerator:
             state.finished, state.eos, state.pad, state.logits,
         )
 
-    def _capture(self, session: _Session, lora_on: bool) -> torch.cuda.CUDAGraph:
-        # Warm-up steps run for real (cuBLAS handles, compile); the state is restored afterwards. Their K/V land in
-        # columns >= slot, which are masked until a real step overwrites them.
+    @staticmethod
+    def _layer_weights(weights: dict, lora_on: bool) -> tuple:
+        """One layer's weights in the order `_decode_layer` and `_prefill_layer` take them."""
+        return (
+            weights["ln_w"], weights["qkv_w"], weights["qkv_b"], weights["dense_w"], weights["dense_b"],
+            weights["ff_ln_w"], weights["wg1_w"], weights["wg1_b"], weights["w2_w"], weights["w2_b"],
+            weights["lora"] if lora_on else (),
+        )
+
+    @staticmethod
+    def _capture(session: _Session, step, pool=None) -> torch.cuda.CUDAGraph:
+        # Warm-up steps run for real (cuBLAS handles, compile); the state is restored afterwards. The K/V they write
+        # land in columns >= slot, which are masked until a real step overwrites them (a prefill's are rewritten by
+        # the replay that follows its capture).
         saved = session.state.snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(_WARMUP_STEPS):
-                self._step(session, lora_on)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(session, lora_on)
+        with torch.cuda.graph(graph, pool=pool):
+            step()
         session.state.restore(saved)
         return graph
 
@@ -555,7 +712,7 @@ class StaticGenerator:
         session = self._active
         if session is None:
             raise RuntimeError("call prefill() before decode_step()")
-        if session.length + 1 >= self.max_len:
+        if session.length - session.offset + 1 >= self.max_len:
             raise ValueError(f"the static cache of max_len {self.max_len} is full")
         self._run_step(session)
         return session.state.logits
@@ -569,7 +726,7 @@ class StaticGenerator:
             self._step(session, lora_on)
         else:
             if lora_on not in session.graphs:
-                session.graphs[lora_on] = self._capture(session, lora_on)
+                session.graphs[lora_on] = self._capture(session, lambda: self._step(session, lora_on))
             session.graphs[lora_on].replay()
         session.length += 1
 
@@ -585,7 +742,8 @@ class StaticGenerator:
         """The first `length` columns of the active batch's token buffer (prompt + generated)."""
         if self._active is None:
             raise RuntimeError("nothing generated yet")
-        return self._active.state.seq[:, :length]
+        offset = self._active.offset
+        return self._active.state.seq[:, offset : offset + length]
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -615,7 +773,7 @@ class StaticGenerator:
             if eos_token_id is not None and step % _EOS_CHECK_EVERY == 0 and bool(session.state.finished.all()):
                 break
             self._run_step(session)
-        out = session.state.seq[:, : length + max_new_tokens].clone()
+        out = self.tokens(length + max_new_tokens).clone()
         if eos_token_id is not None:
             out = out[:, : length + _new_tokens_until_all_finished(out[:, length:], eos_token_id)]
         return out
@@ -641,6 +799,7 @@ def generate_static(
     use_cuda_graph: bool = True,
     compile_step: bool = False,
     compile_backend: str = "inductor",
+    static_prefill: bool = False,
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
 
@@ -652,6 +811,7 @@ def generate_static(
         use_cuda_graph=use_cuda_graph,
         compile_step=compile_step,
         compile_backend=compile_backend,
+        static_prefill=static_prefill,
     )
     return generator.generate(
         input_ids,

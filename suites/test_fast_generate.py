@@ -217,6 +217,52 @@ def test_step_logits_equal_full_recompute(fms_model, prompts, record_property):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("batch", ["batch1", "batch3"])
+def test_static_prefill_equals_model_forward_prefill(fms_model, varied_prompts, batch, record_property):
+    """The static prefill (the step's layer math over the bucket-padded prompt, K/V written straight into the cache)
+    against the model's own forward (static_prefill=False): the same last-position logits, the same first token and
+    the same K/V in every layer's real cache columns. A prompt two tokens shorter (more bucket padding) gives the
+    logits the model's forward gives for it, so the bucket's padding is masked."""
+    prompts = varied_prompts[batch]
+    prompt_len = prompts["input_ids"].size(1)
+    fast, reference = (StaticGenerator(fms_model, prompt_len + 4, use_cuda_graph=False, static_prefill=static)
+                       for static in (True, False))
+    audio = fms_model.get_audio_features(prompts["input_features"])
+    args = (prompts["input_ids"], audio, prompts["input_features_mask"], prompts["attention_mask"])
+    fast_logits, reference_logits = fast.prefill(*args).clone(), reference.prefill(*args).clone()
+    session, reference_session = fast._active, reference._active
+    assert session.offset > 0, "the prompt fills its bucket exactly: its padding is not exercised"
+    device = fms_model.language_model.head.weight.device
+    assert_parity("static_prefill_logits", reference_logits, fast_logits, dtype=torch.float32, device=device,
+                  tolerance_class="logits", record=record_property)
+    assert torch.equal(fast.tokens(prompt_len + 1), reference.tokens(prompt_len + 1))
+    real = prompts["attention_mask"].bool().to(device)
+    offset = session.offset
+    for layer, (fast_kv, reference_kv) in enumerate(zip(session.cache.columns(offset + prompt_len),
+                                                        reference_session.cache.columns(prompt_len))):
+        for name, got, want in zip("kv", fast_kv, reference_kv):
+            # padding columns hold whatever pads compute; only the real tokens' K/V is compared
+            got, want = got[:, :, offset:].transpose(1, 2)[real], want.transpose(1, 2)[real]
+            assert_parity(f"static_prefill_layer{layer}_{name}", want, got, dtype=torch.float32, device=device,
+                          tolerance_class="activation", record=record_property)
+    # the first decode step reads that cache: same logits
+    assert_parity("static_prefill_first_step", reference.decode_step(), fast.decode_step(), dtype=torch.float32,
+                  device=device, tolerance_class="logits", record=record_property)
+    # two columns fewer: the longest row loses two leading text tokens (every row has >= 2 before its audio)
+    shorter = {k: v[:, 2:] if k in ("input_ids", "attention_mask") else v for k, v in prompts.items()}
+    shorter_args = (shorter["input_ids"], audio, shorter["input_features_mask"], shorter["attention_mask"])
+    assert_parity("static_prefill_more_padding", reference.prefill(*shorter_args), fast.prefill(*shorter_args),
+                  dtype=torch.float32, device=device, tolerance_class="logits", record=record_property)
+    assert fast._active.offset == offset + 2
+    # text only (the placeholders replaced by a text token, no audio): the adapter is off in both
+    text_ids = prompts["input_ids"].masked_fill(prompts["input_ids"] == fms_model.config.audio_token_index, 5)
+    text_args = (text_ids, None, None, prompts["attention_mask"])
+    assert_parity("static_prefill_text_only", reference.prefill(*text_args), fast.prefill(*text_args),
+                  dtype=torch.float32, device=device, tolerance_class="logits", record=record_property)
+    assert not fms_model.lora.enabled
+
+
+@torch.no_grad()
 def test_eos_pads_finished_rows_and_stops_like_hf(hf_model, fms_model, varied_prompts):
     prompts = varied_prompts["batch3"]
     prompt_len = prompts["input_ids"].size(1)
@@ -282,21 +328,24 @@ def test_bad_inputs_raise_clear_errors(fms_model, fast_device):
 
 
 # ----------------------------------------------------------------------------------------------- CUDA graphs
-def _graph_vs_eager(model, prompts, new_tokens, compile_step=False):
+def _graph_vs_eager(model, prompts, new_tokens, compile_step=False, static_prefill=False):
     graphed = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=True,
-                              compile_step=compile_step)
-    eager = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=False)
+                              compile_step=compile_step, static_prefill=static_prefill)
+    eager = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=False,
+                            static_prefill=static_prefill)
     assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
     return graphed.generate(**prompts, max_new_tokens=new_tokens), eager.generate(**prompts, max_new_tokens=new_tokens)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("static_prefill", [False, True], ids=["model_prefill", "static_prefill"])
 @torch.no_grad()
-def test_cuda_graph_replay_equals_eager_step(fms_model, prompts, fast_device):
-    """The graph-replayed decode step (and audio encode) gives the tokens of the same step run eagerly."""
+def test_cuda_graph_replay_equals_eager_step(fms_model, prompts, fast_device, static_prefill):
+    """The graph-replayed decode step (and audio encode, and with static_prefill the graphed prefill) gives the
+    tokens of the same steps run eagerly."""
     if fast_device.type != "cuda":
         pytest.skip("needs a CUDA device: run with --device cuda")
-    graphed, eager = _graph_vs_eager(fms_model, prompts, NEW_TOKENS)
+    graphed, eager = _graph_vs_eager(fms_model, prompts, NEW_TOKENS, static_prefill=static_prefill)
     assert_informative(eager, prompts["input_ids"].size(1))
     assert torch.equal(graphed, eager), "graph replay and eager decode step disagree"
 

@@ -24,8 +24,10 @@ def audio_only_model(checkpoint_dir, device, dtype):
     return load_model(checkpoint_dir, lora_mode="audio_only", dtype=dtype, device=device)
 
 
+@pytest.mark.parametrize("static_prefill", [False, True], ids=["model_prefill", "static_prefill"])
 @torch.no_grad()
-def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dataset, hf_processor, audio_only_model):
+def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dataset, hf_processor, audio_only_model,
+                                                              static_prefill):
     if device.type != "cuda":
         pytest.skip("needs a CUDA device: run with --device cuda")
     clip = torch.tensor(min(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64000))["audio"]["array"])
@@ -35,11 +37,11 @@ def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dat
                for k, v in inputs.items()
                if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
     max_len = prompts["input_ids"].size(1) + NEW_TOKENS
-    graphed = StaticGenerator(audio_only_model, max_len, use_cuda_graph=True)
+    graphed = StaticGenerator(audio_only_model, max_len, use_cuda_graph=True, static_prefill=static_prefill)
     assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
     graphed_tokens = graphed.generate(**prompts, max_new_tokens=NEW_TOKENS)
-    eager_tokens = StaticGenerator(audio_only_model, max_len, use_cuda_graph=False).generate(
-        **prompts, max_new_tokens=NEW_TOKENS)
+    eager = StaticGenerator(audio_only_model, max_len, use_cuda_graph=False, static_prefill=static_prefill)
+    eager_tokens = eager.generate(**prompts, max_new_tokens=NEW_TOKENS)
     distinct = len(set(eager_tokens[0, -NEW_TOKENS:].tolist()))
     assert distinct >= MIN_DISTINCT_TOKENS, f"degenerate generation ({distinct} distinct tokens): nothing to compare"
     assert torch.equal(graphed_tokens, eager_tokens), "graph replay and eager decode step disagree"

@@ -7,8 +7,9 @@ names the mutated module as the first divergence or the first own error (`expect
 
 `expect` holds probe names or prefixes: an entry matches a probe named exactly so, or any probe under it
 (`"encoder.block.0"` matches `encoder.block.0.conv`; an entry ending in "." such as `"step.1."` matches every probe that
-starts with it). The generation probes are `step.N.token` / `step.N.logits`: step 0 comes from the prefill (the
-model's own forward), steps >= 1 from the fast path's decode step (`_DECODE_STEP` matches any of them).
+starts with it). The generation probes are `step.N.token` / `step.N.logits`: in the fast path's section step 0 comes
+from its static prefill, steps >= 1 from its decode step (`_DECODE_STEP` matches any of those; `_FAST_STEP` any step,
+for code the two share).
 
 Missing-upcast mutants are no-ops in float32: only the bf16 case of compare's default inputs can see them. The catalogue is data; `suites/test_mutants.py` checks that every `old` still occurs
 exactly once, so the catalogue cannot rot silently while the sources move.
@@ -78,9 +79,11 @@ def matches(probe_name: str, entry: str) -> bool:
 
 _ENC_ATTN, _ENC_CONV = ("encoder.block.0.attn",), ("encoder.block.0.conv",)
 _Q_FORMER = ("projector.qformer.0",)
-# any step of the fast path's own decode (step 0 is the prefill's forward): a small error of the decode step (an
-# eps) may stand out only after a few steps; a first divergence at step 0 would name the prefill, and does not match
+# any step of the fast path's own decode (step 0 is its static prefill): a small error of the decode step may stand
+# out only after a few steps; a first divergence at step 0 would name the prefill, and does not match
 _DECODE_STEP = tuple(f"step.{k}." for k in range(1, 64))
+_PREFILL_STEP = ("step.0.",)
+_FAST_STEP = _PREFILL_STEP + _DECODE_STEP  # code the static prefill and the decode step share
 _LORA_Q = ("decoder.layer.0.attn.q",)
 
 CONFORMER = (
@@ -309,14 +312,14 @@ AUDIO = (
 FAST_GENERATE = (
     Mutant("fast_cache_write_off_by_one", "fast_generate.py",
            old="key_cache.index_copy_(2, slot, k.unsqueeze(2))\n"
-               "    value_cache.index_copy_(2, slot, v.reshape(batch, spec.kvheads, 1, spec.head_dim))",
+               "    value_cache.index_copy_(2, slot, v.unsqueeze(2))",
            new="key_cache.index_copy_(2, slot + 1, k.unsqueeze(2))\n"
-               "    value_cache.index_copy_(2, slot + 1, v.reshape(batch, spec.kvheads, 1, spec.head_dim))",
+               "    value_cache.index_copy_(2, slot + 1, v.unsqueeze(2))",
            expect=_DECODE_STEP, kind="cache",
            why="the new token's K/V written one cache column past its slot (the slot keeps zeros)"),
     Mutant("fast_rope_position_off_by_one", "fast_generate.py",
-           old="state.rope_pos.copy_(real.sum(-1))",
-           new="state.rope_pos.copy_(real.sum(-1) - 1)",
+           old="state.rope_pos.copy_(real.sum(-1) - 1)",
+           new="state.rope_pos.copy_(real.sum(-1) - 2)",
            expect=_DECODE_STEP, kind="rope",
            why="the first decoded token rotated at the last prompt token's position (count - 1)"),
     Mutant("fast_valid_column_not_marked", "fast_generate.py",
@@ -327,7 +330,7 @@ FAST_GENERATE = (
     Mutant("fast_logits_scaling_multiplied", "fast_generate.py",
            old="logits = (F.linear(x, head_w) / spec.logits_scaling).float()",
            new="logits = (F.linear(x, head_w) * spec.logits_scaling).float()",
-           expect=_DECODE_STEP, kind="generation",
+           expect=_FAST_STEP, kind="generation",
            why="the decode step multiplies the head output by logits_scaling instead of dividing"),
     Mutant("fast_embedding_multiplier_dropped", "fast_generate.py",
            old="x = F.embedding(token, embedding_w) * spec.embedding_multiplier",
@@ -340,21 +343,37 @@ FAST_GENERATE = (
            expect=_DECODE_STEP, kind="generation",
            why="query heads grouped round-robin over the kv heads (repeat) instead of in blocks (repeat_interleave)"),
     Mutant("fast_lora_off_in_decode", "fast_generate.py",
-           old='weights["lora"] if lora_on else (),',
-           new="(),",
+           old="*self._layer_weights(weights, lora_on), key_cache, value_cache, rot, state.slot,",
+           new="*self._layer_weights(weights, False), key_cache, value_cache, rot, state.slot,",
            expect=_DECODE_STEP, kind="lora",
            why="the audio_only modality LoRA applied in the prefill but not in the decode step"),
     Mutant("fast_rmsnorm_eps_llama", "fast_generate.py",
            old="xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)",
            new="xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)",
-           expect=_DECODE_STEP, kind="eps",
+           expect=_FAST_STEP, kind="eps",
            why="the decode step's RMSNorm with Llama's eps 1e-6 instead of the config's rms_norm_eps"),
     Mutant("fast_rmsnorm_no_fp32_upcast", "fast_generate.py",
            old="xf = x.float()\n",
            new="xf = x\n",
-           expect=_DECODE_STEP, kind="upcast",
+           expect=_FAST_STEP, kind="upcast",
            why="the decode step's RMSNorm statistics in bf16 (FMS computes them in fp32); a no-op in fp32, "
                "seen only by the bf16 case"),
+    Mutant("fast_prefill_position_off_by_one", "fast_generate.py",
+           old="positions = (real.long().cumsum(-1) - 1).clamp(min=0)",
+           new="positions = real.long().cumsum(-1).clamp(min=0)",
+           expect=_PREFILL_STEP, kind="rope",
+           why="the static prefill's RoPE positions count real tokens from 1 (HF and FMS count from 0)"),
+    Mutant("fast_prefill_padding_visible", "fast_generate.py",
+           old="allowed = (real.unsqueeze(-1) == real.unsqueeze(-2)).tril()",
+           new="allowed = torch.ones_like(real.unsqueeze(-1) == real.unsqueeze(-2)).tril()",
+           expect=_PREFILL_STEP, kind="mask",
+           why="the static prefill's mask is causal only: real tokens attend to the left padding (the batch's and "
+               "the bucket's)"),
+    Mutant("fast_prefill_kv_heads_tiled", "fast_generate.py",
+           old="k.repeat_interleave(groups, dim=1),\n        v.repeat_interleave(groups, dim=1),",
+           new="k.repeat(1, groups, 1, 1),\n        v.repeat(1, groups, 1, 1),",
+           expect=_PREFILL_STEP, kind="generation",
+           why="the static prefill expands the kv heads by tiling (repeat) instead of in blocks (repeat_interleave)"),
 )
 
 CONFIG = (

@@ -314,6 +314,7 @@ def _short(title: str) -> str:
     case, _, part = title.partition(" · ")
     case = re.sub(r"\s*\(.*?\)", "", case).strip()
     part = {"preprocessing": "pre", "model": "model"}.get(part, "eager" if "eager" in part else
+                                                          "fast, static prefill" if "static prefill" in part else
                                                           "fast" if "fast" in part else part)
     return f"{case} · {part}"
 

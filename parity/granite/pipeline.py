@@ -593,7 +593,9 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     fms_len = fms_inputs["input_ids"].size(1)
     # the upcast audit in 16-bit runs: the ops each side runs in 16 bits, FMS's per step, HF's over its generate
     audit = models.dtype in LOW_PRECISION and not store.reading
-    ops: Dict[str, Dict[str, set]] = {"HF": {}, "eager FMS generate": {}, "fast path": {}}
+    # the fast path twice: its default prefill (`model.forward`, K/V copied in) and its static prefill
+    fast_labels = {"fast path": False, "fast path, static prefill": True}
+    ops: Dict[str, Dict[str, set]] = {"HF": {}, "eager FMS generate": {}, **{label: {} for label in fast_labels}}
 
     def audited(place: Callable[[], str]):
         return audit_ops(place=place) if audit else contextlib.nullcontext({})
@@ -615,16 +617,17 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         ops["eager FMS generate"] = seen
         return tokens, logits
 
-    def run_fast():
+    def run_fast(label: str):
         logits: List[torch.Tensor] = []
         with audited(lambda: f"step.{len(logits)}.logits") as seen:
-            fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda")
+            fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda",
+                                   static_prefill=fast_labels[label])
             audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
             logits.append(fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
                                        fms_inputs["attention_mask"]).clone())
             for _ in range(1, steps):
                 logits.append(fast.decode_step().clone())
-        ops["fast path"] = seen
+        ops[label] = seen
         return fast.tokens(fms_len + steps)[:, fms_len:].clone(), logits
 
     def run_hf():
@@ -643,7 +646,9 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     # the fast path is single-device: a tensor-parallel run compares eager generation only, and says so
     tensor_parallel = tp_gather() is not None
     with torch.no_grad():
-        eager, fast = _attempt(run_eager), None if tensor_parallel else _attempt(run_fast)
+        runs = {"eager FMS generate": _attempt(run_eager)}
+        for label in fast_labels:
+            runs[label] = None if tensor_parallel else _attempt(lambda: run_fast(label))
 
     def step_values(run, step: int, dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
         if isinstance(run, BaseException):
@@ -654,7 +659,7 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         return token, None if value is None else value.to(dtype or value.dtype).cpu()
 
     sections = []
-    for label, run in (("eager FMS generate", eager), ("fast path", fast)):
+    for label, run in runs.items():
         if run is None:
             continue
         ties = _near_tie_flips(hf_run, run, models.dtype)

@@ -24,8 +24,9 @@ MAX_NEW_TOKENS = 128
 PROMPT_TEXT_TOKENS = 30  # text tokens around the audio placeholders (perf-anchors.md: 30)
 LONGEST_AUDIO_S = 30
 # hf: HF eager `generate`; hf_static: HF `generate` with a static KV cache, whose decode forward transformers compiles
-# by itself on CUDA (what an HF user picks for speed); fms: FMS eager `generate`; fast / fast_compiled: the fast path
-IMPLS = ("fast", "fast_compiled", "hf", "hf_static", "fms")
+# by itself on CUDA (what an HF user picks for speed); fms: FMS eager `generate`; fast / fast_compiled: the fast path;
+# fast_static_prefill: the fast path with the static prefill (prompt through the step's layer math, graphed)
+IMPLS = ("fast", "fast_compiled", "fast_static_prefill", "hf", "hf_static", "fms")
 SELECTED_IMPLS = tuple(i for i in os.environ.get("GRANITE_SPEECH_BENCH_IMPLS", ",".join(IMPLS)).split(",") if i)
 
 
@@ -90,7 +91,8 @@ class BenchModels:
         from granite_speech.fast_generate import StaticGenerator
 
         if impl not in self.generators:
-            kwargs = {"fast": {}, "fast_compiled": {"compile_step": True}, "fast_eager": {"use_cuda_graph": False}}
+            kwargs = {"fast": {}, "fast_compiled": {"compile_step": True}, "fast_eager": {"use_cuda_graph": False},
+                      "fast_static_prefill": {"static_prefill": True}}
             self.generators[impl] = StaticGenerator(self.fms, self.max_len(), **kwargs[impl])
         return self.generators[impl]
 

@@ -25,11 +25,13 @@ from parity.granite.hf import hf_audio_features
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.gpu]
 
-GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "hf", "hf_static", "fms") if i in SELECTED_IMPLS)
+GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefill", "hf", "hf_static", "fms")
+                       if i in SELECTED_IMPLS)
 ENCODER_IMPLS = tuple(i for i in ("fast", "hf", "fms") if i in SELECTED_IMPLS)
-THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "hf", "hf_static") if i in SELECTED_IMPLS)
+THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefill", "hf", "hf_static")
+                         if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
-ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5}
+ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_static_prefill": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
 
@@ -124,9 +126,9 @@ def test_prefill(benchmark, models, results, impl):
     start = time.perf_counter()
     run_generate(models, impl, inputs, 2)  # warm-up; for the fast paths also graph capture / compile
     synchronize()
-    if impl in ("fast", "fast_compiled", "hf_static"):
+    if impl in ("fast", "fast_compiled", "fast_static_prefill", "hf_static"):
         results.add(models.variant, "warmup", impl, time.perf_counter() - start, "s",
-                    what="first call: encoder graph, batch-1 decode graph capture (and compile)" if impl != "hf_static"
+                    what="first call: encoder graph, prefill and batch-1 decode graph captures (and compile)" if impl != "hf_static"
                     else "first call: transformers compiles the decode forward for the static cache")
     durations = []
     benchmark.pedantic(timed(lambda: run_generate(models, impl, inputs, 1), durations), rounds=5, iterations=1)
