@@ -9,6 +9,7 @@ the untied fixture's hyperparameters against every default a port could fall bac
 
 import json
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,14 +19,17 @@ import transformers
 from safetensors import safe_open
 
 from parity.granite.fixtures import (
+    CACHE_MAX_ENV,
     CONFIG_VARIANTS,
     FIXTURES_DIR,
     REGIMES,
     build_checkpoint,
     build_tokenizer,
+    cache_limit_bytes,
     hf_config_path,
     load_hf_config,
     load_speech_dataset,
+    prune_cache,
     shallow_config,
     speech_clip_table,
 )
@@ -440,6 +444,53 @@ def test_build_is_seeded(hub_folder, tmp_path):
     assert all(torch.equal(ours[k], same[k]) for k in ours)
     assert not torch.equal(ours["encoder.input_linear.weight"], different["encoder.input_linear.weight"])
     assert not any(tmp.name.startswith(".tmp-") for tmp in (tmp_path / "a").iterdir())
+
+
+def _cache_entry(cache, name, size, last_used_s_ago):
+    entry = cache / name
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * size)
+    stamp = cache / f".{name}.used"
+    stamp.touch()
+    when = time.time() - last_used_s_ago
+    os.utime(stamp, (when, when))
+    return entry
+
+
+def test_cache_prunes_least_recently_used_entries_to_its_bound(tmp_path, monkeypatch):
+    hour = 3600
+    old = _cache_entry(tmp_path, "2b-hub-float32-old", 400, 3 * hour)
+    older = _cache_entry(tmp_path, "cfg-hub-float32-older", 300, 5 * hour)
+    recent = _cache_entry(tmp_path, "8b-hub-float32-recent", 500, 60)  # inside the grace period: maybe in use
+    building = tmp_path / ".tmp-tiny-hub-float32-x-1-ab"
+    building.mkdir()
+    (building / "model.safetensors").write_bytes(b"x" * 1000)
+    new = _cache_entry(tmp_path, "tiny-hub-float32-new", 200, 10 * hour)  # the entry just built: kept
+    removed = prune_cache(tmp_path, keep=new, limit=1000)
+    # 1400 bytes in entries: the least recently used goes first, then the next, until <= 1000
+    assert removed == [older, old]
+    assert not older.exists() and not old.exists() and not (tmp_path / f".{older.name}.used").exists()
+    assert recent.is_dir() and new.is_dir() and building.is_dir()
+    # over the bound with only protected entries left: nothing more is removed
+    assert prune_cache(tmp_path, keep=new, limit=1) == []
+    monkeypatch.setenv(CACHE_MAX_ENV, "1e-6")  # ~1 KiB
+    assert cache_limit_bytes() == pytest.approx(1e-6 * 2**30)
+    for bad in ("0", "-3", "lots", "nan"):
+        monkeypatch.setenv(CACHE_MAX_ENV, bad)
+        with pytest.raises(ValueError, match=CACHE_MAX_ENV):
+            cache_limit_bytes()
+
+
+def test_cache_hit_marks_the_entry_used_and_a_build_prunes(tmp_path, monkeypatch):
+    stale = _cache_entry(tmp_path, "cfg-hub-float32-stale", 10_000, 48 * 3600)
+    monkeypatch.setenv(CACHE_MAX_ENV, "1e-9")  # one byte: every entry that may go, goes; the new build stays
+    folder = build_checkpoint("tiny", cache_dir=tmp_path)
+    stamp = tmp_path / f".{folder.name}.used"
+    assert not stale.exists() and folder.is_dir() and stamp.is_file()
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # the folder is a plain checkpoint
+    os.utime(stamp, (0, 0))
+    assert build_checkpoint("tiny", cache_dir=tmp_path) == folder
+    assert time.time() - stamp.stat().st_mtime < 60
 
 
 def test_bad_arguments_are_rejected():
