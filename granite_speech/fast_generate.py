@@ -632,7 +632,8 @@ class StaticGenerator:
                 session.batch, bucket, embeds.size(-1), dtype=self.dtype, device=self.device
             )
         buffer = session.prefill_embeds[bucket]
-        buffer[:, offset:].copy_(embeds)  # columns before offset stay zero: padding, masked
+        buffer[:, :offset].zero_()  # the bucket's padding (masked; zero, not a longer earlier prompt's tokens)
+        buffer[:, offset:].copy_(embeds)
         if not self.use_cuda_graph:
             self._prefill_step(session, bucket, lora_on)
             return

@@ -152,12 +152,13 @@ def _other_audio(prompts):
 
 
 @torch.no_grad()
-def test_tokens_equal_hf_and_fms_generate(hf_model, fms_model, prompts):
+@pytest.mark.parametrize("static_prefill", [False, True], ids=["model_prefill", "static_prefill"])
+def test_tokens_equal_hf_and_fms_generate(hf_model, fms_model, prompts, static_prefill):
     prompt_len = prompts["input_ids"].size(1)
     hf_tokens = hf_greedy(hf_model, prompts, NEW_TOKENS)
     assert_informative(hf_tokens, prompt_len, hf_greedy(hf_model, _other_audio(prompts), NEW_TOKENS))
     fms_tokens = fms_greedy(fms_model, prompts, NEW_TOKENS)
-    fast_tokens = generate_static(fms_model, **prompts, max_new_tokens=NEW_TOKENS)
+    fast_tokens = generate_static(fms_model, **prompts, max_new_tokens=NEW_TOKENS, static_prefill=static_prefill)
     assert fast_tokens.shape == hf_tokens.shape == (prompts["input_ids"].size(0), prompt_len + NEW_TOKENS)
     assert torch.equal(fast_tokens, hf_tokens), f"fast {fast_tokens[:, prompt_len:].tolist()} != HF {hf_tokens[:, prompt_len:].tolist()}"
     assert torch.equal(fast_tokens, fms_tokens), f"fast {fast_tokens[:, prompt_len:].tolist()} != FMS {fms_tokens[:, prompt_len:].tolist()}"
