@@ -352,6 +352,12 @@ FAST_GENERATE = (
            new="*self._layer_weights(weights, False), key_cache, value_cache, rot, state.slot,",
            expect=_DECODE_STEP, kind="lora",
            why="the audio_only modality LoRA applied in the prefill but not in the decode step"),
+    Mutant("fast_lora_on_for_text_decode", "fast_generate.py",
+           old="return self.model.lora is not None and bool(self.model.lora.enabled)",
+           new="return self.model.lora is not None",
+           expect=_DECODE_STEP, kind="lora",
+           why="the decode step applies the modality LoRA whenever the model has one, also after a text-only prompt "
+               "(HF's adapter is off without audio)"),
     Mutant("fast_rmsnorm_eps_llama", "fast_generate.py",
            old="xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)",
            new="xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)",
@@ -376,6 +382,12 @@ FAST_GENERATE = (
            expect=_PREFILL_STEP, kind="mask",
            why="the static prefill's mask is causal only: real tokens attend to the left padding (the batch's and "
                "the bucket's)"),
+    Mutant("fast_static_prefill_adapter_always_on", "fast_generate.py",
+           old="self.model.lora.enabled = audio_embeds is not None  # as GraniteSpeech.forward sets it",
+           new="self.model.lora.enabled = True",
+           expect=_PREFILL_STEP, kind="lora",
+           why="the static prefill switches the modality LoRA on for every prompt: a text-only prompt gets the "
+               "adapter HF applies only with audio (prefill and every decode step)"),
     Mutant("fast_prefill_kv_heads_tiled", "fast_generate.py",
            old="k.repeat_interleave(groups, dim=1),\n        v.repeat_interleave(groups, dim=1),",
            new="k.repeat(1, groups, 1, 1),\n        v.repeat(1, groups, 1, 1),",

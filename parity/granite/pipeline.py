@@ -82,6 +82,11 @@ def default_cases() -> Tuple[Case, ...]:
              lora_mode="audio_only", padding_side="right",
              why="no audio: HF's adapter is off, FMS applies no LoRA (audio_only mode); padded on the right, the side "
                  "the tokenizer does not pad on by default"),
+        Case("text only, generated (adapter off, left-padded)", instructions=(
+            "name three boats", "write one sentence about the tide coming in over the sand"),
+             lora_mode="audio_only", generate=4,
+             why="a text prompt through every decoding loop: each must keep the adapter off in its prefill and every "
+                 "decode step, as HF does without audio"),
         Case("LoRA audio_only mode (on window and tiny block)", ("9004-104-0000",), lora_mode="audio_only",
              generate=6, why="the LoRA kept separate and switched on by the audio, in the prefill and every decode "
                              "step"),
