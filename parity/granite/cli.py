@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--audio", type=Path, nargs="+", default=[], metavar="CLIP",
                      help="audio files, down-mixed to mono and resampled to 16 kHz (said on stderr); several clips "
                           "make one padded batch (default: the built-in input set: clips on and past block and "
-                          "window boundaries, a padded batch, text only, both LoRA modes, a stereo 44.1 kHz file, "
-                          "bf16)")
+                          "window boundaries, a padded batch, text only (forward and generated), both LoRA modes, a "
+                          "stereo 44.1 kHz file, bf16)")
     cmp.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT",
                      help="prompt of every clip, with <|audio|> exactly once (default: %(default)r)")
     cmp.add_argument("--device", default=None, metavar="DEVICE",
