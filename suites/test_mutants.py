@@ -41,7 +41,7 @@ def test_catalogue_is_large_unique_and_spread():
     assert len(CATALOGUE) >= 30
     files = {m.file for m in CATALOGUE}
     for required in ("conformer.py", "projector.py", "model.py", "lora.py", "features.py", "lengths.py",
-                     "processor.py", "audio.py", "fast_generate.py", "config.py"):
+                     "processor.py", "audio.py", "fast_generate.py", "config.py", "checkpoint/adapter.py"):
         assert required in files, f"no mutant in granite_speech/{required}"
 
 

@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "granite_speech"
 KINDS = ("formula", "length", "mask", "rope", "lora", "cache", "upcast", "eps", "preprocessing", "generation",
-         "config")
+         "config", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -424,6 +424,39 @@ CONFIG = (
 )
 
 # the `transcribe` plumbing around the model (compare's transcribe section)
+# the HF -> FMS checkpoint adapter: faults the weight-coverage audit cannot see (every tensor placed, shapes right)
+CHECKPOINT = (
+    Mutant("adapter_lora_b_rows_not_rope_permuted", "checkpoint/adapter.py",
+           old=r'''    r"|lora\.layers\.\d+\.(q_proj|k_proj)\.lora_B\.weight)$"''',
+           new=r'''    r")$"''',
+           expect=("decoder.layer.0.attn",), kind="checkpoint",
+           why="q/k rows permuted from HF's half rotation to FMS's interleaved pairs, but not the LoRA B rows that "
+               "feed them: the adapter's delta lands on the wrong rows"),
+    Mutant("adapter_rope_permute_inverted", "checkpoint/adapter.py",
+           old="weight.view(heads, 2, head_dim // 2, *weight.shape[1:])",
+           new="weight.view(heads, head_dim // 2, 2, *weight.shape[1:])",
+           expect=("decoder.layer.0.attn",), kind="checkpoint",
+           why="the q/k row permutation applied in the FMS -> HF direction (its inverse)"),
+    Mutant("adapter_qformer_layernorms_swapped", "projector.py",
+           old='''    (r"\\.attention\\.output\\.LayerNorm\\.", r".self_attn.ln."),
+    (r"\\.crossattention\\.attention\\.", r".cross_attn."),
+    (r"\\.crossattention\\.output\\.dense\\.", r".cross_attn.dense."),
+    (r"\\.crossattention\\.output\\.LayerNorm\\.", r".cross_attn.ln."),
+    (r"\\.intermediate_query\\.dense\\.", r".ff.w1."),
+    (r"\\.output_query\\.dense\\.", r".ff.w2."),
+    (r"\\.output_query\\.LayerNorm\\.", r".ff.ln."),''',
+           new='''    (r"\\.attention\\.output\\.LayerNorm\\.", r".ff.ln."),
+    (r"\\.crossattention\\.attention\\.", r".cross_attn."),
+    (r"\\.crossattention\\.output\\.dense\\.", r".cross_attn.dense."),
+    (r"\\.crossattention\\.output\\.LayerNorm\\.", r".cross_attn.ln."),
+    (r"\\.intermediate_query\\.dense\\.", r".ff.w1."),
+    (r"\\.output_query\\.dense\\.", r".ff.w2."),
+    (r"\\.output_query\\.LayerNorm\\.", r".self_attn.ln."),''',
+           expect=_Q_FORMER, kind="checkpoint",
+           why="the Q-Former's attention-output LayerNorm loaded as its feed-forward LayerNorm and the feed-forward "
+               "one as the attention's (same shapes: the coverage audit sees every tensor placed)"),
+)
+
 CLI = (
     Mutant("transcribe_first_clip_for_every_prompt", "__main__.py",
            old='inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")',
@@ -433,7 +466,7 @@ CLI = (
 )
 
 CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + CONFIG
-                                 + CLI)
+                                 + CHECKPOINT + CLI)
 
 
 def by_name(names: Iterable[str]) -> List[Mutant]:
