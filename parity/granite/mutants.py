@@ -423,8 +423,23 @@ CONFIG = (
            why="the 5.x rope_parameters path ignores rope_theta; FMS's default 10000 hides it where a config uses it"),
 )
 
-# the `transcribe` plumbing around the model (compare's transcribe section)
 # the HF -> FMS checkpoint adapter: faults the weight-coverage audit cannot see (every tensor placed, shapes right)
+# projector.py's rename rules, from the attention-output LayerNorm's rule to the feed-forward LayerNorm's: one
+# contiguous `old` holding both, so that their targets can be swapped
+_QFORMER_NORM_RULES = r'''    (r"\.attention\.output\.LayerNorm\.", r".self_attn.ln."),
+    (r"\.crossattention\.attention\.", r".cross_attn."),
+    (r"\.crossattention\.output\.dense\.", r".cross_attn.dense."),
+    (r"\.crossattention\.output\.LayerNorm\.", r".cross_attn.ln."),
+    (r"\.intermediate_query\.dense\.", r".ff.w1."),
+    (r"\.output_query\.dense\.", r".ff.w2."),
+    (r"\.output_query\.LayerNorm\.", r".ff.ln."),'''
+
+
+def _swapped(text: str, a: str, b: str) -> str:
+    """`text` with every `a` and `b` exchanged."""
+    return b.join(part.replace(b, a) for part in text.split(a))
+
+
 CHECKPOINT = (
     Mutant("adapter_lora_b_rows_not_rope_permuted", "checkpoint/adapter.py",
            old=r'''    r"|lora\.layers\.\d+\.(q_proj|k_proj)\.lora_B\.weight)$"''',
@@ -438,25 +453,14 @@ CHECKPOINT = (
            expect=("decoder.layer.0.attn",), kind="checkpoint",
            why="the q/k row permutation applied in the FMS -> HF direction (its inverse)"),
     Mutant("adapter_qformer_layernorms_swapped", "projector.py",
-           old='''    (r"\\.attention\\.output\\.LayerNorm\\.", r".self_attn.ln."),
-    (r"\\.crossattention\\.attention\\.", r".cross_attn."),
-    (r"\\.crossattention\\.output\\.dense\\.", r".cross_attn.dense."),
-    (r"\\.crossattention\\.output\\.LayerNorm\\.", r".cross_attn.ln."),
-    (r"\\.intermediate_query\\.dense\\.", r".ff.w1."),
-    (r"\\.output_query\\.dense\\.", r".ff.w2."),
-    (r"\\.output_query\\.LayerNorm\\.", r".ff.ln."),''',
-           new='''    (r"\\.attention\\.output\\.LayerNorm\\.", r".ff.ln."),
-    (r"\\.crossattention\\.attention\\.", r".cross_attn."),
-    (r"\\.crossattention\\.output\\.dense\\.", r".cross_attn.dense."),
-    (r"\\.crossattention\\.output\\.LayerNorm\\.", r".cross_attn.ln."),
-    (r"\\.intermediate_query\\.dense\\.", r".ff.w1."),
-    (r"\\.output_query\\.dense\\.", r".ff.w2."),
-    (r"\\.output_query\\.LayerNorm\\.", r".self_attn.ln."),''',
+           old=_QFORMER_NORM_RULES,
+           new=_swapped(_QFORMER_NORM_RULES, 'r".self_attn.ln."', 'r".ff.ln."'),
            expect=_Q_FORMER, kind="checkpoint",
            why="the Q-Former's attention-output LayerNorm loaded as its feed-forward LayerNorm and the feed-forward "
                "one as the attention's (same shapes: the coverage audit sees every tensor placed)"),
 )
 
+# the `transcribe` plumbing around the model (compare's transcribe section)
 CLI = (
     Mutant("transcribe_first_clip_for_every_prompt", "__main__.py",
            old='inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")',
