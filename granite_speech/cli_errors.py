@@ -26,6 +26,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INCOMPLETE = 4
 
 PACKAGE = "granite-speech-fms"
 REPORT_BUGS_TO = "the granite-speech-fms issue tracker"
@@ -35,7 +36,7 @@ EXIT_CODES_HELP = """exit codes:
   1  {failed}
   2  usage or input error (an option, path, audio file or checkpoint folder): one line
      'error: ...' on stderr saying what is wrong and what is expected, no traceback
-  3  internal error: a traceback and a request to report it"""
+  3  internal error: a traceback and a request to report it{incomplete}"""
 
 
 class UsageError(ValueError):
@@ -49,8 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def exit_codes_epilog(ok: str = "", failed: str = "not used") -> str:
-    return EXIT_CODES_HELP.format(ok=ok, failed=failed)
+def exit_codes_epilog(ok: str = "", failed: str = "not used", incomplete: str = "") -> str:
+    return EXIT_CODES_HELP.format(ok=ok, failed=failed, incomplete=f"\n  4  {incomplete}" if incomplete else "")
 
 
 def version_string(prog: str) -> str:

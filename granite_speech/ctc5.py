@@ -15,8 +15,9 @@ No LLM: log-mel + delta features (`granite_speech.features5`) -> `input_linear` 
 - block attention over `context_size` frames with Shaw relative positions as in 3.3, but q/k/v are separate
   projections (fused here into FMS's `FusedQKV`) and the last block's right-padding is masked on keys only;
 - self-conditioning after block `nlayers // 2` (1-based), as 3.3; the CTC head `head` is tied to that `ctc_out`;
-- HF keeps the BatchNorms in fp32 whatever the model dtype (`_keep_in_fp32_modules_strict = ["conv.norm"]`); so
-  does this model: their checkpoint values are kept in fp32 through FMS's dtype cast and the BN runs in fp32.
+- HF keeps the BatchNorms in fp32 in 16-bit models (`_keep_in_fp32_modules_strict = ["conv.norm"]`); so does
+  this model: their checkpoint values are kept in fp32 through FMS's dtype cast and the BN runs in fp32 (in float64
+  in a float64 model, as every other op).
 """
 
 import re
@@ -384,12 +385,15 @@ class GraniteSpeech5ForCTC(nn.Module):
         ref, stash = _FP32_BATCH_NORM.pop(id(self.config), (None, {}))
         if ref is None or ref() is not self.config:
             stash = {}
+        # at least fp32, as HF keeps them; a float64 model runs them in float64 like every other op (the float64
+        # formula check compares it with HF in float64 throughout)
+        norm_dtype = torch.promote_types(torch.float32, self.head.weight.dtype)
         for name, module in self.named_modules():
             if isinstance(module, nn.BatchNorm1d):
                 for tensor_name in ("weight", "bias", "running_mean", "running_var"):
                     tensor = getattr(module, tensor_name)
                     exact = stash.get(f"{name}.{tensor_name}")
-                    value = (exact if exact is not None else tensor).to(device=tensor.device, dtype=torch.float32)
+                    value = (exact if exact is not None else tensor).to(device=tensor.device, dtype=norm_dtype)
                     if isinstance(tensor, nn.Parameter):
                         setattr(module, tensor_name, nn.Parameter(value, requires_grad=tensor.requires_grad))
                     else:

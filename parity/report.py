@@ -23,14 +23,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from parity.diff import Comparison, Metrics, ParityResult, ProbeResult, Status
+from parity.diff import FLOOR_GATE, Comparison, Metrics, ParityResult, ProbeResult, Status, _lenient
 from parity.tolerances import Tolerance
+from parity.verdict import FLOOR_FACTOR, Policy, run_verdict, section_verdict
 
 SCHEMA = "parity-report/2"
 LEGACY_SCHEMAS = ("granite-speech-parity-report/1",)
 SECTION_KINDS = ("preprocessing", "model", "generation")
 DEFAULT_TITLE = "Parity report"
-_VERDICT_RANK = {"pass": 0, "fail": 1}  # worst section verdict wins; unknown verdicts rank as fail
 
 # (title, kind, result, extra); the result may also be a result dict (`ParityResult.to_dict()` shape, e.g. re-read
 # from JSON or carrying optional fields this harness version does not produce)
@@ -172,8 +172,9 @@ def _first_suspect(data: Mapping) -> Optional[str]:
     return next((p["name"] for p in _execution_order(data["probes"]) if p.get("suspect")), None)
 
 
-def _summary(data: Mapping, section: Optional[str] = None) -> dict:
-    """The summary of one result dict (a section, or a whole one-section report)."""
+def _summary(data: Mapping, section: Optional[str] = None, extra: Optional[Mapping] = None) -> dict:
+    """The summary of one result dict (a section, or a whole one-section report); the verdict is
+    `parity.verdict.section_verdict`'s."""
     probes = data["probes"]
     by_name = {p["name"]: p for p in probes}
     counts: Dict[str, int] = {}
@@ -191,10 +192,12 @@ def _summary(data: Mapping, section: Optional[str] = None) -> dict:
     def brief(name: Optional[str]) -> Optional[dict]:
         return _brief(by_name[name], section) if name and name in by_name else None
 
-    gate = all(p["propagated"]["status"] == Status.PASS for p in probes)
-    strict_fail = bool(data.get("strict")) and any(p.get("suspect") for p in probes)  # suspects fail strict runs
+    judged = section_verdict(probes, Policy(lenient=_lenient(data), floor_factor=data.get("floor_factor") or FLOOR_FACTOR))
     return {
-        "verdict": "pass" if gate and not strict_fail else "fail",
+        "verdict": judged["verdict"],
+        "why": judged["why"],
+        "rules": judged["rules"],
+        "near_tie_flips": len((extra or {}).get("near_tie_flips") or ()),
         "probes": len(probes),
         "status_counts": counts,
         "first_divergence": brief(data.get("first_divergence")),
@@ -205,13 +208,14 @@ def _summary(data: Mapping, section: Optional[str] = None) -> dict:
     }
 
 
-def _combine(sections: Sequence[Mapping]) -> dict:
-    """Top-level summary: worst verdict, total probes, the firsts of the first section that has one."""
+def _combine(sections: Sequence[Mapping], not_run: Sequence[Mapping], policy: Policy) -> dict:
+    """Top-level summary: the run's verdict (`parity.verdict.run_verdict`), total probes, the firsts of the first
+    section that has one, the checks that did not run."""
     counts: Dict[str, int] = {}
     for section in sections:
         for status, n in section["summary"]["status_counts"].items():
             counts[status] = counts.get(status, 0) + n
-    verdicts = [s["summary"]["verdict"] for s in sections] or ["pass"]
+    judged = run_verdict([s["summary"]["verdict"] for s in sections], not_run, policy)
     failing = [s for s in sections if s["summary"]["verdict"] != "pass"]
 
     def first(key: str, pool: Sequence[Mapping]) -> Optional[dict]:
@@ -219,7 +223,12 @@ def _combine(sections: Sequence[Mapping]) -> dict:
 
     margins = [s["summary"]["margin"] for s in sections if s["summary"].get("margin")]
     return {
-        "verdict": max(verdicts, key=lambda v: _VERDICT_RANK.get(v, 1)),
+        "verdict": judged["verdict"],
+        "why": judged["why"],
+        "lenient": policy.lenient,
+        "not_run": [dict(r) for r in not_run],
+        "unaccepted": judged["unaccepted"],
+        "near_tie_flips": sum(s["summary"].get("near_tie_flips", 0) for s in sections),
         "probes": sum(s["summary"]["probes"] for s in sections),
         "status_counts": counts,
         "first_divergence": first("first_divergence", failing),
@@ -232,12 +241,22 @@ def _combine(sections: Sequence[Mapping]) -> dict:
 
 
 def _section(title: str, kind: str, data: Mapping, extra: Optional[Mapping]) -> dict:
-    return {"title": str(title), "kind": kind, "extra": dict(extra or {}), "summary": _summary(data, str(title)),
-            "result": data}
+    return {"title": str(title), "kind": kind, "extra": dict(extra or {}),
+            "summary": _summary(data, str(title), extra), "result": data}
 
 
-def build_multi_report(sections: Sequence[Section], meta: Optional[Mapping] = None) -> dict:
-    """One report over several sections: `sections` is a list of (title, kind, ParityResult, extra dict or None)."""
+def _not_run(built: Sequence[Mapping], meta: Mapping) -> List[dict]:
+    """Every planned check that did not run: the run's own (meta) and each section's, with the section named."""
+    records = [dict(r) for r in meta.get("not_run") or ()]
+    for section in built:
+        records += [{**r, "section": section["title"]} for r in section["extra"].get("not_run") or ()]
+    return records
+
+
+def build_multi_report(sections: Sequence[Section], meta: Optional[Mapping] = None,
+                       policy: Optional[Policy] = None) -> dict:
+    """One report over several sections: `sections` is a list of (title, kind, ParityResult, extra dict or None).
+    `policy` (default: every section's own lenience, nothing accepted) judges the checks that did not run."""
     if not sections:
         raise ValueError("a report needs at least one section")
     built, titles = [], set()
@@ -252,10 +271,13 @@ def build_multi_report(sections: Sequence[Section], meta: Optional[Mapping] = No
     for section in built:
         for probe in section["result"]["probes"]:
             tolerances.setdefault(probe["tolerance_class"], probe["tolerance"])
+    meta = dict(meta or {})
+    if policy is None:
+        policy = Policy(lenient=any(_lenient(s["result"]) for s in built))
     return {
         "schema": SCHEMA,
-        "meta": {**dict(meta or {}), "tolerances": tolerances},
-        "summary": _combine(built),
+        "meta": {**meta, "tolerances": tolerances, "policy": policy.to_dict()},
+        "summary": _combine(built, _not_run(built, meta), policy),
         "sections": built,
         "result": built[0]["result"],  # compatibility: readers of schema 1 look here
     }
@@ -274,7 +296,7 @@ def upgrade(report: Mapping) -> dict:
     data = report["result"]
     title = (report.get("meta") or {}).get("section", "model")
     sections = [_section(title, "model", data, {})]
-    summary = {**_combine(sections), **{k: v for k, v in (report.get("summary") or {}).items()
+    summary = {**_combine(sections, [], Policy(lenient=_lenient(data))), **{k: v for k, v in (report.get("summary") or {}).items()
                                         if k in ("verdict", "probes", "status_counts")}}
     return {**report, "schema": SCHEMA, "upgraded_from": report.get("schema"), "summary": summary,
             "sections": sections}
@@ -390,7 +412,7 @@ def margin_text(margin: Optional[Mapping], *, with_section: bool = False) -> str
     ratio = _float(margin.get("tol_ratio"))
     if ratio is not None and ratio > 1 and margin.get("status") == "pass":  # passed the measured 16-bit gate
         return (f"worst probe is at {_pct(ratio)} of the dtype table's tolerance ({where}), inside the measured "
-                f"gate (2x HF's own rounding error)")
+                f"16-bit gate ({FLOOR_GATE:g}x HF's own rounding error in each row)")
     if ratio is not None and (math.isnan(ratio) or ratio > 1):
         return f"worst probe is at {_pct(ratio)} of its tolerance ({where}): outside"
     return f"worst probe uses {_pct(margin.get('tol_ratio'))} of its tolerance ({where})"
@@ -450,6 +472,33 @@ def _brief_lines(label: str, brief: Optional[Mapping], several: bool) -> List[st
     return lines
 
 
+def verdict_line(summary: Mapping) -> str:
+    """`PARITY PASS|FAIL|INCOMPLETE`, with what softened or qualifies it: --lenient, near-tie flips excused,
+    checks that did not run."""
+    parts = [f"PARITY {str(summary['verdict']).upper()}"]
+    if summary.get("why"):
+        parts.append(f"({summary['why']})")
+    if summary.get("lenient"):
+        parts.append("[lenient: floor, formula and upcast findings do not fail]")
+    if summary.get("near_tie_flips"):
+        parts.append(f"[{summary['near_tie_flips']} near-tie flip(s) excused]")
+    not_run = summary.get("not_run") or ()
+    if not_run:
+        parts.append(f"[{len(not_run)} planned check(s) not run, {len(summary.get('unaccepted') or ())} not asked for]")
+    return " ".join(parts)
+
+
+def not_run_lines(summary: Mapping) -> List[str]:
+    """One line per planned check that did not run: which, where, why, and whether the user asked for it."""
+    unaccepted = {(r.get("check"), r.get("section")) for r in summary.get("unaccepted") or ()}
+    lines = []
+    for record in summary.get("not_run") or ():
+        asked = "NOT asked for" if (record.get("check"), record.get("section")) in unaccepted else "asked for"
+        where = f" in {record['section']}" if record.get("section") else ""
+        lines.append(f"  not run: {record['check']}{where}: {record['why']} ({record['cause']}; {asked})")
+    return lines
+
+
 def render_terminal(report: Mapping, *, max_rows: int = 15, max_failing: int = 40, name_width: int = 34,
                     context: Optional[int] = None) -> str:
     """Text for pytest failure output: a verdict line with the margin, the firsts, then per section the `max_rows`
@@ -461,11 +510,12 @@ def render_terminal(report: Mapping, *, max_rows: int = 15, max_failing: int = 4
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["status_counts"].items()))
     first = summary.get("first_divergence")
     lines = [
-        f"PARITY {str(summary['verdict']).upper()}  {margin_text(summary.get('margin'), with_section=several)}; "
+        verdict_line(summary) + f"  {margin_text(summary.get('margin'), with_section=several)}; "
         f"first divergence: {first['name'] if first else 'none'}",
         f"  {summary['probes']} probes: {counts}" + (f" in {len(sections)} sections" if several else "")
         + f"  (mode={meta.get('mode')}, dtype={meta.get('dtype')}, device={meta.get('device')})",
     ]
+    lines += not_run_lines(summary)
     lines += _brief_lines("first divergence", first, several)
     lines += _brief_lines("first own error", summary.get("first_own_error"), several)
     lines += _brief_lines("first suspect", summary.get("first_suspect"), several)

@@ -21,7 +21,8 @@ Values and why:
 - float64: atol = rtol = 1e-9, the formula check (both sides loaded in float64 on the same inputs): a correct port
   differs there by at most 4e-14 (measured on the audio path), so a fault smaller than fp32's rounding -- an eps, a
   constant off in its sixth digit -- stands out by five orders of magnitude.
-- exact: atol = rtol = 0, for integers and masks (token ids, lengths, validity masks) in any dtype.
+- exact: atol = rtol = 0, for integers and masks (token ids, lengths, validity masks, transcript bytes) in any dtype,
+  whatever the overrides say (`compare` also compares every integer or boolean tensor exactly).
 Entries keyed (dtype, device, class) refine the (dtype, device) ones for one tolerance class.
 """
 
@@ -120,7 +121,7 @@ def tolerance_for(
     'ulps': .., 'max_outside_fraction': ..}) replace single fields (CLI --atol/--rtol)."""
     if tolerance_class not in TOLERANCE_CLASSES:
         raise ValueError(f"unknown tolerance class {tolerance_class!r}; expected one of {TOLERANCE_CLASSES}")
-    if tolerance_class == "exact" and not overrides:
+    if tolerance_class == "exact":  # exact is exact: no --atol / --rtol / dtype loosens ids, lengths or masks
         return EXACT
     table = DEFAULT_TABLE if table is None else table
     key_dtype, key_device = dtype_name(dtype), device_type(device)

@@ -84,8 +84,9 @@ def test_formula_check_locates_an_eps_the_gate_passes():
     statuses = [p.float64.status for p in result.probes]
     assert statuses[0] == Status.PASS and statuses[1] == Status.FAIL, statuses
     assert result.first_divergence == "block.1" and result.probe("block.1").suspect
-    result.strict = True
-    assert not result.passed
+    assert not result.passed, "a formula fault fails by default"
+    result.lenient = True
+    assert result.passed, "--lenient lets it pass as a suspect"
 
 
 def _audited(dtype, fault=None):
@@ -113,6 +114,7 @@ def test_upcast_audit_names_the_block_that_runs_softmax_in_16_bits(dtype):
     assert result.probe("block.1").missing_upcast == [f"softmax in {name}"] and result.probe("block.1").suspect
     assert result.first_divergence == "block.1"
     assert not result.probe("block.0").suspect
+    assert not result.passed, "a missing upcast fails by default"
 
 
 def test_upcast_audit_is_silent_on_a_correct_copy_and_in_fp32():

@@ -23,9 +23,10 @@ from granite_speech.cli_errors import (
     check_prompt,
     one_line,
 )
+from parity.store import REFERENCE_FILE, ReferenceMismatch, read_fingerprint
 
 DEFAULT_SAMPLING_RATE = 16000
-REFERENCE_CAPTURES_FILE = "hf_captures.safetensors"  # what --save-captures writes and --reference-captures reads
+REFERENCE_CAPTURES_FILE = REFERENCE_FILE  # what --save-captures writes and --reference-captures reads
 CAPTURES_METADATA_KEY = "parity_captures"
 
 
@@ -50,7 +51,9 @@ class CompareRun:
     max_audio_seconds: Optional[float]
     feed: str = "own"
     floors: str = "auto"
-    strict: bool = False
+    lenient: bool = False
+    allow_partial: bool = False
+    phases_given: bool = False  # --phases two was asked for (not picked by the memory plan)
     new_tokens: int = 8
     tp: int = 1  # ranks the FMS decoder is sharded over (torchrun launched this process)
 
@@ -110,6 +113,10 @@ def check_reference_captures(folder: Path, option: str = "--reference-captures")
         raise UsageError(f"{option}: {path} has unreadable capture metadata ({one_line(err)})") from err
     if side != "hf":
         raise UsageError(f"{option}: {path} holds the {side!r} side's captures; expected the HF reference's ('hf')")
+    try:  # the checkpoint and inputs it was saved from are checked against the run's once they are known
+        read_fingerprint(path)
+    except ReferenceMismatch as err:
+        raise UsageError(f"{option}: {one_line(err)}") from err
     return folder
 
 
@@ -140,7 +147,8 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
         save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
-        feed=args.feed, floors=args.floors, strict=args.strict, new_tokens=args.new_tokens, tp=args.tp,
+        feed=args.feed, floors=args.floors, lenient=args.lenient, allow_partial=args.allow_partial,
+        phases_given=args.phases == "two", new_tokens=args.new_tokens, tp=args.tp,
     )
 
 

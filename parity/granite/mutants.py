@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "granite_speech"
 KINDS = ("formula", "length", "mask", "rope", "lora", "cache", "upcast", "eps", "preprocessing", "generation",
-         "config", "checkpoint")
+         "config", "checkpoint", "judge")  # judge: a mistake in parity/ itself (parity.granite.judge_mutants)
 
 
 @dataclass(frozen=True)
@@ -474,7 +474,12 @@ CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES
 
 
 def by_name(names: Iterable[str]) -> List[Mutant]:
-    index = {m.name: m for m in CATALOGUE}
+    return by_name_in(CATALOGUE, names)
+
+
+def by_name_in(catalogue: Iterable[Mutant], names: Iterable[str]) -> List[Mutant]:
+    index = {m.name: m for m in catalogue}
+    names = list(names)
     unknown = [n for n in names if n not in index]
     if unknown:
         raise KeyError(f"unknown mutant(s) {unknown}; known: {sorted(index)}")

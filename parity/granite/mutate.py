@@ -1,7 +1,7 @@
 """Mutation testing of the parity harness: is every source-level porting mistake of `parity.granite.mutants` caught by
 `compare` (and by the suites), and is it localised to the module that was mutated?
 
-    python -m parity.granite.mutate [--only NAME ...] [--jobs 2] [--suites] [--json out.json] [--strict]
+    python -m parity.granite.mutate [--only NAME ...] [--jobs 2] [--suites] [--json out.json] [--lenient]
 
 For each mutant the `granite_speech` package is copied to a temporary directory, the one edit is applied, and
 `compare` (`parity.granite.pipeline.compare_report` on its default inputs, the seeded tiny fixture, CPU) runs in a
@@ -11,14 +11,16 @@ same path first: the baseline. A mutant counts as caught only where its report d
 section that passed at baseline fails now (sections already red at baseline cannot count; a regression inside them
 is listed, as `red-only`, but not counted).
 
-Per mutant: caught (a baseline-green section fails), caught only under strict (a new noise-floor suspect in a
-baseline-green section, inside tolerance), crash (compare raised instead of reporting: counted as caught but listed
+`compare` runs as users run it: default flags, where noise-floor, float64-formula and upcast findings fail. Per
+mutant: caught (a baseline-green section fails), sharp-only (caught, but every newly failing section fails only by
+those sharp rules: `compare --lenient` would miss it), suspect-only (with --lenient: a new suspect in a
+baseline-green section, never counted as caught), crash (compare raised instead of reporting: counted as caught but listed
 separately, since a mutant that makes compare crash is a harness weakness), the first divergence / own error /
 suspect of the first newly failing section, localised (either of the first two matches the mutant's `expect`), wall
 time; with `--suites`, whether `pytest suites/ --model tiny -x -q -p no:cacheprovider` fails on the mutated copy
 (tests already failing at baseline deselected) and its first failing test.
 
-Exit status: 0 when every selected mutant was caught by compare (with --strict: strict-only counts as caught) and
+Exit status: 0 when every selected mutant was caught by compare and
 localised at the 90% bar, 1 otherwise, 2 on bad usage, 3 when the baseline itself could not run.
 """
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from parity.granite.mutants import CATALOGUE, PACKAGE_DIR, Mutant, by_name
+from parity.verdict import SHARP_RULES
 
 REPO_ROOT = PACKAGE_DIR.parent
 PACKAGE_ENV = "PARITY_MUTATE_PACKAGE_DIR"  # the worker refuses to run unless granite_speech is imported from here
@@ -80,7 +83,7 @@ def _compact(report: dict) -> dict:
         firsts = {key: (summary.get(key) or {}).get("name")
                   for key in ("first_divergence", "first_own_error", "first_suspect")}
         sections.append({"title": section["title"], "kind": section["kind"], "verdict": summary["verdict"],
-                         **firsts, "probes": probes})
+                         "rules": summary.get("rules") or {}, **firsts, "probes": probes})
     return {"verdict": report["summary"]["verdict"], "sections": sections}
 
 
@@ -113,13 +116,14 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
 
     from parity.granite.pipeline import compare_report
+    from parity.verdict import Policy
 
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
     if threads:
         torch.set_num_threads(threads)
     cases = select_cases(args.case) if args.case else None
     report = compare_report(Path(args.checkpoint), seeded="tiny", cases=cases, dtype=torch.float32, device="cpu",
-                            strict=args.strict, seed=0,
+                            policy=Policy(lenient=args.lenient), seed=0,
                             progress=lambda message: print(message, file=sys.stderr, flush=True))
     record = _compact(report)
     record["granite_speech"] = str(where.parent)
@@ -185,12 +189,12 @@ def crash_site(stderr: str, package_dir: Path) -> Optional[str]:
     return sites[-1] if sites else None
 
 
-def _run_compare(snapshot: Snapshot, workdir: Path, checkpoint: Path, strict: bool, threads: int,
+def _run_compare(snapshot: Snapshot, workdir: Path, checkpoint: Path, lenient: bool, threads: int,
                  timeout: float, cases: Sequence[str] = ()) -> dict:
     """compare on the package copy in `workdir`: {"record": compact report} or {"crash": why, "stderr": tail}."""
     out = workdir / "report.json"
     cmd = [sys.executable, "-m", "parity.granite.mutate", "--worker", "--checkpoint", str(checkpoint),
-           "--out", str(out)] + (["--strict"] if strict else [])
+           "--out", str(out)] + (["--lenient"] if lenient else [])
     for case in cases:
         cmd += ["--case", case]
     try:
@@ -263,8 +267,10 @@ def _grew(base: Optional[float], now: Optional[float]) -> bool:
 
 
 def classify(mutant: Mutant, baseline: dict, outcome: dict) -> dict:
-    """Caught / strict-only / crash / red-only / missed, the firsts of the first newly failing section, localised."""
-    row: Dict[str, object] = {"caught": False, "strict_only": False, "crash": None, "red_only": False,
+    """Caught (sharp-only or not) / suspect-only / crash / red-only / missed, the firsts of the first newly failing
+    section, localised."""
+    row: Dict[str, object] = {"caught": False, "sharp_only": False, "suspect_only": False, "crash": None,
+                              "red_only": False,
                               "new_fail_sections": [], "first_divergence": None, "first_own_error": None,
                               "first_suspect": None, "section": None, "localised": False, "red_regressions": []}
     if "crash" in outcome:
@@ -295,6 +301,8 @@ def classify(mutant: Mutant, baseline: dict, outcome: dict) -> dict:
     if first_new is not None:
         row.update(caught=True, section=first_new["title"], first_divergence=first_new["first_divergence"],
                    first_own_error=first_new["first_own_error"], first_suspect=first_new["first_suspect"])
+        row["sharp_only"] = all(set(s.get("rules") or {"gate": 1}) <= set(SHARP_RULES) for s in record["sections"]
+                                if s["title"] in row["new_fail_sections"])
         row["localised"] = mutant.localised(first_new["first_divergence"]) or mutant.localised(
             first_new["first_own_error"])
         name = first_new["first_divergence"] or first_new["first_own_error"]
@@ -302,7 +310,7 @@ def classify(mutant: Mutant, baseline: dict, outcome: dict) -> dict:
             row["detail"] = first_new["probes"][name]["detail"]
     elif new_suspect is not None:
         section, name = new_suspect
-        row.update(strict_only=True, section=section["title"], first_suspect=name,
+        row.update(suspect_only=True, section=section["title"], first_suspect=name,
                    localised=mutant.localised(name))
     elif row["red_regressions"]:
         row["red_only"] = True
@@ -324,14 +332,14 @@ def _outcome_label(row: dict) -> str:
         return "crash"
     if row["caught"]:
         return "caught"
-    if row["strict_only"]:
-        return "strict-only"
+    if row["suspect_only"]:
+        return "suspect-only"
     if row["red_only"]:
         return "red-only"
     return "MISSED"
 
 
-def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline: dict, strict: bool, suites: bool,
+def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline: dict, lenient: bool, suites: bool,
                suite_baseline_failures: Sequence[str], threads: int, timeout: float, keep: Optional[Path],
                cases: Sequence[str] = ()) -> dict:
     start = time.monotonic()
@@ -339,14 +347,12 @@ def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline
         workdir = Path(tmp)
         package = _copy_package(snapshot, workdir)
         mutant.apply(package)
-        outcome = _run_compare(snapshot, workdir, checkpoint, strict, threads, timeout, cases)
+        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases)
         compare_s = time.monotonic() - start
         row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
                "why": mutant.why}
         row.update(classify(mutant, baseline, outcome))
         row["outcome"] = _outcome_label(row)
-        if strict and row["strict_only"]:
-            row["caught"] = True
         row["compare_s"] = round(compare_s, 1)
         if keep is not None and "record" in outcome:
             keep.mkdir(parents=True, exist_ok=True)
@@ -357,12 +363,12 @@ def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline
     return row
 
 
-def run_baseline(snapshot: Snapshot, checkpoint: Path, strict: bool, threads: int, timeout: float,
+def run_baseline(snapshot: Snapshot, checkpoint: Path, lenient: bool, threads: int, timeout: float,
                  cases: Sequence[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
         workdir = Path(tmp)
         _copy_package(snapshot, workdir)
-        outcome = _run_compare(snapshot, workdir, checkpoint, strict, threads, timeout, cases)
+        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases)
     if "crash" in outcome:
         raise RuntimeError(f"compare crashed on the unmutated package: {outcome['crash']}\n"
                            f"{outcome.get('stderr', '')}")
@@ -380,16 +386,17 @@ def run_suite_baseline(snapshot: Snapshot, threads: int, timeout: float) -> dict
 # reporting
 
 
-def counts(rows: Sequence[dict], *, strict: bool = False, suites: bool = False) -> dict:
+def counts(rows: Sequence[dict], *, suites: bool = False) -> dict:
     total = len(rows)
-    caught = [r for r in rows if r["caught"] or (strict and r["strict_only"])]
-    reported = [r for r in rows if (r["caught"] or (strict and r["strict_only"])) and not r.get("crash")]
+    caught = [r for r in rows if r["caught"]]
+    reported = [r for r in rows if r["caught"] and not r.get("crash")]
     out = {
         "mutants": total,
         "caught_by_compare": len(caught),
         "caught_reported": len(reported),
         "caught_crash": sum(1 for r in rows if r.get("crash")),
-        "strict_only": sum(1 for r in rows if r["strict_only"]),
+        "sharp_only": sum(1 for r in rows if r.get("sharp_only")),
+        "suspect_only": sum(1 for r in rows if r.get("suspect_only")),
         "red_only": sum(1 for r in rows if r["red_only"]),
         "missed": sum(1 for r in rows if r["outcome"] == "MISSED"),
         "localised": sum(1 for r in rows if r["localised"] and not r.get("crash")),
@@ -413,7 +420,7 @@ def table(rows: Sequence[dict], *, suites: bool = False, markdown: bool = False)
             where = f"crash at {r.get('crash_site')}: {r['crash']}"
         elif r["caught"]:
             where = " / ".join(str(x) for x in (r["first_divergence"], r["first_own_error"]))
-        elif r["strict_only"]:
+        elif r["suspect_only"]:
             where = f"suspect {r['first_suspect']}"
         elif r["red_only"]:
             where = "only in red: " + ", ".join(r["red_regressions"][:2])
@@ -463,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suites", action="store_true", help="also run the suites on every mutant")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as markdown here")
-    parser.add_argument("--strict", action="store_true",
-                        help="compare --strict: a noise-floor suspect inside tolerance counts as caught")
+    parser.add_argument("--lenient", action="store_true",
+                        help="compare --lenient (noise-floor, formula and upcast findings only mark suspects, never "
+                             "counted as caught): what the harness caught before those rules failed by default")
     parser.add_argument("--timeout", type=float, default=WORKER_TIMEOUT_S, metavar="S",
                         help="per compare / suites run (default: %(default)g)")
     parser.add_argument("--keep-reports", type=Path, metavar="DIR", help="keep each mutant's compact report here")
@@ -530,7 +538,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
     suite_baseline: Optional[dict] = None
     try:
         _say(f"[{time.monotonic() - start:6.1f}s] baseline compare on the unmutated package")
-        baseline = run_baseline(snapshot, checkpoint, args.strict, os.cpu_count() or 1, args.timeout, args.case)
+        baseline = run_baseline(snapshot, checkpoint, args.lenient, os.cpu_count() or 1, args.timeout, args.case)
         if args.keep_reports is not None:
             args.keep_reports.mkdir(parents=True, exist_ok=True)
             (args.keep_reports / "_baseline.json").write_text(json.dumps(baseline))
@@ -547,7 +555,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
         return 3
 
     rows: List[dict] = []
-    kwargs = dict(snapshot=snapshot, checkpoint=checkpoint, baseline=baseline, strict=args.strict,
+    kwargs = dict(snapshot=snapshot, checkpoint=checkpoint, baseline=baseline, lenient=args.lenient,
                   suites=args.suites, suite_baseline_failures=(suite_baseline or {}).get("failures", []),
                   threads=threads, timeout=args.timeout, keep=args.keep_reports, cases=args.case)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -561,7 +569,8 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
                     print(f"error: {err}", file=sys.stderr)
                     return 3
                 row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
-                       "why": mutant.why, "caught": False, "strict_only": False, "red_only": False,
+                       "why": mutant.why, "caught": False, "sharp_only": False, "suspect_only": False,
+                       "red_only": False,
                        "localised": False, "crash": None, "section": None,
                        "runner_error": "".join(traceback.format_exception_only(type(err), err)).strip(),
                        "outcome": "MISSED", "wall_s": 0.0}
@@ -576,7 +585,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
     order = {m.name: i for i, m in enumerate(mutants)}
     rows.sort(key=lambda r: order[r["name"]])
     total_s = round(time.monotonic() - start, 1)
-    tally = counts(rows, strict=args.strict, suites=args.suites)
+    tally = counts(rows, suites=args.suites)
     print(table(rows, suites=args.suites))
     print()
     print(summary_line(tally, total_s, suites=args.suites))
@@ -586,7 +595,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
     result = {
         "schema": "parity-mutation/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(), "jobs": args.jobs, "threads_per_job": threads, "strict": args.strict,
+        "machine": _machine(), "jobs": args.jobs, "threads_per_job": threads, "lenient": args.lenient,
         "checkpoint": str(checkpoint), "cases": args.case or "all default cases", "wall_s": total_s,
         "counts": tally,
         "baseline": {"verdict": baseline["verdict"],
@@ -608,7 +617,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
 
 def summary_line(tally: dict, total_s: float, *, suites: bool = False) -> str:
     line = (f"caught by compare: {tally['caught_by_compare']}/{tally['mutants']} ({tally['caught_pct']}%; "
-            f"{tally['caught_crash']} by a crash, {tally['strict_only']} strict-only, {tally['red_only']} only in "
+            f"{tally['caught_crash']} by a crash, {tally['sharp_only']} only by sharp rules (missed with --lenient), {tally['suspect_only']} suspect-only, {tally['red_only']} only in "
             f"baseline-red sections, {tally['missed']} missed); localised: {tally['localised']}/{tally['mutants']} "
             f"({tally['localised_pct']}%)")
     if suites:

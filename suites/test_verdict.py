@@ -1,0 +1,208 @@
+"""The verdict's rules (`parity.verdict`), each planted where it must fail, on hand-made records: exact checks stay
+exact whatever the overrides, a teacher-forced failure fails, an empty section fails, a 16-bit element is judged
+against its own row's floor, sharp findings fail unless --lenient, a planned check that did not run makes the run
+incomplete unless asked for, and every reader of a report gets the one verdict."""
+
+import math
+
+import pytest
+import torch
+
+from parity.capture import pair_from_values
+from parity.diff import FLOOR_GATE, Comparison, Status, compare, diff_captures
+from parity.probes import Probe
+from parity.report import build_multi_report, render_terminal, verdict_line
+from parity.tolerances import EXACT, tolerance_for
+from parity.verdict import (FAIL, INCOMPLETE, PASS, Policy, failing_rules, not_run_record, run_verdict,
+                            section_verdict)
+
+LOOSE = {"atol": 0.01, "rtol": 0.01}
+
+
+# ---------------------------------------------------------------------------------------------- exact is exact
+@pytest.mark.parametrize("overrides", [None, {"rtol": 0.01}, {"atol": 0.01}, LOOSE, {"atol": 1000.0}])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_exact_class_ignores_overrides_and_dtype(overrides, dtype):
+    assert tolerance_for(dtype, "cpu", "exact", overrides=overrides) == EXACT
+
+
+@pytest.mark.parametrize("hf, fms", [([130], [131]), ([48400], [49000]), ([True, False], [True, True])])
+def test_integer_tensors_compare_exactly_under_a_loose_tolerance(hf, fms):
+    """Token ids 130 and 131 were equal under --rtol 0.01, 48400 and 49000 under a bf16 --atol 0.01 run."""
+    loose = tolerance_for("bfloat16", "cpu", "activation", overrides=LOOSE)
+    result = compare(torch.tensor(hf), torch.tensor(fms), loose)
+    assert result.status == Status.FAIL, result.detail
+    assert compare(torch.tensor(hf), torch.tensor(hf), loose).passed
+
+
+def test_an_exact_probe_fails_through_diff_captures_with_overrides():
+    rows = [(Probe("step.0.token", "g", "g", teacher=(), tolerance_class="exact"), torch.tensor([130]),
+             torch.tensor([131]))]
+    result = diff_captures(pair_from_values(rows), dtype="float32", overrides=LOOSE)
+    assert not result.passed and result.probes[0].tolerance == EXACT
+
+
+# ---------------------------------------------------------------------------------------------- probe rules
+def _probe(propagated=Status.PASS, teacher=Status.NOT_RUN, **fields):
+    record = {"name": fields.pop("name", "p"), "index": 0, "propagated": {"status": propagated},
+              "teacher": {"status": teacher}, "floor_ratio": None, "own_floor_ratio": None, "float64": None,
+              "missing_upcast": []}
+    record.update(fields)
+    return record
+
+
+@pytest.mark.parametrize("teacher", [Status.FAIL, Status.NONFINITE, Status.RAISED, Status.EMPTY,
+                                     Status.SHAPE_MISMATCH, Status.CAPTURE_ERROR])
+def test_a_teacher_forced_failure_beside_a_propagated_pass_fails(teacher):
+    assert failing_rules(_probe(teacher=teacher)) == ["own"]
+    assert section_verdict([_probe(), _probe(teacher=teacher)])["verdict"] == FAIL
+
+
+@pytest.mark.parametrize("teacher", [Status.PASS, Status.NOT_APPLICABLE, Status.NOT_RUN])
+def test_teacher_statuses_without_a_finding_pass(teacher):
+    assert section_verdict([_probe(teacher=teacher)])["verdict"] == PASS
+
+
+def test_a_section_with_no_probe_fails():
+    judged = section_verdict([])
+    assert judged["verdict"] == FAIL and "no probe" in judged["why"]
+
+
+@pytest.mark.parametrize("fields, rule", [
+    ({"floor_ratio": 8.5}, "floor"), ({"own_floor_ratio": "inf"}, "floor"), ({"floor_ratio": "nan"}, "floor"),
+    ({"float64": {"status": Status.FAIL}}, "formula"), ({"float64": {"status": Status.RAISED}}, "formula"),
+    ({"missing_upcast": ["softmax in bfloat16"]}, "upcast"),
+])
+def test_sharp_findings_fail_by_default_and_pass_as_suspects_when_lenient(fields, rule):
+    probe = _probe(**fields)
+    assert failing_rules(probe) == [rule]
+    assert section_verdict([probe])["verdict"] == FAIL
+    assert section_verdict([probe], Policy(lenient=True))["verdict"] == PASS
+
+
+def test_lenient_never_excuses_the_gate_or_own_error():
+    for probe in (_probe(propagated=Status.FAIL), _probe(teacher=Status.FAIL, floor_ratio=20.0)):
+        assert section_verdict([probe], Policy(lenient=True))["verdict"] == FAIL
+
+
+def test_a_ratio_at_the_factor_passes_and_just_above_fails():
+    assert section_verdict([_probe(floor_ratio=8.0)])["verdict"] == PASS
+    assert section_verdict([_probe(floor_ratio=8.0001)])["verdict"] == FAIL
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit row floors
+def _bf16_pair(bad_element: bool):
+    """HF in bf16, HF in float64 (its rounding-only reference) and FMS in bf16 over [rows, width], where one row
+    holds large values (so the tensor's largest rounding error is large) and another only small ones."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    exact[0] *= 200.0  # large values: bf16 rounds them by up to ~0.5
+    hf = exact.to(torch.bfloat16)
+    fms = (exact + 1e-3 * torch.randn(4, 64, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+    if bad_element:
+        fms[3, 5] = hf[3, 5].double() * 0.1 if abs(float(hf[3, 5])) > 0.5 else 1.5  # 90% wrong (or far off)
+    return hf, exact, fms
+
+
+def _judged_bf16(bad_element: bool):
+    probe = Probe("block", "b", "b", teacher=())
+    hf, exact, fms = _bf16_pair(bad_element)
+    pair = pair_from_values([(probe, hf, fms)])
+    floors = pair_from_values([(probe, exact, exact)]).hf
+    return diff_captures(pair, dtype="bfloat16", floors=floors).probes[0]
+
+
+def test_a_correct_bf16_tensor_passes_and_one_badly_wrong_element_fails():
+    assert _judged_bf16(False).status == Status.PASS
+    probe = _judged_bf16(True)
+    assert probe.status == Status.FAIL, probe.propagated.detail
+    # the rule it replaces: under FLOOR_GATE x the tensor's largest rounding error, anywhere, it passed
+    assert probe.propagated.metrics.max_abs <= FLOOR_GATE * probe.noise_floor
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _report(not_run=(), policy=None, probes=None):
+    rows = [(Probe("x", "x", "x", teacher=()), torch.ones(3), torch.ones(3))]
+    result = diff_captures(pair_from_values(rows), dtype="float32") if probes is None else probes
+    extra = {"not_run": list(not_run)}
+    return build_multi_report([("case · model", "model", result, extra)], {}, policy=policy)
+
+
+FLOORS_SHORT = not_run_record("noise floors", "an fp64 copy needs 9 GiB, 2 free", "memory")
+FLOORS_OFF = not_run_record("noise floors", "noise floors off (--floors off)", "floors off")
+
+
+def test_a_check_not_run_unasked_makes_the_run_incomplete():
+    report = _report([FLOORS_SHORT])
+    summary = report["summary"]
+    assert summary["verdict"] == INCOMPLETE and summary["unaccepted"][0]["section"] == "case · model"
+    text = render_terminal(report)
+    assert text.startswith("PARITY INCOMPLETE") and "not run: noise floors in case · model" in text
+    assert "NOT asked for" in text
+
+
+def test_a_check_the_user_turned_off_or_allow_partial_passes():
+    assert _report([FLOORS_OFF], Policy(accepted=frozenset({"floors off"})))["summary"]["verdict"] == PASS
+    assert _report([FLOORS_SHORT], Policy(allow_partial=True))["summary"]["verdict"] == PASS
+    # accepting one cause does not accept another
+    assert _report([FLOORS_SHORT], Policy(accepted=frozenset({"floors off"})))["summary"]["verdict"] == INCOMPLETE
+
+
+def test_a_failing_section_outranks_incomplete():
+    assert run_verdict([PASS, FAIL], [FLOORS_SHORT])["verdict"] == FAIL
+    assert run_verdict([], [])["verdict"] == FAIL
+
+
+def test_unknown_causes_are_refused():
+    with pytest.raises(ValueError, match="unknown cause"):
+        not_run_record("floors", "why", "because")
+
+
+def test_the_verdict_line_says_lenient_flips_and_checks_not_run():
+    line = verdict_line({"verdict": "pass", "lenient": True, "near_tie_flips": 3, "not_run": [FLOORS_OFF],
+                         "unaccepted": []})
+    assert line.startswith("PARITY PASS") and "lenient" in line and "3 near-tie flip" in line
+    assert "1 planned check(s) not run, 0 not asked for" in line
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+def test_every_reader_gets_the_same_verdict(lenient):
+    """ParityResult.passed, the section summary and the run summary come from one function."""
+    rows = [(Probe(f"p{i}", "x", "x", teacher=()), torch.ones(3), torch.ones(3) + shift)
+            for i, shift in enumerate((0.0, 1e-6, 1.0))]
+    for keep in (1, 2, 3):
+        result = diff_captures(pair_from_values(rows[:keep]), dtype="float32", lenient=lenient)
+        report = _report(probes=result)
+        expected = PASS if result.passed else FAIL
+        assert report["sections"][0]["summary"]["verdict"] == expected == report["summary"]["verdict"]
+        assert (expected == PASS) == (keep < 3)
+
+
+def test_old_reports_keep_the_rules_they_were_judged_by():
+    """A report written before sharp findings failed (`strict: false`) is read back as lenient."""
+    rows = [(Probe("x", "x", "x", teacher=()), torch.ones(3), torch.ones(3))]
+    data = diff_captures(pair_from_values(rows), dtype="float32").to_dict()
+    data.pop("lenient")
+    data["strict"] = False
+    data["probes"][0]["floor_ratio"] = 50.0
+    assert build_multi_report([("old", "model", data, {})])["summary"]["verdict"] == PASS
+    data["strict"] = True
+    assert build_multi_report([("old", "model", data, {})])["summary"]["verdict"] == FAIL
+
+
+def test_comparison_records_survive_json():
+    """Non-finite ratios are written as strings: the rules read them back as numbers."""
+    assert failing_rules(_probe(floor_ratio="inf")) == ["floor"]
+    assert not failing_rules(_probe(floor_ratio=str(math.pi)))
+    assert Comparison.from_dict(Comparison(Status.PASS).to_dict()).passed
+
+
+# ---------------------------------------------------------------------------------------------- the judge's mutants
+def test_every_judge_mutant_applies_to_the_current_sources():
+    """`python -m parity.granite.judge_mutants` plants each in a copy of parity/; a snippet that moved would make
+    it a no-op that nobody notices."""
+    from parity.granite.judge_mutants import CATALOGUE, PARITY_DIR
+
+    assert len(CATALOGUE) >= 12 and len({m.name for m in CATALOGUE}) == len(CATALOGUE)
+    problems = [m.check(PARITY_DIR) for m in CATALOGUE]
+    assert problems == [None] * len(CATALOGUE), [p for p in problems if p]
