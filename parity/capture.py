@@ -799,8 +799,10 @@ def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun,
     return PairCaptures(reference, fms_captures, mode, PhasePlan(False, "reference captures read from disk"), probes)
 
 
-def save_capture_sets(path: Union[str, Path], sets: Mapping[str, Captures]) -> Path:
-    """Several named capture stores of one side in one safetensors file (keys prefixed by the store's position)."""
+def save_capture_sets(path: Union[str, Path], sets: Mapping[str, Captures],
+                      metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Several named capture stores of one side in one safetensors file (keys prefixed by the store's position);
+    `metadata`: more string entries for the file's header (`parity.store` writes its fingerprint there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, index = {}, []
@@ -812,7 +814,7 @@ def save_capture_sets(path: Union[str, Path], sets: Mapping[str, Captures]) -> P
                       "next_order": store._next_order})
     sides = {store.side for store in sets.values()}
     meta = {"side": sides.pop() if len(sides) == 1 else "mixed", "sets": index}
-    save_file(tensors, str(path), metadata={"parity_captures": json.dumps(meta)})
+    save_file(tensors, str(path), metadata={**(metadata or {}), "parity_captures": json.dumps(meta)})
     return path
 
 

@@ -206,3 +206,32 @@ def test_every_judge_mutant_applies_to_the_current_sources():
     assert len(CATALOGUE) >= 12 and len({m.name for m in CATALOGUE}) == len(CATALOGUE)
     problems = [m.check(PARITY_DIR) for m in CATALOGUE]
     assert problems == [None] * len(CATALOGUE), [p for p in problems if p]
+
+
+# ---------------------------------------------------------------------------------------------- the CLI's exit code
+def test_compare_exits_4_when_the_floors_do_not_fit_and_0_with_allow_partial(tmp_path, monkeypatch, capsys):
+    """Short of memory for HF's float64 copy, the floors and the formula check do not run: the run is INCOMPLETE
+    (exit 4), the terminal, the HTML and the JSON list both checks with their cause; --allow-partial accepts it."""
+    import json
+
+    import parity.granite.pipeline as pipeline
+    from parity.granite.cli import main
+    from parity.granite.fixtures import SPEECH_DIR
+
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: 1)  # nothing fits beside the loaded models
+    clip = str(SPEECH_DIR / "9003-103-0000.flac")
+    common = ["compare", "--audio", clip, "--new-tokens", "2", "--phases", "one", "--report", str(tmp_path / "r.html")]
+    assert main([*common, "--json", str(tmp_path / "r.json")]) == 4
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    checks = {(r["check"], r["cause"]) for r in summary["unaccepted"]}
+    assert summary["verdict"] == INCOMPLETE and {("noise floors", "memory"), ("float64 formula check", "memory")} <= checks
+    assert out.startswith("PARITY INCOMPLETE") and "not run: float64 formula check" in out
+    assert "INCOMPLETE (" in out.splitlines()[-3]
+    assert "<b>noise floors</b>" in (tmp_path / "r.html").read_text()
+    # --allow-partial reaches the verdict's policy, which then accepts those very records
+    from parity.granite.cli import _policy, build_parser
+    from parity.granite.cli_checks import check_compare_args
+
+    policy = _policy(check_compare_args(build_parser().parse_args([*common, "--allow-partial"])))
+    assert run_verdict(["pass"], summary["not_run"], policy)["verdict"] == PASS

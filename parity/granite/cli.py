@@ -37,12 +37,19 @@ MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 varia
 
 PROG = "granite-speech-parity"
 DEFAULT_PROMPT = "<|audio|>can you transcribe the speech into a written format?"
+INCOMPLETE = ("incomplete: every check that ran passed, but a planned check did not run and was not asked for (the "
+              "verdict lists each with why; --allow-partial accepts it)")
 COMPARE_EXIT = exit_codes_epilog(ok=": parity holds (every probe within tolerance)",
-                                 failed="parity fails: a probe is out of tolerance (the report says where)")
-DIFF_EXIT = exit_codes_epilog(ok=": no probe grew more than --growth and none went from pass to not-pass",
-                              failed="regressed: a probe's max |diff| grew more than --growth, or it stopped passing")
+                                 failed="parity fails: a probe breaks a rule of the verdict (the report says where)",
+                                 incomplete=INCOMPLETE)
+DIFF_EXIT = exit_codes_epilog(ok=": nothing grew past its bound, stopped passing or disappeared",
+                              failed="regressed: a probe's max |diff| grew past its bound or it stopped passing, a "
+                                     "section\n     stopped passing, a probe or section of OLD is absent from NEW, or "
+                                     "one new in NEW does not pass")
 TOP_EXIT = exit_codes_epilog(ok=" (compare: parity holds; diff: nothing grew or regressed)",
-                             failed="compare: parity fails; diff: a probe grew more than --growth or regressed")
+                             failed="compare: parity fails; diff: a probe grew more than --growth or regressed",
+                             incomplete=f"compare: {INCOMPLETE}")
+VERDICT_EXIT = {"pass": 0, "fail": 1, "incomplete": 4}
 
 
 def _print_progress(message: str, start: float) -> None:
@@ -62,7 +69,8 @@ def _write_outputs(writes, verdict: str) -> list:
 
 
 def run_compare(run: CompareRun) -> int:
-    """The run of a checked `compare`: 0 when parity holds, 1 when it fails (the same on every rank with --tp)."""
+    """The run of a checked `compare`: 0 when parity holds, 1 when it fails, 4 when a planned check did not run
+    unasked (the same on every rank with --tp)."""
     start = time.monotonic()
     device, dtype = run.device, run.dtype
     if run.tp > 1:
@@ -84,6 +92,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import Case, compare_report, default_cases
     from parity.report import render_terminal, write_html, write_json
+    from parity.store import ReferenceMismatch
 
     def _progress(message: str, start: float) -> None:
         if not quiet:
@@ -119,23 +128,31 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
         needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
         free = available_bytes(device)
         phases = "two" if free is not None and needed > free else "one"
-        _progress(f"memory plan: {phases} phase(s) ({needed / 2**30:.1f} GiB needed for both models)", start)
+        if phases == "two" and not quiet:  # the checks two phases drop are listed in the verdict; say it up front
+            print(f"memory plan: both models need {needed / 2**30:.1f} GiB, {free / 2**30:.1f} free: two phases, "
+                  "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
+                  "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
     try:
         report = compare_report(
             checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
-            device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, strict=run.strict,
+            device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
             overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
             reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
         )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
+    except ReferenceMismatch as err:  # another run's reference: the input is wrong, not the port
+        raise UsageError(f"--reference-captures does not belong to this run: {one_line(err)}") from err
     summary = report["summary"]
-    passed = summary["verdict"] == "pass"
+    code = VERDICT_EXIT[summary["verdict"]]
     if quiet:
-        return 0 if passed else 1
+        return code
     print(render_terminal(report))
     first = summary.get("first_divergence") or {}
-    verdict = "PASS" if passed else f"FAIL (first divergence: {first.get('name')} in {first.get('section')})"
+    verdict = summary["verdict"].upper() + (f" (first divergence: {first.get('name')} in {first.get('section')})"
+                                            if code == 1 else "")
+    if code == 4:
+        verdict += f" ({len(summary['unaccepted'])} planned check(s) not run: see 'not run' above)"
     print(f"{verdict}: {summary['probes']} probes in {len(report['sections'])} sections", flush=True)
     html_path, json_path = _write_outputs(
         [("--report", lambda p: write_html(report, p), run.report), ("--json", lambda p: write_json(report, p), run.json)],
@@ -145,11 +162,23 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     if run.save_captures is not None:
         print(f"captures: {run.save_captures}")
     _progress("done", start)
-    return 0 if passed else 1
+    return code
+
+
+def _policy(run: CompareRun):
+    """The verdict's policy: the causes of checks not run that this command line asked for."""
+    from parity.verdict import Policy
+
+    accepted = {"floors off"} if run.floors == "off" else set()
+    accepted |= {"phases two"} if run.phases_given else set()
+    accepted |= {"tensor parallel"} if run.tp > 1 else set()
+    accepted |= {"reference"} if run.reference_captures is not None else set()
+    return Policy(lenient=run.lenient, accepted=frozenset(accepted), allow_partial=run.allow_partial)
 
 
 def run_diff(run: DiffRun) -> int:
-    """The run of a checked `diff`: 0 when nothing grew or regressed, 1 otherwise."""
+    """The run of a checked `diff`: 0 when the diff's verdict is ok, 1 when it regressed (a probe grew past its
+    bound or stopped passing, a section stopped passing, a probe or section disappeared: parity.report_diff)."""
     import json
 
     from parity.report_diff import diff_reports, render_diff_html, render_diff_terminal
@@ -219,8 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--floors", default="auto", choices=("auto", "on", "off"),
                      help="measure each probe's noise floor with HF in float64, for localisation and 16-bit gates "
                           "(auto: when an fp64 copy fits in memory; default: %(default)s)")
-    cmp.add_argument("--strict", action="store_true",
-                     help="also fail on probes inside tolerance but far (8x) above their measured noise floor")
+    rules = cmp.add_mutually_exclusive_group()
+    rules.add_argument("--lenient", action="store_true",
+                       help="let probes far (8x) above their noise floor, failing the float64 formula check or "
+                            "missing an fp32 upcast pass as 'suspect' (the rules before they were measured sound); "
+                            "the verdict line says so")
+    rules.add_argument("--strict", action="store_true",
+                       help="the default: those findings fail (kept for command lines written before it was)")
+    cmp.add_argument("--allow-partial", action="store_true",
+                     help="exit 0, not 4, when every check that ran passed but a planned one did not run (memory, "
+                          "a side that raised); the report still lists each")
     cmp.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
                      help="greedy tokens compared with HF generate for --audio clips (default: %(default)s)")
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
@@ -230,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard the FMS decoder over N ranks (FMS tensor parallelism); launch with "
                           "`torchrun --nproc-per-node N -m parity.granite compare --tp N` (default: %(default)s)")
     cmp.add_argument("--atol", type=tolerance, metavar="X",
-                     help="absolute tolerance for every probe instead of the dtype's table (finite, >= 0)")
+                     help="absolute tolerance for every floating-point probe instead of the dtype's table (finite, >= 0); "
+                          "token ids, lengths, masks and transcripts stay exact")
     cmp.add_argument("--rtol", type=tolerance, metavar="X",
-                     help="relative tolerance for every probe instead of the dtype's table (finite, >= 0)")
+                     help="relative tolerance for every floating-point probe instead of the dtype's table (finite, >= 0); "
+                          "token ids, lengths, masks and transcripts stay exact")
     cmp.add_argument("--seed", type=nonnegative_int, default=0, metavar="N",
                      help="seed of the fixture's random weights (default: %(default)s)")
     cmp.add_argument("--max-audio-seconds", type=positive_seconds, default=DEFAULT_MAX_SECONDS, metavar="S",
@@ -247,14 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reference-captures", type=Path, default=None, metavar="DIR",
                      help="compare against HF captures saved by --save-captures in DIR instead of running HF here")
 
+    from parity.verdict import FLOOR_FACTOR  # the diff's floor term: the verdict's floor rule
+
     dif = sub.add_parser("diff", help="compare two reports: did an error grow or a probe regress?",
-                         description="Match the probes of two `compare --json` reports and flag those whose max |diff| "
-                                     "grew more than --growth times, or that went from pass to not-pass.",
+                         description="Match the probes of two `compare --json` reports by section and name and flag\n"
+                                     "those whose max |diff| grew past their own bound (--growth times the baseline\n"
+                                     f"error, or {FLOOR_FACTOR:g} times that probe's baseline noise floor if larger) "
+                                     "or went from\npass to not-pass, the sections that went from pass to not-pass, "
+                                     "and the probes and sections\nthat disappeared (a regression) or appeared "
+                                     "(listed; a regression where not passing).",
                          epilog=DIFF_EXIT, formatter_class=formatter)
     dif.add_argument("old", type=Path, metavar="OLD.json", help="the baseline report (compare --json)")
     dif.add_argument("new", type=Path, metavar="NEW.json", help="the report to check against it")
     dif.add_argument("--growth", type=growth_factor, default=10.0, metavar="X",
-                     help="flag a probe whose max |diff| grew more than X times (finite, >= 1; default: %(default)g)")
+                     help=f"flag a probe whose max |diff| grew more than X times its baseline value, unless still "
+                          f"within {FLOOR_FACTOR:g}x the probe's baseline noise floor (finite, >= 1; default: "
+                          "%(default)g)")
     dif.add_argument("--report", type=Path, default=None, metavar="FILE", help="also write the diff as HTML here")
     dif.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the diff as JSON here")
     return parser

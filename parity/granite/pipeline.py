@@ -30,16 +30,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from parity.capture import (ModelRun, available_bytes, capture_against, capture_model, capture_pair, free_memory,
-                            pair_from_values)
-from parity.diff import ParityResult, diff_captures
+from parity.capture import (ModelRun, available_bytes, capture_against, capture_model, capture_pair,
+                            checkpoint_param_bytes, free_memory, pair_from_values, value_key)
+from parity.diff import ParityResult, diff_captures, near_tie_flips
 from parity.granite.hf import hf_from_folder, hf_load_audio, hf_logits_to_fms, load_hf_model, set_hf_adapter
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
 from parity.granite.probes_family import CTC5, PLUS, SPEECH, masks_for, probes_for
 from parity.granite.tp import tp_gather
 from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
+from parity.store import ReferenceMismatch, ReferenceStore, checkpoint_fingerprint  # noqa: F401 (re-exported)
 from parity.tolerances import dtype_name
+from parity.verdict import Policy, not_run_record
 
 AUDIO_TOKEN = "<|audio|>"
 DEFAULT_INSTRUCTION = f"{AUDIO_TOKEN}can you transcribe the speech into a written format?"
@@ -143,6 +145,8 @@ def _attempt(fn: Callable[[], Any]) -> Any:
     """The value, or the exception it raised (recorded on the probe instead of ending the run)."""
     try:
         return fn()
+    except ReferenceMismatch:  # a reference saved from another run is the user's input error, not a finding
+        raise
     except Exception as err:  # noqa: BLE001 - a failing stage is a finding, reported on its probe
         return err
 
@@ -187,7 +191,11 @@ class Models:
         return self.hf[self.dtype]
 
     def reference64(self):
-        if torch.float64 not in self.hf:
+        """HF in float64 made from the working dtype's model: a 16-bit case's floors then hold the same rounded
+        weights both sides run, so they measure rounding in the activations only. One such copy at a time."""
+        if self.hf64_source.get("dtype") != self.dtype:
+            self.hf.pop(torch.float64, None)
+            free_memory()
             self.hf[torch.float64] = copy.deepcopy(self.reference()).to(torch.float64)
             self.hf64_source["dtype"] = self.dtype
         return self.hf[torch.float64]
@@ -387,8 +395,12 @@ def _model_inputs(batch: Any, models: Models) -> Any:
 
 def _shortfall(models: Models, copies: float, bytes_per_value: int) -> Optional[str]:
     """None when `copies` more copies of the model at `bytes_per_value` fit on the run device (with 25% headroom),
-    else what they need and what is free."""
-    need = copies * sum(p.numel() for p in models.reference().parameters()) * bytes_per_value
+    else what they need and what is free. Counted on the loaded HF model, else (a run against saved references,
+    where HF is never loaded) from the checkpoint's safetensors headers."""
+    loaded = models.hf.get(models.dtype)
+    count = (sum(p.numel() for p in loaded.parameters()) if loaded is not None
+             else checkpoint_param_bytes(models.checkpoint, torch.uint8))  # one byte per value: the count
+    need = copies * count * bytes_per_value
     free = available_bytes(models.device)
     if free is not None and need * 1.25 > free:
         return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
@@ -399,15 +411,22 @@ def _float64(inputs: dict) -> dict:
     return {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in inputs.items()}
 
 
-def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str]:
+def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str, Optional[str]]:
+    """(measure the floors?, why, the cause when they are not measured: a `parity.verdict.CAUSES` entry)."""
     if floors == "off":
-        return False, "noise floors off (--floors off)"
+        return False, "noise floors off (--floors off)", "floors off"
     if floors == "on":
-        return True, "HF in float64 (requested)"
+        return True, "HF in float64 (requested)", None
     short = _shortfall(models, 2, 8)  # an fp64 copy beside what is loaded
     if short:
-        return False, f"noise floors skipped: an fp64 copy {short}"
-    return True, "HF in float64"
+        return False, f"noise floors not run: an fp64 copy {short}", "memory"
+    return True, "HF in float64", None
+
+
+def _note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> None:
+    """Record in a section's extras a planned check that did not run (the verdict counts it; nothing is silent)."""
+    if cause is not None:
+        extra.setdefault("not_run", []).append(not_run_record(check, why, cause))
 
 
 def _forward_kwargs(member: str) -> dict:
@@ -437,16 +456,22 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         return model(**hf_inputs, **forward_kwargs)
 
     if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
-        pair = capture_against(probes, store.get(title), ModelRun(models.fms_model(case.lora_mode),
+        reference = store.get(title, hf_inputs)  # checked against this run's inputs before anything loads
+        pair = capture_against(probes, reference, ModelRun(models.fms_model(case.lora_mode),
                                                                   lambda m: m(**fms_inputs), gather=tp_gather()), mode=mode,
                                on_raise="record")
-        floor_captures = store.get(f"{title} #floors", optional=True)
-        candidate64, why64 = _candidate64(case, models, fms_inputs, probes, floor_captures)
+        floor_captures = store.get(f"{title} #floors", hf_inputs, optional=True)
+        extra = {**lora, "reference": str(store.path),
+                 "floors": "read with the reference" if floor_captures is not None else "not in the reference"}
+        _note_not_run(extra, "noise floors", extra["floors"], None if floor_captures is not None else "reference")
+        candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes, floor_captures,
+                                                            "reference", store.made_from(f"{title} #floors"))
+        _note_not_run(extra, "float64 formula check", extra["float64"], cause)
+        if models.dtype in LOW_PRECISION:
+            _note_not_run(extra, "upcast audit", "needs the HF model here (--reference-captures)", "reference")
         result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
                                masks=masks, floors=floor_captures, candidate64=candidate64)
-        return result, {**lora, "reference": str(store.path),
-                        "floors": "read with the reference" if floor_captures is not None else "off",
-                        "float64": why64}
+        return result, extra
     if phases == "two":  # one model in memory at a time: factories, HF captures on disk in between
         hf = lambda: load_hf_family_model(models.checkpoint, models.dtype, str(models.device))  # noqa: E731
         fms = lambda: load_fms_family_model(models.checkpoint, models.dtype, models.device,  # noqa: E731
@@ -458,24 +483,35 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
                         phases=phases, hf_aliases=HF_LAYOUT_ALIASES, on_raise="record")
     extra = {**lora, "phases": pair.plan.reason}
     floor_captures = None
-    wanted, why = (False, "noise floors off in a two-phase run") if phases == "two" else _floors_wanted(floors,
-                                                                                                        models)
+    if phases == "two":
+        wanted, why, cause = False, "noise floors not run in a two-phase run", "phases two"
+    else:
+        wanted, why, cause = _floors_wanted(floors, models)
     if pair.hf.raised:
-        wanted, why = False, "noise floors off: the HF forward raised"
+        wanted, why, cause = False, "noise floors not run: the HF forward raised", "raised"
     extra["floors"] = why
+    _note_not_run(extra, "noise floors", why, cause)
     if wanted:
         hf64 = models.reference64()
         _set_adapter(hf64, has_audio)
         inputs64 = _float64(hf_inputs)
         floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
                                        aliases=HF_LAYOUT_ALIASES)
-        store.put(f"{title} #floors", floor_captures)
-    candidate64, extra["float64"] = _candidate64(case, models, fms_inputs, probes,
-                                                 None if pair.fms.raised else floor_captures)
+        store.put(f"{title} #floors", floor_captures, hf_inputs, made_from=models.hf64_source["dtype"])
+    candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes,
+                                                        None if pair.fms.raised else floor_captures,
+                                                        "raised" if pair.fms.raised else cause,
+                                                        models.hf64_source.get("dtype"))
+    _note_not_run(extra, "float64 formula check", extra["float64"], cause)
     upcasts = None
-    if phases != "two" and models.dtype in LOW_PRECISION and not (pair.hf.raised or pair.fms.raised):
-        upcasts, extra["upcast_audit"] = _upcast_audit(pair, hf, hf_forward, fms, lambda m: m(**fms_inputs))
-    store.put(title, pair.hf)
+    if models.dtype in LOW_PRECISION:
+        if phases == "two":
+            _note_not_run(extra, "upcast audit", "needs both models at once (two-phase run)", "phases two")
+        elif pair.hf.raised or pair.fms.raised:
+            _note_not_run(extra, "upcast audit", "a side's forward raised", "raised")
+        else:
+            upcasts, extra["upcast_audit"] = _upcast_audit(pair, hf, hf_forward, fms, lambda m: m(**fms_inputs))
+    store.put(title, pair.hf, hf_inputs)
     result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides, masks=masks,
                            floors=floor_captures, candidate64=candidate64, upcasts=upcasts)
     return result, extra
@@ -509,23 +545,27 @@ def _upcast_audit(pair, hf, hf_forward, fms, fms_forward) -> Tuple[Dict[str, Lis
 FLOAT64_EXACT_PREFIXES = AUDIO_PROBE_PREFIXES + ("decoder.inputs_embeds",)
 
 
-def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors) -> Tuple[Optional[object], str]:
+def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, floors_cause: Optional[str],
+                 floors_from: Optional[torch.dtype]) -> Tuple[Optional[object], str, Optional[str]]:
     """FMS loaded and run in float64 on its own inputs: beside HF in float64 (the floors), rounding is gone, so a
-    formula fault smaller than the run dtype's rounding (an eps, a constant's sixth digit) is a plain difference."""
-    if floors is None:
-        return None, "off (no HF float64 run to check against)"
-    if models.dtype == torch.float64:
-        return None, "off (the run itself is float64)"
-    if tp_gather() is not None:
-        return None, "off under tensor parallelism"
-    if models.hf64_source.get("dtype") != torch.float32:  # then HF's copy holds weights rounded to a 16-bit dtype
-        return None, f"off (HF's float64 copy was made from {models.hf64_source.get('dtype')} weights)"
+    formula fault smaller than the run dtype's rounding (an eps, a constant's sixth digit) is a plain difference.
+    Returns (captures, why, cause): a cause when the check was planned and did not run (`parity.verdict.CAUSES`).
+    Planned in float32 cases with audio; a 16-bit case's float64 reference holds its 16-bit weights, FMS's float64
+    load the checkpoint's, so the float32 cases of the run are where formulas are checked. `floors_from`: the dtype
+    HF's float64 copy behind `floors` was made from (this run's, or the one the reference's fingerprint records)."""
     exact = tuple(p for p in probes if p.name.startswith(FLOAT64_EXACT_PREFIXES))
-    if not exact:
-        return None, "off (no probe on the float64-exact audio path)"
+    if models.dtype != torch.float32 or not exact:
+        return None, "not planned here (float32 cases with audio check the formulas)", None
+    if floors is None:
+        return None, "not run: no HF float64 run to check against", floors_cause or "raised"
+    if tp_gather() is not None:
+        return None, "not run under tensor parallelism", "tensor parallel"
+    if floors_from != torch.float32:  # then HF's copy holds weights rounded to a 16-bit dtype
+        source = "unrecorded" if floors_from is None else dtype_name(floors_from)
+        return None, f"not run: HF's float64 copy was made from {source} weights", "reference"
     short = _shortfall(models, 1, 8)
     if short:
-        return None, f"off: FMS in float64 {short}"
+        return None, f"not run: FMS in float64 {short}", "memory"
     # loaded by FMS's own loader (the LoRA merged in float64) and freed at once: a float64 copy held per LoRA mode
     # would leave no room for the next case's noise floors on a GPU
     fms64 = load_fms_family_model(models.checkpoint, torch.float64, models.device, lora_mode=case.lora_mode)
@@ -536,7 +576,12 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors) -
         del fms64
         free_memory()
     return captures, (f"FMS and HF in float64 on the same inputs, {len(exact)} probes of the audio path (formula "
-                      "check; the decoder is left out: FMS rotates q and k in float32 even in a float64 model)")
+                      "check; the decoder is left out: FMS rotates q and k in float32 even in a float64 model)"), None
+
+
+def _generation_inputs(hf_inputs: dict, steps: int) -> dict:
+    """What an HF `generate` run is recorded from, for the reference store: its inputs and its new tokens."""
+    return {**hf_inputs, "new_tokens": torch.tensor(steps)}
 
 
 def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Tuple[torch.Tensor, list]:
@@ -544,7 +589,7 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
     key = f"{case.name} · HF generate"
     steps = case.generate
     if store.reading:
-        saved = store.get(key)
+        saved = store.get(key, _generation_inputs(hf_inputs, steps))
         tokens = torch.stack([saved.get(f"step.{k}.token") for k in range(steps)], dim=1)
         return tokens, [saved.get(f"step.{k}.logits") for k in range(steps)]
     hf = models.reference()
@@ -558,7 +603,7 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
     saved = pair_from_values([(Probe(f"step.{k}.{part}", "generate", "generate", teacher=()), value, value)
                               for k in range(steps) for part, value in (("token", tokens[:, k]), ("logits",
                                                                                                    logits[k]))]).hf
-    store.put(key, saved)
+    store.put(key, saved, _generation_inputs(hf_inputs, steps))
     return tokens, logits
 
 
@@ -568,7 +613,7 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     (its noise floor), for the steps before HF float64 picks a token HF did not (later steps saw other prefixes)."""
     key = f"{case.name} · HF generate #floors"
     if store.reading:
-        return store.get(key, optional=True)
+        return store.get(key, _generation_inputs(hf_inputs, case.generate), optional=True)
     steps = case.generate
     hf64 = models.reference64()
     _set_adapter(hf64, "input_features" in hf_inputs)
@@ -582,7 +627,7 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     logits64 = {k: hf_logits_to_fms(out.logits[k], scaling).cpu() for k in same_prefix}
     floors = pair_from_values([(Probe(f"step.{k}.logits", "generate", "generate", teacher=()), value, value)
                                for k, value in logits64.items()]).hf
-    store.put(key, floors)
+    store.put(key, floors, _generation_inputs(hf_inputs, steps), made_from=models.hf64_source["dtype"])
     return floors
 
 
@@ -643,11 +688,16 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
 
     # a side that raised is reported on every step it did not reach, instead of ending the run
     hf_run = _attempt(run_hf)
-    floor_captures, floors_why = None, "noise floors off (HF generate raised)"
+    floor_captures, floors_why, floors_cause = None, "noise floors not run (HF generate raised)", "raised"
     if not isinstance(hf_run, BaseException):
-        wanted, floors_why = _floors_wanted(floors, models) if not store.reading else (True, "read with the reference")
+        if store.reading:
+            wanted, floors_why, floors_cause = True, "read with the reference", None
+        else:
+            wanted, floors_why, floors_cause = _floors_wanted(floors, models)
         if wanted:
             floor_captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store)
+            if floor_captures is None:
+                floors_why, floors_cause = "noise floors not in the reference captures", "reference"
     # the fast path is single-device: a tensor-parallel run compares eager generation only, and says so
     tensor_parallel = tp_gather() is not None
     with torch.no_grad():
@@ -667,7 +717,7 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     for label, run in runs.items():
         if run is None:
             continue
-        ties = _near_tie_flips(hf_run, run, models.dtype)
+        ties = _near_ties(hf_run, run, floor_captures, models.dtype)
         rows, masks = [], {}
         batch = _rows(hf_run, run) if ties else 0
         for step in range(steps):
@@ -691,11 +741,16 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
                                floors=floor_captures, masks=masks, upcasts=upcasts)
         extra = {"new_tokens": steps, "floors": floors_why}
+        _note_not_run(extra, "noise floors", floors_why, floors_cause)
         if upcasts is not None:
             extra["upcast_audit"] = {"hf": sorted(ops["HF"].get("generate", ())),
                                      "fms": {k: sorted(v) for k, v in ops[label].items()}}
+        elif models.dtype in LOW_PRECISION:
+            _note_not_run(extra, "upcast audit", "needs HF generate run here" if store.reading else "HF generate raised",
+                          "reference" if store.reading else "raised")
         if tensor_parallel:
             extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
+            _note_not_run(extra, "fast path generation", extra["fast_path"], "tensor parallel")
         if ties:
             extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
         if not isinstance(hf_run, BaseException):
@@ -715,28 +770,14 @@ def _rows(*runs) -> int:
     return next(run[0].size(0) for run in runs if not isinstance(run, BaseException))
 
 
-def _near_tie_flips(hf_run, run, dtype: torch.dtype) -> Dict[int, dict]:
-    """Rows whose greedy token first differs from HF's at a near-tie: HF's own logits put FMS's token within twice
-    the step's largest logit difference of HF's token, so rounding alone can swap them (random weights at a real
-    vocabulary leave many such ties in 16-bit). Such a row is compared up to that step's logits, not past it: later
-    steps continue different prefixes. A flip at a wider margin is not a tie and stays a failure."""
-    if isinstance(hf_run, BaseException) or isinstance(run, BaseException):
+def _near_ties(hf_run, run, floor_captures, dtype: torch.dtype) -> Dict[int, dict]:
+    """`parity.diff.near_tie_flips` on two generation runs (none where a side raised or no floor was measured)."""
+    if isinstance(hf_run, BaseException) or isinstance(run, BaseException) or floor_captures is None:
         return {}
-    (hf_tokens, hf_logits), (tokens, logits) = hf_run, run
-    ties, parted = {}, set()
-    for step in range(min(hf_tokens.size(1), tokens.size(1), len(hf_logits), len(logits))):
-        for r in torch.nonzero(hf_tokens[:, step].cpu() != tokens[:, step].cpu()).flatten().tolist():
-            if r in parted:  # only a row's first difference can be a tie
-                continue
-            parted.add(r)
-            ref, cand = hf_logits[step][r].double().cpu(), logits[step][r].to(dtype).double().cpu()
-            hf_token, token = int(hf_tokens[r, step]), int(tokens[r, step])
-            margin = float(ref[hf_token] - ref[token])
-            bound = 2 * float((ref - cand).abs().max())
-            if margin <= bound:
-                ties[r] = {"row": r, "step": step, "hf_token": hf_token, "fms_token": token,
-                           "hf_logit_margin": margin, "bound": bound}
-    return ties
+    (hf_tokens, hf_logits), (tokens, _) = hf_run, run
+    hf64 = {k: floor_captures.get(value_key(f"step.{k}.logits")) for k in range(len(hf_logits))}
+    return near_tie_flips(hf_tokens, hf_logits, tokens, {k: v for k, v in hf64.items() if v is not None},
+                          dtype_name(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,7 +839,7 @@ def _hf_ctc_decoding(case: Case, models: Models, hf_inputs: dict, store: "Refere
 
     key = f"{case.name} · HF generate"
     if store.reading:
-        saved = store.get(key)
+        saved = store.get(key, hf_inputs)
         return {name: saved.get(name) for name in ("ctc.frame_ids", "ctc.ids", "ctc.text")}
     hf = models.reference()
     hf_processor, _ = models.processors()
@@ -809,7 +850,7 @@ def _hf_ctc_decoding(case: Case, models: Models, hf_inputs: dict, store: "Refere
     texts = hf_processor.batch_decode(frame_ids, skip_special_tokens=True)
     values = {"ctc.frame_ids": frame_ids, "ctc.ids": _ids_tensor(collapsed), "ctc.text": _text_tensor(texts)}
     store.put(key, pair_from_values([(Probe(name, "generate", "generate", teacher=()), value, value)
-                                     for name, value in values.items()]).hf)
+                                     for name, value in values.items()]).hf, hf_inputs)
     return values
 
 
@@ -856,23 +897,25 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
     from granite_speech.__main__ import DEFAULT_PROMPT
 
     key = f"{case.name} · HF transcribe"
+    audio = [hf_load_audio(path, 16000) for path in paths]
+    recorded_from = {**{f"audio.{i}": samples for i, samples in enumerate(audio)},
+                     "new_tokens": torch.tensor(case.generate)}  # what the store checks a saved transcript by
     if store.reading:
-        return store.get(key).get("transcribe.text")
+        return store.get(key, recorded_from).get("transcribe.text")
     hf_processor, _ = models.processors()
     hf = models.reference()
     _set_adapter(hf, True)
     prompt = hf_processor.tokenizer.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPT}],
                                                         tokenize=False, add_generation_prompt=True)
-    audio = [hf_load_audio(path, 16000).numpy() for path in paths]
-    inputs = hf_processor(text=[prompt] * len(audio), audio=audio, return_tensors="pt", padding=True,
-                          padding_side="left")
+    inputs = hf_processor(text=[prompt] * len(audio), audio=[samples.numpy() for samples in audio],
+                          return_tensors="pt", padding=True, padding_side="left")
     inputs = {k: (v.to(models.device, models.dtype) if v.is_floating_point() else v.to(models.device))
               for k, v in inputs.items()}
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False)
     texts = _text_tensor(hf_processor.batch_decode(out[:, inputs["input_ids"].size(1):], skip_special_tokens=True))
     store.put(key, pair_from_values([(Probe("transcribe.text", "transcribe", "transcribe", teacher=()), texts,
-                                      texts)]).hf)
+                                      texts)]).hf, recorded_from)
     return texts
 
 
@@ -922,6 +965,7 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
         extra.update(hf_text=hf_list, rows_differ=len(set(hf_list)) > 1)
     if len(decoders) == 1:
         extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
+        _note_not_run(extra, "transcribe --decoder fast", extra["fast_path"], "tensor parallel")
     return (f"{case.name} · transcribe: FMS transcribe vs HF's recipe (chat template, processor, generate, "
             "batch_decode)", "generation", result, extra)
 
@@ -953,10 +997,11 @@ def run_pipeline(
     if floors not in FLOORS:
         raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
-    store = ReferenceStore(save_captures, reference_captures)
+    store = ReferenceStore(save_captures, reference_captures, checkpoint=models.checkpoint)  # checked before loading
     sections: List[Section] = []
     inputs_meta = []
     skipped: Dict[str, str] = {}  # a section left out, and why (reported in the run's metadata)
+    not_run: List[dict] = []  # planned checks of no section that did not run (the verdict counts them)
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
         base = models
         ctc = models.member == CTC5
@@ -981,6 +1026,7 @@ def run_pipeline(
             model_extra["feed"] = "HF preprocessing to both" if fed is hf_inputs else "each side its own"
             if case.generate and phases == "two":
                 model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
+                _note_not_run(model_extra, "generation and transcribe", model_extra["generation"], "phases two")
             sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
                 sections.extend(generation(case, models, hf_inputs, fed, overrides, store, floors))
@@ -989,66 +1035,13 @@ def run_pipeline(
                     if plumbing is None:
                         progress(f"transcribe section {why}")
                         skipped["transcribe"] = why
+                        not_run.append(not_run_record("transcribe", why, "memory", section=case.name))
                     else:
                         sections.append(_transcribe_section(case, plumbing, why, Path(tmp), overrides, store))
     written = store.finish()
-    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode, **skipped,
+    return sections, {"inputs": inputs_meta, "feed": feed, "mode": mode, **skipped, "not_run": not_run,
                       "saved_captures": None if written is None else str(written),
                       "reference_captures": None if reference_captures is None else str(reference_captures)}
-
-
-REFERENCE_FILE = "hf_captures.safetensors"
-
-
-class ReferenceStore:
-    """HF-side captures of a run, by section: collected to be saved (`--save-captures DIR`), or read from such a
-    folder (`--reference-captures DIR`) so that the HF model is never loaded."""
-
-    def __init__(self, save: Optional[Path] = None, read: Optional[Path] = None):
-        from parity.capture import load_capture_sets
-
-        self.save_path = None if save is None else Path(save) / REFERENCE_FILE
-        self.path = None if read is None else Path(read) / REFERENCE_FILE
-        self.sets = load_capture_sets(self.path) if self.path is not None else {}
-        self.reading = self.path is not None
-
-    def get(self, name: str, optional: bool = False):
-        if name not in self.sets:
-            if optional:
-                return None
-            raise ValueError(f"the reference captures {self.path} hold no {name!r} (they were recorded with other "
-                             f"inputs; have {sorted(self.sets)[:6]}...)")
-        return self.sets[name]
-
-    def put(self, name: str, captures) -> None:
-        if self.save_path is not None and not self.reading:
-            self.sets[name] = captures
-
-    def finish(self) -> Optional[Path]:
-        from parity.capture import save_capture_sets
-
-        if self.save_path is None or self.reading:
-            return None
-        return save_capture_sets(self.save_path, self.sets)
-
-
-def checkpoint_fingerprint(folder: Union[str, Path]) -> str:
-    """sha256 over config.json, adapter_config.json and every safetensors file's name, size and header (the tensor
-    names, dtypes, shapes and offsets): identifies a checkpoint without reading gigabytes of weights."""
-    import hashlib
-    import struct
-
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
-        digest.update(f"{path.name}|{path.stat().st_size}|".encode())
-        with open(path, "rb") as handle:
-            if path.suffix == ".safetensors":
-                (length,) = struct.unpack("<Q", handle.read(8))
-                digest.update(handle.read(min(length, 100_000_000)))
-            else:
-                digest.update(handle.read())
-    return digest.hexdigest()
 
 
 def member_metadata(checkpoint: Union[str, Path]) -> dict:
@@ -1074,7 +1067,7 @@ def compare_report(
     feed: str = "own",
     floors: str = "auto",
     phases: str = "one",
-    strict: bool = False,
+    policy: Policy = Policy(),
     overrides: Optional[dict] = None,
     seed: Optional[int] = None,
     save_captures: Optional[Path] = None,
@@ -1082,22 +1075,23 @@ def compare_report(
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """The `compare` job: every case through the pipeline, one report (JSON-able dict). `seeded` names the fixture
-    variant when the weights are the seeded random fixture rather than a real checkpoint. With `strict`, probes far
-    above their measured noise floor fail the run even inside tolerance."""
+    variant when the weights are the seeded random fixture rather than a real checkpoint. `policy` is how the
+    verdict judges the records (`parity.verdict`): lenient or not, and which causes of checks not run were asked
+    for."""
     from parity.report import build_multi_report, run_metadata
 
     sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
                                    floors=floors, phases=phases, overrides=overrides, progress=progress,
                                    save_captures=save_captures, reference_captures=reference_captures)
-    if strict:
-        for _, _, result, _ in sections:
-            result.strict = True
+    for _, _, result, _ in sections:
+        result.lenient = policy.lenient
     meta = run_metadata(
-        device=device, dtype=dtype, seed=seed, checkpoint=str(checkpoint), mode=mode, feed=feed, strict=strict,
+        device=device, dtype=dtype, seed=seed, checkpoint=str(checkpoint), mode=mode, feed=feed,
         weights=f"seeded-random ({seeded}, seed {seed})" if seeded else "checkpoint",
         checkpoint_sha256=checkpoint_fingerprint(checkpoint), inputs=extra["inputs"],
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
         tensor_parallel_ranks=_ranks(), **({"transcribe": extra["transcribe"]} if "transcribe" in extra else {}),
+        not_run=extra["not_run"],
     )
-    return build_multi_report(sections, meta)
+    return build_multi_report(sections, meta, policy=policy)
