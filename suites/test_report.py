@@ -1,5 +1,6 @@
 """Parity reports: JSON shape (sections, summary, schema-1 compatibility), HTML (verdict, margin, escaping, plot,
-no-JS folding), terminal output (worst probes first) and report diffs over time. CPU only, no models."""
+no-JS folding) and terminal output (worst probes first); report diffs over time: test_report_diff.py. CPU only,
+no models."""
 
 import copy
 import json
@@ -12,7 +13,6 @@ import torch
 from parity.diff import Comparison, ParityResult, ProbeResult, Status, compare
 from parity.report import (SCHEMA, build_multi_report, build_report, read_json, render_html, render_terminal,
                            result_from_report, results_from_report, write_json)
-from parity.report_diff import assert_no_growth, diff_reports, render_diff_html, render_diff_terminal
 from parity.tolerances import Tolerance
 
 REAL = Path(__file__).resolve().parent.parent / "results" / "gpu-h100-2b" / "report.json"
@@ -297,90 +297,3 @@ def test_terminal_lists_every_failing_probe_per_section(failing):
     for name in failing_names:
         assert re.search(rf"^\s*\d+ {re.escape(name)}\s", text, re.M), name
     assert "suspect" in text and "×" in text  # floor ratios when present
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reports over time
-
-
-def _scaled(report: dict, factors: dict) -> dict:
-    new = copy.deepcopy(report)
-    for probe in new["sections"][0]["result"]["probes"]:
-        if probe["name"] in factors:
-            m = probe["propagated"]["metrics"]
-            m["max_abs"] *= factors[probe["name"]]
-            m["tol_ratio"] *= factors[probe["name"]]
-    return new
-
-
-def test_diff_flags_a_100x_growth_and_not_a_2x_one(real):
-    new = _scaled(real, {"decoder.layer.20.mlp": 100.0, "decoder.layer.21.mlp": 2.0})
-    diff = diff_reports(real, new)
-    json.dumps(diff, allow_nan=False)
-    rows = {r["name"]: r for r in diff["probes"]}
-    assert rows["decoder.layer.20.mlp"]["grew"] and not rows["decoder.layer.21.mlp"]["grew"]
-    assert rows["decoder.layer.20.mlp"]["growth"] == pytest.approx(100.0)
-    assert diff["summary"]["verdict"] == "regressed" and diff["summary"]["grew"] == 1
-    assert diff["summary"]["matched"] == 345 and diff["summary"]["max_growth"]["name"] == "decoder.layer.20.mlp"
-    term = render_diff_terminal(diff)
-    assert term.startswith("REPORT DIFF REGRESSED") and "decoder.layer.20.mlp" in term.split("largest growth")[0]
-    page = render_diff_html(diff)
-    assert "<title>REGRESSED · Parity report diff · 345 probes matched</title>" in page
-    assert page.count("<svg") == 1 and "decoder.layer.20.mlp" in page
-    assert diff_reports(real, real)["summary"]["verdict"] == "ok"
-
-
-def test_diff_status_regression_zero_floor_and_unmatched_probes(failing):
-    old = synthetic_report(fail=False)
-    diff = diff_reports(old, failing)
-    rows = {(r["section"], r["name"]): r for r in diff["probes"]}
-    step = rows[("greedy decode", "generate.step.4")]
-    assert step["regressed"] and step["status_changed"] and step["old"]["max_abs"] == 0
-    assert diff["summary"]["verdict"] == "regressed"
-    # 0 -> 1e-12 is below floor_abs: no growth flag
-    new = _scaled(old, {"features.waveform": 1.0})
-    new["sections"][0]["result"]["probes"][0]["propagated"]["metrics"]["max_abs"] = 1e-12
-    quiet = diff_reports(old, new)
-    assert quiet["summary"]["verdict"] == "ok" and quiet["summary"]["grew"] == 0
-    renamed = copy.deepcopy(old)
-    renamed["sections"][1]["title"] = "clip 2"
-    moved = diff_reports(old, renamed)
-    assert moved["summary"]["only_in_old"] == moved["summary"]["only_in_new"] == 43
-    assert "only in old (43)" in render_diff_terminal(moved)
-
-
-def test_assert_no_growth(real, tmp_path):
-    baseline = write_json(real, tmp_path / "baseline.json")
-    assert assert_no_growth(baseline, real)["summary"]["verdict"] == "ok"
-    with pytest.raises(AssertionError, match=r"(?s)REPORT DIFF REGRESSED.*decoder\.layer\.3\.attn\.q"):
-        assert_no_growth(baseline, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}))
-    assert_no_growth(real, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}), growth=2000.0)
-
-
-def test_pytest_baseline_fails_on_growth(tmp_path):
-    """`pytest --parity-baseline OLD.json` fails the layer suite when a probe's error grew past the factor: a baseline
-    whose errors are 1e-6 of today's makes every non-zero probe a 1e6x growth."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    today = tmp_path / "today.json"
-    run = [sys.executable, "-m", "pytest", "suites/test_layers.py", "--model", "tiny", "-q", "-p", "no:cacheprovider",
-           "--parity-mode", "teacher-forced"]
-    first = subprocess.run(run + ["--parity-json", str(today)], cwd=root, capture_output=True, text=True)
-    assert first.returncode == 0, first.stdout[-2000:]
-    again = subprocess.run(run + ["--parity-baseline", str(today)], cwd=root, capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout[-2000:]  # no growth against itself
-    shrunk = json.loads(today.read_text())
-    for section in shrunk["sections"]:
-        for probe in section["result"]["probes"]:
-            metrics = probe["propagated"].get("metrics") or {}
-            if isinstance(metrics.get("max_abs"), float):
-                metrics["max_abs"] *= 1e-6
-    shrunk["result"] = shrunk["sections"][0]["result"]
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps(shrunk))
-    grown = subprocess.run(run + ["--parity-baseline", str(old)], cwd=root, capture_output=True, text=True)
-    assert grown.returncode == 1 and "grew" in grown.stdout.lower(), grown.stdout[-2000:]
