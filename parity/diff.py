@@ -373,26 +373,36 @@ def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Toleran
 # 16-bit runs: two correct implementations each round to the dtype, so FMS and HF differ by a few times the
 # reference's own rounding error (HF in the run dtype against HF in float64, from the same 16-bit weights). Where
 # that floor was measured, an element outside the dtype table still passes within `floor_gate` times the floor of its
-# own row (the last dim: one token's hidden state, one step's logits), never a floor taken anywhere in the tensor,
-# so a single badly wrong element fails. Measured on a correct port (tiny, bf16, CPU, compare's bf16 case): an
-# element outside the table needs at most 2.27x its row's floor (decoder.layer.1.mlp); 4 keeps 1.8x above that.
-# The per-tensor floor it replaces let an element pass under 2x the largest rounding error anywhere in the tensor
-# (8x larger than its row's there). float32 keeps its documented gate.
-FLOOR_GATE = 4.0
+# own row (the last dim: one token's hidden state, one step's logits; floored at the median row's, `row_floors`),
+# never a floor taken anywhere in the tensor, so a single badly wrong element fails. Measured on correct bf16 ports
+# (200 fuzzed configs, CPU, results/verdict/): at 4x, 9 configs still failed (needing up to 4.9x, where the
+# error compounds through random layers); 8 -- the factor of the floor rule itself -- passed all. The per-tensor
+# gate it replaces let an element pass under 2x the largest rounding error anywhere in the tensor. float32 keeps its
+# documented gate.
+FLOOR_GATE = 8.0
 FLOOR_GATED_DTYPES = ("bfloat16", "float16")
+# a greedy flip is a near tie when HF's own margin between the two tokens is within this many times HF's own rounding
+# error in that step's logits row: the flips of compare's bf16 case (tiny, CPU) stand at 0.46x at most
+NEAR_TIE_FACTOR = 2.0
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(1, -1)
 
 
-def row_floors(hf: torch.Tensor, hf64: torch.Tensor, run_dtype: str) -> torch.Tensor:
+def row_floors(hf: torch.Tensor, hf64: torch.Tensor, run_dtype: str,
+               valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per row (all dims but the last), HF's own rounding error max |hf - hf64|, never below one ulp of the run
-    dtype at the row's largest |hf| (a row HF happened to round exactly would make any difference look infinite)."""
+    dtype at the row's largest |hf| nor below the median (valid) row's: one row's floor is a single draw of the
+    rounding noise, and a row HF happened to round well must not turn the other side's ordinary rounding into a
+    fault (measured: correct bf16 ports over fuzzed configs, results/verdict/)."""
     b, c = _rows(hf.detach().to("cpu", torch.float64)), _rows(hf64.detach().to("cpu", torch.float64))
     spread = torch.where(torch.isfinite(b) & torch.isfinite(c), (b - c).abs(), 0.0).amax(dim=-1)
     absmax = torch.where(torch.isfinite(b), b.abs(), 0.0).amax(dim=-1)
-    return torch.maximum(spread, ulp(absmax, run_dtype)) if run_dtype in _FLOAT_FORMATS else spread
+    floors = torch.maximum(spread, ulp(absmax, run_dtype)) if run_dtype in _FLOAT_FORMATS else spread
+    judged = _rows(_expand_valid(valid, hf.shape)).any(dim=-1) if valid is not None else torch.ones_like(spread,
+                                                                                                         dtype=bool)
+    return floors.clamp_min(float(floors[judged].median())) if bool(judged.any()) else floors
 
 
 def _floor_gate(comparison: Comparison, hf: torch.Tensor, fms: torch.Tensor, floors: torch.Tensor, tol: Tolerance,
@@ -543,7 +553,7 @@ def _gate_by_row_floors(pair, floors, probe: Probe, comparisons, tol: Tolerance,
     hf64, _ = _side_value(floors, key, "HF float64", probe.hf_adapter)
     if hf is None or hf64 is None or hf.shape != hf64.shape:
         return
-    per_row = row_floors(hf, hf64, run_dtype)
+    per_row = row_floors(hf, hf64, run_dtype, valid)
     for comparison, fms_key in zip(comparisons, (key, teacher_output_key(probe.name))):
         fms, _ = _side_value(pair.fms, fms_key, "FMS", probe.fms_adapter)
         if fms is not None:
@@ -579,7 +589,7 @@ def first_own_error(results: Sequence[ProbeResult], floor_factor: Optional[float
 
 def near_tie_flips(hf_tokens: torch.Tensor, hf_logits: Sequence[torch.Tensor], tokens: torch.Tensor,
                    hf64_logits: Mapping[int, torch.Tensor], run_dtype: str,
-                   factor: float = FLOOR_GATE) -> Dict[int, dict]:
+                   factor: float = NEAR_TIE_FACTOR) -> Dict[int, dict]:
     """Rows whose greedy token first differs from HF's at a near-tie, by the reference alone: HF's own margin between
     its token and FMS's is within `factor` x HF's own rounding error at that step and row (max |HF - HF float64| of
     the row's logits, `hf64_logits[step]`), so rounding alone can swap them. Only in 16-bit runs, and only at steps

@@ -5,7 +5,7 @@ against a wider margin, a flip in float32, or one at a step whose float64 logits
 
 import torch
 
-from parity.diff import FLOOR_GATE, near_tie_flips
+from parity.diff import NEAR_TIE_FACTOR, near_tie_flips
 
 VOCAB = 8
 
@@ -35,8 +35,8 @@ def test_a_flip_inside_hfs_own_rounding_is_a_near_tie():
                           "bfloat16")
     assert list(ties) == [0]
     assert ties[0]["step"] == 0 and ties[0]["hf_token"] == 3 and ties[0]["fms_token"] == 5
-    # the bound is FLOOR_GATE x HF's rounding in that row: max(0.001, one bf16 ulp at |1.0| = 2**-7)
-    assert abs(ties[0]["bound"] - FLOOR_GATE * 2 ** -7) < 1e-12 and abs(ties[0]["hf_logit_margin"] - 0.002) < 1e-6
+    # the bound is NEAR_TIE_FACTOR x HF's rounding in that row: max(0.001, one bf16 ulp at |1.0| = 2**-7)
+    assert abs(ties[0]["bound"] - NEAR_TIE_FACTOR * 2 ** -7) < 1e-12 and abs(ties[0]["hf_logit_margin"] - 0.002) < 1e-6
 
 
 def test_the_bound_ignores_how_far_the_candidates_logits_are():

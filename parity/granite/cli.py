@@ -47,7 +47,8 @@ DIFF_EXIT = exit_codes_epilog(ok=": nothing grew past its bound, stopped passing
                                      "section\n     stopped passing, a probe or section of OLD is absent from NEW, or "
                                      "one new in NEW does not pass")
 TOP_EXIT = exit_codes_epilog(ok=" (compare: parity holds; diff: nothing grew or regressed)",
-                             failed="compare: parity fails; diff: a probe grew more than --growth or regressed",
+                             failed="compare: parity fails; diff: a probe grew past its bound, regressed or "
+                                    "disappeared",
                              incomplete=f"compare: {INCOMPLETE}")
 VERDICT_EXIT = {"pass": 0, "fail": 1, "incomplete": 4}
 

@@ -157,8 +157,10 @@ def granite_speech_table(dims: GraniteSpeechDims, transformers_version: str, *,
     return (
         Probe("encoder.input_linear", "encoder.input_linear", "encoder.input_linear"),
         Repeat("i", 0, "encoder_mid", ENCODER_BLOCK_ROWS),
-        Probe("encoder.ctc_mid", "encoder.out_mid", "encoder.ctc_out_mid",
-              note="self-conditioning term out_mid(softmax(out(h))) added after the middle block"),
+        # a one-block encoder has no middle block (L // 2 = 0 counts from 1): neither side self-conditions
+        *((Probe("encoder.ctc_mid", "encoder.out_mid", "encoder.ctc_out_mid",
+                 note="self-conditioning term out_mid(softmax(out(h))) added after the middle block"),)
+          if dims.encoder_layers >= 2 else ()),
         Repeat("i", "encoder_mid", "encoder_layers", ENCODER_BLOCK_ROWS),
         Repeat("l", 0, "qformer_layers", QFORMER_ROWS),
         Probe("projector.out", "projector.linear", "projector.out_proj", note="projected audio embeddings [B, nb*Q, Dt]"),
