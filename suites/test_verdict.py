@@ -42,6 +42,17 @@ def test_an_exact_probe_fails_through_diff_captures_with_overrides():
     assert not result.passed and result.probes[0].tolerance == EXACT
 
 
+def test_masked_positions_are_not_compared_and_all_masked_is_empty():
+    """Padded positions are undefined on both sides: never counted as matches, and nothing left is no pass."""
+    hf, fms = torch.ones(2, 3), torch.ones(2, 3)
+    fms[1] = 5.0  # the padded row differs: it must not matter, nor count as compared
+    tol = tolerance_for("float32", "cpu")
+    some = compare(hf, fms, tol, valid=torch.tensor([True, False]))
+    assert some.passed and some.metrics.numel == 3 and some.metrics.masked_out == 3
+    nothing = compare(hf, fms, tol, valid=torch.tensor([False, False]))
+    assert nothing.status == Status.EMPTY and section_verdict([_probe(propagated=nothing.status)])["verdict"] == FAIL
+
+
 # ---------------------------------------------------------------------------------------------- probe rules
 def _probe(propagated=Status.PASS, teacher=Status.NOT_RUN, **fields):
     record = {"name": fields.pop("name", "p"), "index": 0, "propagated": {"status": propagated},
