@@ -34,6 +34,8 @@ from granite_speech.checkpoint.files import CheckpointFormatError, check_checkpo
 from granite_speech.cli_errors import UsageError
 from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
 
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the CLI's contract on the tiny fixture
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP = SPEECH_DIR / "9002-102-0000.flac"
 HAS_CUDA = torch.cuda.is_available()

@@ -3,9 +3,12 @@ nearly tie, within a few times HF's own 16-bit rounding error at that step and r
 rounding, not a fault; the bound comes from the reference alone, so a worse candidate excuses nothing more. A flip
 against a wider margin, a flip in float32, or one at a step whose float64 logits were not measured fails."""
 
+import pytest
 import torch
 
 from parity.diff import NEAR_TIE_FACTOR, near_tie_flips
+
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # the near-tie rule on hand-made logits
 
 VOCAB = 8
 

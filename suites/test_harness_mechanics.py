@@ -34,6 +34,8 @@ from parity.probes import Probe, ProbeResolutionError, Repeat, expand, resolve_m
 from parity.report import build_report, read_json, render_html, render_terminal, result_from_report, run_metadata, write_json
 from parity.tolerances import Tolerance, tolerance_for, ulp
 
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # toy models and the tiny HF model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 

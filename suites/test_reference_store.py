@@ -20,6 +20,8 @@ from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
 from parity.store import (FINGERPRINT_KEY, REFERENCE_FILE, ReferenceMismatch, ReferenceStore, checkpoint_fingerprint,
                           read_fingerprint)
 
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the store's fingerprints on the tiny fixture
+
 CLIP = SPEECH_DIR / "9001-101-0000.flac"
 OTHER_CLIP = SPEECH_DIR / "9003-103-0000.flac"
 MODEL_SET = "given audio (1 clip) · model"

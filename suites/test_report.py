@@ -15,6 +15,8 @@ from parity.report import (SCHEMA, build_multi_report, build_report, read_json, 
                            result_from_report, results_from_report, write_json)
 from parity.tolerances import Tolerance
 
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # hand-made and committed reports
+
 REAL = Path(__file__).resolve().parent.parent / "results" / "gpu-h100-2b" / "report.json"
 FP32 = Tolerance(1e-3, 1e-3, 0.0, 0.0, "fp32 target atol=rtol=1e-3")
 EXACT = Tolerance(0.0, 0.0, 0.0, 0.0, "integers: must be equal")

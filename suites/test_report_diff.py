@@ -17,6 +17,8 @@ from parity.report import build_multi_report, read_json, write_json
 from parity.report_diff import assert_no_growth, diff_reports, render_diff_html, render_diff_terminal
 from parity.tolerances import Tolerance, regression_bound
 
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # hand-made reports
+
 REAL = Path(__file__).resolve().parent.parent / "results" / "gpu-h100-2b" / "report.json"
 FP32 = Tolerance(1e-3, 1e-3, 0.0, 0.0, "fp32 target atol=rtol=1e-3")
 

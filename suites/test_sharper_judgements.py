@@ -14,6 +14,8 @@ from parity.diff import Status, diff_captures
 from parity.precision import audit_ops, missing_upcasts
 from parity.probes import Probe
 
+pytestmark = pytest.mark.runs_at("toy", device="cpu", dtype="float32")  # toy models
+
 torch.set_num_threads(1)
 DIM = 16
 PROBES = tuple(Probe(f"block.{i}", f"blocks.{i}", f"blocks.{i}") for i in range(3))

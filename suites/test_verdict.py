@@ -16,6 +16,8 @@ from parity.tolerances import EXACT, tolerance_for
 from parity.verdict import (FAIL, INCOMPLETE, PASS, Policy, failing_rules, not_run_record, run_verdict,
                             section_verdict)
 
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # rules on hand-made records; the CLI test is marked on its own
+
 LOOSE = {"atol": 0.01, "rtol": 0.01}
 
 
@@ -236,6 +238,7 @@ def test_every_judge_mutant_applies_to_the_current_sources():
 
 
 # ---------------------------------------------------------------------------------------------- the CLI's exit code
+@pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
 def test_compare_exits_4_when_the_floors_do_not_fit_and_0_with_allow_partial(tmp_path, monkeypatch, capsys):
     """Short of memory for HF's float64 copy, the floors and the formula check do not run: the run is INCOMPLETE
     (exit 4), the terminal, the HTML and the JSON list both checks with their cause; --allow-partial accepts it."""
