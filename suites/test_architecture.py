@@ -10,6 +10,7 @@ import pytest
 from granite_speech.config import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # source and configs only
 PACKAGES = ("granite_speech", "parity")
 GLUE = ("parity.granite", "parity.granite_lm")
 ENGINE_FORBIDDEN = ("transformers", "granite_speech", "fms", "peft") + GLUE

@@ -1,15 +1,13 @@
 """Bad input gets a clear error that names what was wrong: audio and prompts through the processor, tensors through
 the model's forward, corrupted checkpoints through the loader, broken configs, and the CLI.
 
-Audio, prompt and forward cases run against the session's model (`--model`); checkpoint corruption always edits a
-temporary copy of the tiny fixture (never the cached folder), since only the file handling is under test there.
+Audio, prompt and forward cases run against the session's model (`--model`: `model:...` in the test id); checkpoint
+corruption always edits a temporary copy of the tiny fixture (never the cached folder), since only the file handling
+is under test there, and the config and CLI cases need no model (`fixed:...`: the CPU gate runs them).
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +23,9 @@ from granite_speech.processor import GraniteSpeechProcessor
 from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
 from granite_speech.checkpoint import load_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "<|audio|> please transcribe this clip."
+SESSION = pytest.mark.runs_at("session")
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # all but the SESSION-marked tests
 
 
 def _noise(num_samples: int, seed: int = 0) -> torch.Tensor:
@@ -39,6 +38,7 @@ def processor(checkpoint_dir):
     return GraniteSpeechProcessor.from_pretrained(checkpoint_dir)
 
 
+@SESSION
 @pytest.mark.parametrize(
     "make_audio, kwargs, error, message",
     [
@@ -76,12 +76,14 @@ def test_processor_rejects_bad_audio(processor, make_audio, kwargs, error, messa
         processor(PROMPT, make_audio(), **kwargs)
 
 
+@SESSION
 def test_processor_accepts_the_shortest_valid_clip(processor):
     # the boundary of the too-short case: 257 samples is HF's minimum and must work (so the check is not too strict)
     out = processor(PROMPT, _noise(257))
     assert out["input_features"].shape[1] == 1 and bool(torch.isfinite(out["input_features"]).all())
 
 
+@SESSION
 @pytest.mark.parametrize(
     "texts, num_clips, message",
     [
@@ -115,6 +117,7 @@ def forward_inputs(fms_model, device, dtype):
             "vocab": cfg.text_config.src_vocab_size}
 
 
+@SESSION
 @torch.no_grad()
 def test_forward_accepts_the_valid_inputs(fms_model, forward_inputs):
     # the control for every case below: the unbroken inputs run
@@ -173,6 +176,7 @@ def _break(inputs, case):
         ("negative-id", r"input_ids hold token id -1, outside this model's vocabulary \[0, {vocab}\)"),
     ],
 )
+@SESSION
 @torch.no_grad()
 def test_forward_rejects_bad_tensors(fms_model, forward_inputs, case, message):
     q = forward_inputs["q"]
@@ -367,25 +371,27 @@ def test_inconsistent_fms_configs(build, message):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-# the real entry point in a subprocess; the full bad-input table of both CLIs is suites/test_cli_errors.py
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "granite_speech", "transcribe", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+# `transcribe`'s main as its console script calls it; the process boundary (`python -m granite_speech`) is
+# suites/test_cli_errors.py's (test_version), which also holds the whole bad-input table of both CLIs
+def _cli(capsys, *args: str) -> tuple:
+    from granite_speech.__main__ import main
+
+    code = main(["transcribe", *args])
+    return code, capsys.readouterr().err
 
 
-def test_cli_missing_audio_file(tiny_checkpoint, tmp_path):
+def test_cli_missing_audio_file(tiny_checkpoint, tmp_path, capsys):
     missing = tmp_path / "missing.flac"
-    result = _cli("--checkpoint", str(tiny_checkpoint), str(missing))
-    assert result.returncode == 2  # usage or input error (suites/test_cli_errors.py holds the whole contract)
-    assert f"no such audio file: {missing}" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+    code, err = _cli(capsys, "--checkpoint", str(tiny_checkpoint), str(missing))
+    assert code == 2  # usage or input error (suites/test_cli_errors.py holds the whole contract)
+    assert f"no such audio file: {missing}" in err, err
+    assert "Traceback" not in err, err
 
 
-def test_cli_missing_checkpoint_folder(tmp_path):
+def test_cli_missing_checkpoint_folder(tmp_path, capsys):
     clip = sorted(SPEECH_DIR.glob("*.flac"))[0]
     missing = tmp_path / "no-checkpoint"
-    result = _cli("--checkpoint", str(missing), str(clip))
-    assert result.returncode == 2
-    assert f"checkpoint folder {missing} does not exist" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr
+    code, err = _cli(capsys, "--checkpoint", str(missing), str(clip))
+    assert code == 2
+    assert f"checkpoint folder {missing} does not exist" in err, err[-2000:]
+    assert "Traceback" not in err, err

@@ -16,6 +16,9 @@ from parity.granite.hf import TRANSFORMERS_VERSION
 from granite_speech.checkpoint import load_model
 
 
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # file handling: the tiny fixture
+
+
 @pytest.fixture(scope="module")
 def tiny_hub():
     return build_checkpoint("tiny", layout="hub")

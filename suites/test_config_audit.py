@@ -37,6 +37,7 @@ from granite_speech.config import (
     resolve_tie,
 )
 
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # configs only
 HF_CLASSES = {
     "": GraniteSpeechConfig,
     "encoder_config": GraniteSpeechEncoderConfig,

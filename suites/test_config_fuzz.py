@@ -37,6 +37,7 @@ from granite_speech.checkpoint.config_audit import UnsupportedConfigError
 from parity.granite.hf import TRANSFORMERS_VERSION, hf_logits_to_fms, load_hf_model, set_hf_adapter
 
 TF5 = TRANSFORMERS_VERSION.major >= 5
+pytestmark = pytest.mark.runs_at("toy", device="cpu", dtype="float32")  # its own small drawn configs
 RTOL = 1e-4  # max |FMS - HF| over valid positions <= RTOL * max |HF|
 
 _PROFILES = {

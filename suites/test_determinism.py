@@ -10,7 +10,6 @@ dtype (`model:...`), and first make sure there is something to repeat: varied to
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
 from parity.granite.fixtures import build_checkpoint
+from parity.granite.plugin import early_launch, launch_logged
 from granite_speech.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,17 +124,31 @@ def test_two_loads_of_one_checkpoint_give_identical_bits(tiny_seed0):
     assert digests[0] == digests[1]
 
 
-@FIXED
-def test_a_fresh_process_gives_identical_bits(tiny_seed0):
+def _fresh_process_digest(folder: Path):
+    """The tiny fixture's logits digest computed by a fresh interpreter (started when collection ends)."""
     threads = torch.get_num_threads()
-    here = logits_digest(str(tiny_seed0), seed=5, num_threads=threads)
+    (folder / "threads").write_text(str(threads))
     code = (
         "import sys; sys.path.insert(0, 'suites'); from test_determinism import logits_digest; "
         "print(logits_digest(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", code, str(tiny_seed0), "5", str(threads)], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    return launch_logged([sys.executable, "-c", code, str(build_checkpoint("tiny", seed=0)), "5", str(threads)],
+                         folder, cwd=REPO_ROOT, env=env)
+
+
+EARLY_LAUNCHES = {"fresh_process": _fresh_process_digest}  # started when collection ends (see the plugin)
+
+
+@pytest.fixture(scope="module")
+def fresh_process(request):
+    return early_launch(request)
+
+
+@FIXED
+def test_a_fresh_process_gives_identical_bits(fresh_process, tiny_seed0):
+    result, folder = fresh_process
+    here = logits_digest(str(tiny_seed0), seed=5, num_threads=int((folder / "threads").read_text()))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == here
 

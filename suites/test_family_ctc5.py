@@ -1,11 +1,14 @@
-"""granite-speech-5.0-470m-turboctc (HF `granite_speech5`) in FMS against HF transformers, fp32 on CPU.
+"""granite-speech-5.0-470m-turboctc (HF `granite_speech5`) in FMS against HF transformers.
 
-A random-weight tiny model built with HF's own classes (configs/tiny-5.json), saved with `save_pretrained` and
-loaded through `get_model("hf_pretrained")`; inputs are the real feature extractor's output for a padded batch of
-two committed clips of different lengths. Compared at atol = rtol = 1e-4: the features (vs HF's extractor), every
-encoder block output, the self-conditioning term, the encoder output, the CTC logits (valid frames only: the model
-masks padding, padded positions are undefined on both sides), and exactly: the greedy ids, the CTC-collapsed ids and
-the decoded text.
+The member follows --model / --device / --dtype (`family_variant`, see the plugin): the CPU gate (--model tiny) runs
+the tiny version (configs/tiny-5.json) on the CPU in fp32, `--model 5.0-470m --device cuda` the member at its real
+dimensions; either is the seeded family fixture (HF's own classes, `save_pretrained`), loaded through
+`get_model("hf_pretrained")`. Inputs are the real feature extractor's output for a padded batch of two committed
+clips of different lengths. Compared (tiny fp32: atol = rtol = 1e-4; otherwise the tolerance table): every encoder
+block output, the self-conditioning term, the encoder output, the CTC logits (valid frames only: the model masks
+padding, padded positions are undefined on both sides), and exactly: the greedy ids, the CTC-collapsed ids and the
+decoded text. The features (vs HF's extractor, exactly), configs and the loading guards are size-independent
+(`fixed:...` in the test id: the CPU gate runs them).
 """
 
 
@@ -36,8 +39,11 @@ from parity.granite.fixtures.family import (
 from parity.testing import assert_parity
 from parity.tolerances import EXACT, Tolerance
 
-TOL = Tolerance(1e-4, 1e-4, why="family parity suites: fp32 atol = rtol = 1e-4")
+TOL = Tolerance(1e-4, 1e-4, why="family parity suites: fp32 atol = rtol = 1e-4")  # the fixed-size tests'
 CLIPS = ("9002-102-0001", "9001-101-0001")  # 399 mel frames (odd) and 242 (even): 200 and 121 encoder frames
+VARIANT = {"tiny-5": "tiny", "5.0-470m": "5.0-470m"}  # family fixture -> ctc5.VARIANTS name
+FIXED = pytest.mark.runs_at("tiny-5", device="cpu", dtype="float32")  # features, configs, own tiny builds
+pytestmark = pytest.mark.family_members(*VARIANT)  # the member of the other tests
 
 
 @pytest.fixture(scope="module")
@@ -56,34 +62,38 @@ def fms_extractor():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model, folder = build_family_checkpoint("tiny-5", tmp_path_factory.mktemp("tiny5"), seed=5)
-    return model, folder
+def hf_model(family_hf_model):
+    return family_hf_model
 
 
 @pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    _, folder = checkpoint
-    model = transformers.GraniteSpeech5ForCTC.from_pretrained(str(folder), dtype=torch.float32)
-    return model.eval()
+def fms_model(family_fms_model):
+    return family_fms_model
 
 
 @pytest.fixture(scope="module")
-def fms_model(checkpoint):
-    _, folder = checkpoint
-    return get_model("hf_pretrained", model_path=str(folder)).eval()
-
-
-@pytest.fixture(scope="module")
-def batch(clips, fms_extractor):
+def features(clips, fms_extractor):
+    """The padded batch's features on the CPU in fp32 (for the fixed-size tests)."""
     return fms_extractor(clips, sampling_rate=16000)
+
+
+@pytest.fixture(scope="module")
+def batch(features, device, dtype):
+    return {"input_features": features["input_features"].to(device, dtype),
+            "attention_mask": features["attention_mask"].to(device)}
 
 
 def _record(record_property):
     return lambda name, value: record_property(name, value)
 
 
+def _judge(name, reference, candidate, dtype, device, tolerance, record_property=None, **kwargs):
+    assert_parity(name, reference, candidate, dtype=dtype, device=device, tolerance=tolerance,
+                  record=None if record_property is None else _record(record_property), **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- features
+@FIXED
 @pytest.mark.parametrize("which", ["batch", "odd_alone", "even_alone"])
 def test_features_equal_hf(which, clips, hf_extractor, fms_extractor, record_property):
     picked = {"batch": clips, "odd_alone": clips[:1], "even_alone": clips[1:]}[which]
@@ -96,11 +106,13 @@ def test_features_equal_hf(which, clips, hf_extractor, fms_extractor, record_pro
     assert torch.equal(fms["attention_mask"], hf["attention_mask"])
 
 
-def test_batch_masks_are_the_clip_lengths(batch):
-    assert batch["input_features"].shape == (2, 200, 320)
-    assert batch["attention_mask"].sum(-1).tolist() == [200, 121]
+@FIXED
+def test_batch_masks_are_the_clip_lengths(features):
+    assert features["input_features"].shape == (2, 200, 320)
+    assert features["attention_mask"].sum(-1).tolist() == [200, 121]
 
 
+@FIXED
 @pytest.mark.parametrize("kwargs", [
     {"padding": "max_length", "max_length": 70000},
     {"padding": "max_length", "max_length": 50000, "truncation": True},
@@ -113,6 +125,7 @@ def test_features_padding_options_equal_hf(kwargs, clips, hf_extractor, fms_extr
     assert torch.equal(fms["attention_mask"], hf["attention_mask"])
 
 
+@FIXED
 def test_features_read_hf_saved_config(tmp_path, clips):
     hf = transformers.GraniteSpeech5FeatureExtractor(num_mel_bins=64, logmel_floor_db=6.0, delta_win_length=5)
     hf.save_pretrained(str(tmp_path))
@@ -123,6 +136,7 @@ def test_features_read_hf_saved_config(tmp_path, clips):
     assert torch.equal(fms([clips[1]])["input_features"], expected)
 
 
+@FIXED
 def test_features_refuse_bad_audio(fms_extractor):
     with pytest.raises(ValueError, match="float"):
         fms_extractor([torch.zeros(4000, dtype=torch.int16)])
@@ -133,6 +147,7 @@ def test_features_refuse_bad_audio(fms_extractor):
 
 
 # ---------------------------------------------------------------------------------------------- configs
+@FIXED
 @pytest.mark.parametrize("name, variant", [("tiny-5", "tiny"), ("5.0-470m", "5.0-470m")])
 def test_fixture_configs_load_in_hf_and_equal_the_variants(name, variant):
     config = hf_config(name)  # HF's own class
@@ -141,6 +156,7 @@ def test_fixture_configs_load_in_hf_and_equal_the_variants(name, variant):
     assert ctc5.from_hf_config(load_family_config(name)) == ctc5.VARIANTS[variant]  # the json dict, too
 
 
+@FIXED
 def test_470m_size_matches_the_published_count():
     with torch.device("meta"):
         hf = transformers.GraniteSpeech5ForCTC(hf_config("5.0-470m"))
@@ -150,24 +166,25 @@ def test_470m_size_matches_the_published_count():
     assert hf_count == fms_count == 472_928_256  # "473 M params"
 
 
+@FIXED
 def test_registered_names():
     assert list_variants("granite_speech5") == ["5.0-470m", "tiny"]
 
 
 # ---------------------------------------------------------------------------------------------- model
-def test_loads_every_tensor_and_ties_the_head(checkpoint, fms_model, caplog):
+def test_loads_every_tensor_and_ties_the_head(family_variant, hf_model, fms_model):
     assert type(fms_model).__name__ == "GraniteSpeech5ForCTC"
-    assert fms_model.config == ctc5.VARIANTS["tiny"]
+    assert fms_model.config == ctc5.VARIANTS[VARIANT[family_variant]]
     assert fms_model.head.weight is fms_model.encoder.ctc_out.weight
-    hf, _ = checkpoint
-    bn_hf = hf.encoder.layers[1].conv.norm
+    bn_hf = hf_model.encoder.layers[1].conv.norm
     bn_fms = fms_model.encoder.layers[1].conv.batch_norm
     for name in ("weight", "bias", "running_mean", "running_var"):
         assert torch.equal(getattr(bn_fms, name), getattr(bn_hf, name)), name
 
 
 @torch.no_grad()
-def test_encoder_layers_logits_and_decoding(hf_model, fms_model, batch, record_property):
+def test_encoder_layers_logits_and_decoding(hf_model, fms_model, batch, dtype, device, family_tolerance,
+                                            record_property):
     features, mask = batch["input_features"], batch["attention_mask"]
     cfg = fms_model.config
     n = cfg.nlayers
@@ -177,23 +194,22 @@ def test_encoder_layers_logits_and_decoding(hf_model, fms_model, batch, record_p
         hf_result = hf_model(input_features=features, attention_mask=mask)
     with capture_outputs(fms_model, fms_paths) as fms_out:
         fms_logits = fms_model(features, mask)
-    record = _record(record_property)
     masks = frame_masks(mask, cfg.subsample_layers, n)
+
+    def judge(name, hf_value, fms_value, valid, **kwargs):
+        _judge(name, hf_value, fms_value, dtype, device, family_tolerance, record_property, valid=valid, **kwargs)
+
     # the input projection: padded frames are zeroed after it, not inside it
-    assert_parity("input_linear", hf_out["encoder.input_linear"], fms_out["encoder.input_linear"],
-                  dtype=torch.float32, tolerance=TOL, valid=mask.bool(), record=record)
+    judge("input_linear", hf_out["encoder.input_linear"], fms_out["encoder.input_linear"], mask.bool())
     for i in range(n):
         assert hf_out[f"encoder.layers.{i}"].shape == fms_out[f"encoder.layers.{i}"].shape
-        assert_parity(f"encoder_layer_{i}", hf_out[f"encoder.layers.{i}"], fms_out[f"encoder.layers.{i}"],
-                      dtype=torch.float32, tolerance=TOL, valid=masks[i], record=record)
-    mid = masks[cfg.nlayers // 2 - 1]
-    assert_parity("ctc_self_conditioning", hf_out["encoder.out_mid"], fms_out["encoder.ctc_out_mid"],
-                  dtype=torch.float32, tolerance=TOL, valid=mid, record=record)
+        judge(f"encoder_layer_{i}", hf_out[f"encoder.layers.{i}"], fms_out[f"encoder.layers.{i}"], masks[i])
+    judge("ctc_self_conditioning", hf_out["encoder.out_mid"], fms_out["encoder.ctc_out_mid"],
+          masks[cfg.nlayers // 2 - 1])
     out_mask = fms_model.output_mask(mask, fms_logits.shape[1])
     assert torch.equal(out_mask, masks[-1])
     assert out_mask.sum(-1).tolist() == [50, 30]
-    assert_parity("ctc_logits", hf_result.logits, fms_logits, dtype=torch.float32, tolerance=TOL,
-                  valid=out_mask, record=record)
+    judge("ctc_logits", hf_result.logits, fms_logits, out_mask, tolerance_class="logits")
 
     # greedy decoding: HF generate's per-frame ids (padding = blank), then the CTC collapse
     hf_ids = hf_model.generate(input_features=features, attention_mask=mask)
@@ -211,27 +227,33 @@ def test_encoder_layers_logits_and_decoding(hf_model, fms_model, batch, record_p
 
 
 @torch.no_grad()
-def test_valid_frames_do_not_depend_on_padding(fms_model, clips, fms_extractor):
+def test_valid_frames_do_not_depend_on_padding(fms_model, clips, fms_extractor, device, dtype, family_tolerance):
     """The masking contract: the shorter clip alone gives its frames of the padded batch (HF masks the same way)."""
-    batch = fms_extractor(clips)
-    alone = fms_extractor(clips[1:])
+    batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+             for k, v in fms_extractor(clips).items()}
+    alone = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+             for k, v in fms_extractor(clips[1:]).items()}
     frames = int(alone["attention_mask"].sum())
     # this clip's STFT never reaches its end padding, so its valid features are the same in and out of the batch
     assert torch.equal(batch["input_features"][1, :frames], alone["input_features"][0, :frames])
     logits_batch = fms_model(batch["input_features"], batch["attention_mask"])[1]
     logits_alone = fms_model(alone["input_features"], alone["attention_mask"])[0]
     valid = int(fms_model.output_mask(alone["attention_mask"]).sum())
-    torch.testing.assert_close(logits_batch[:valid], logits_alone[:valid], atol=1e-5, rtol=1e-5)
+    if dtype == torch.float32:  # one model, two batch sizes: only fp32 reassociation apart
+        torch.testing.assert_close(logits_batch[:valid], logits_alone[:valid], atol=1e-5, rtol=1e-5)
+    else:  # 16 bits round each batch shape's kernels their own way: the table's bound
+        _judge("logits_batched_vs_alone", logits_alone[:valid], logits_batch[:valid], dtype, device, None,
+               tolerance_class="logits")
 
 
 @torch.no_grad()
-def test_unmasked_input_equals_hf(hf_model, fms_model, batch, record_property):
+def test_unmasked_input_equals_hf(hf_model, fms_model, batch, dtype, device, family_tolerance, record_property):
     features = batch["input_features"][:1, :130]  # 130 frames: 65 -> 32 after subsampling, partial blocks
-    assert_parity("ctc_logits_no_mask", hf_model(input_features=features).logits, fms_model(features),
-                  dtype=torch.float32, tolerance=TOL, record=_record(record_property))
+    _judge("ctc_logits_no_mask", hf_model(input_features=features).logits, fms_model(features), dtype, device,
+           family_tolerance, record_property, tolerance_class="logits")
 
 
-def test_transcribe_and_processor_decode_equal_hf(hf_model, fms_model, clips):
+def test_transcribe_and_processor_decode_equal_hf(hf_model, fms_model, clips, device, dtype):
     """Text through a CTC tokenizer (HF `ParakeetTokenizer`): FMS processor vs HF processor on HF's greedy ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -245,8 +267,9 @@ def test_transcribe_and_processor_decode_equal_hf(hf_model, fms_model, clips):
     )
     processor = GraniteSpeech5Processor(GraniteSpeech5FeatureExtractor(), tokenizer)
     inputs = hf_processor([c.numpy() for c in clips], sampling_rate=16000)
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     with torch.no_grad():
-        hf_ids = hf_model.generate(**inputs)
+        hf_ids = hf_model.generate(**inputs).cpu()
     expected = hf_processor.batch_decode(hf_ids, skip_special_tokens=True)
     assert processor.batch_decode(hf_ids) == expected
     assert ctc5.transcribe(fms_model, processor, clips) == expected
@@ -255,7 +278,9 @@ def test_transcribe_and_processor_decode_equal_hf(hf_model, fms_model, clips):
 
 
 # ---------------------------------------------------------------------------------------------- loading paths
-def test_untied_head(tmp_path, batch):
+@FIXED
+def test_untied_head(tmp_path, features):
+    batch = features
     hf, folder = build_family_checkpoint("tiny-5", tmp_path, seed=11, tie_word_embeddings=False)
     fms = get_model("hf_pretrained", model_path=str(folder))
     assert not fms.config.tie_heads and fms.head.weight is not fms.encoder.ctc_out.weight
@@ -266,34 +291,38 @@ def test_untied_head(tmp_path, batch):
     assert_parity("ctc_logits_untied", hf_logits, fms_logits, dtype=torch.float32, tolerance=TOL, valid=valid)
 
 
-def test_unfused_weights(checkpoint, fms_model, batch):
-    _, folder = checkpoint
-    model = get_model("hf_pretrained", model_path=str(folder), fused_weights=False)
+def test_unfused_weights(family_checkpoint, fms_model, batch, device, dtype):
+    model = get_model("hf_pretrained", model_path=str(family_checkpoint), fused_weights=False, device_type=device.type,
+                      data_type=dtype).to(device).eval()
     assert type(model.encoder.layers[0].attn.in_proj).__name__ == "UnfusedQKV"
     with torch.no_grad():
         unfused = model(batch["input_features"], batch["attention_mask"])
         fused = fms_model(batch["input_features"], batch["attention_mask"])
     valid = fms_model.output_mask(batch["attention_mask"], fused.shape[1])
-    torch.testing.assert_close(unfused[valid], fused[valid], atol=1e-5, rtol=1e-5)
+    exact = 1e-5 if dtype == torch.float32 else None  # the same weights, split or fused: reassociation apart
+    torch.testing.assert_close(unfused[valid], fused[valid], atol=exact, rtol=exact)
 
 
-def test_named_variant_with_hf_source(checkpoint, fms_model, batch):
-    _, folder = checkpoint
-    model = get_model("granite_speech5", "tiny", model_path=str(folder), source="hf").eval()
+def test_named_variant_with_hf_source(family_variant, family_checkpoint, fms_model, batch, device, dtype):
+    model = get_model("granite_speech5", VARIANT[family_variant], model_path=str(family_checkpoint), source="hf",
+                      device_type=device.type, data_type=dtype).to(device).eval()
     with torch.no_grad():
         assert torch.equal(model(batch["input_features"], batch["attention_mask"]),
                            fms_model(batch["input_features"], batch["attention_mask"]))
 
 
-def test_batch_norm_stays_fp32_in_bf16(checkpoint):
-    hf, folder = checkpoint
-    model = get_model("hf_pretrained", model_path=str(folder), data_type=torch.bfloat16)
+def test_batch_norm_stays_fp32_in_bf16(family_checkpoint):
+    from parity.granite.pipeline import load_hf_family_model
+
+    hf = load_hf_family_model(family_checkpoint, torch.float32, "cpu")  # the stored statistics, unrounded
+    model = get_model("hf_pretrained", model_path=str(family_checkpoint), data_type=torch.bfloat16)
     bn = model.encoder.layers[0].conv.batch_norm
     assert model.encoder.input_linear.weight.dtype == torch.bfloat16
     assert bn.running_var.dtype == bn.weight.dtype == torch.float32
     assert torch.equal(bn.running_var, hf.encoder.layers[0].conv.norm.running_var)  # not rounded through bf16
 
 
+@FIXED
 def test_missing_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -307,13 +336,14 @@ def test_missing_tensor_is_named(tmp_path):
         get_model("hf_pretrained", model_path=str(folder))
 
 
-def test_pickle_weights_are_refused_before_reading(tmp_path, checkpoint):
+@FIXED
+def test_pickle_weights_are_refused_before_reading(tmp_path):
     """The safetensors-only guard covers this architecture on both loading paths."""
     import shutil
 
     from granite_speech.checkpoint.files import CheckpointFormatError
 
-    shutil.copy(checkpoint[1] / "config.json", tmp_path / "config.json")
+    shutil.copy(build_family_checkpoint("tiny-5") / "config.json", tmp_path / "config.json")
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointFormatError, match="pickle"):
         get_model("granite_speech5", "tiny", model_path=str(tmp_path), source="hf")
@@ -321,7 +351,7 @@ def test_pickle_weights_are_refused_before_reading(tmp_path, checkpoint):
         get_model("hf_pretrained", model_path=str(tmp_path))
 
 
-def test_lora_regime_is_none(checkpoint):
+def test_lora_regime_is_none(family_checkpoint):
     from granite_speech.family import lora_regime
 
-    assert lora_regime(checkpoint[1])["regime"] == "none"
+    assert lora_regime(family_checkpoint)["regime"] == "none"

@@ -4,7 +4,11 @@ A tiny 3.3 model (configs/tiny.json with has_lora_adapter false) gets a PEFT LoR
 which is merged (`merge_and_unload`) before `save_pretrained`: the folder holds no adapter files, like the 4.x
 releases. FMS loads it through `get_model("hf_pretrained")` with no LoRA of its own (rank 0, regime
 "merged_in_checkpoint") and must give HF's logits with the adapter ON, fp32, atol = rtol = 1e-4, on a padded batch
-of two clips. The real-size variants are checked against their fixture configs and the published size.
+of two clips. The real-size variants are checked against their fixture configs and the published size. All of this
+is size-independent (`fixed:...` in the test id: the CPU gate runs it).
+
+The member of --model (`family_variant`: tiny-4.0 at the CPU gate, 4.0-1b / 4.1-2b at real dimensions on
+--device / --dtype) loads the same way from its seeded family fixture and gives the logits of HF's merged model.
 """
 
 import pytest
@@ -32,9 +36,11 @@ from parity.granite.hf import hf_logits_to_fms
 from parity.testing import assert_parity
 from parity.tolerances import Tolerance
 
-TOL = Tolerance(1e-4, 1e-4, why="family parity suites: fp32 atol = rtol = 1e-4")
+TOL = Tolerance(1e-4, 1e-4, why="family parity suites: fp32 atol = rtol = 1e-4")  # the fixed-size tests'
 CLIPS = ("9002-102-0001", "9001-101-0001")
 LORA_R, LORA_ALPHA, LORA_B_STD = 8, 20, 0.3
+FIXED = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the PEFT-merged tiny model built here
+pytestmark = pytest.mark.family_members("tiny-4.0", "4.0-1b", "4.1-2b")  # the member of the other tests
 
 
 def _tiny_merged_config() -> dict:
@@ -44,13 +50,20 @@ def _tiny_merged_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def inputs():
+def audio():
     extractor = transformers.GraniteSpeechFeatureExtractor()
-    audio = extractor([torch.from_numpy(read_clip(name)) for name in CLIPS])
-    data = _tiny_merged_config()
-    prompts = audio_prompt_batch(audio["audio_embed_sizes"], data["audio_token_index"],
-                                 data["text_config"]["vocab_size"], seed=2)
+    return extractor([torch.from_numpy(read_clip(name)) for name in CLIPS])
+
+
+def _padded_batch(audio, audio_token_index: int, vocab_size: int) -> dict:
+    prompts = audio_prompt_batch(audio["audio_embed_sizes"], audio_token_index, vocab_size, seed=2)
     return {**prompts, "input_features": audio["input_features"], "input_features_mask": audio["input_features_mask"]}
+
+
+@pytest.fixture(scope="module")
+def inputs(audio):
+    data = _tiny_merged_config()
+    return _padded_batch(audio, data["audio_token_index"], data["text_config"]["vocab_size"])
 
 
 def _hf_logits(model, inputs):
@@ -79,6 +92,7 @@ def merged(tmp_path_factory, inputs):
     return lora_logits, base_logits, folder
 
 
+@FIXED
 def test_folder_is_a_merged_checkpoint(merged):
     _, _, folder = merged
     names = sorted(p.name for p in folder.iterdir())
@@ -87,6 +101,7 @@ def test_folder_is_a_merged_checkpoint(merged):
     assert regime["regime"] == "merged_in_checkpoint" and regime["has_lora_adapter"] is False
 
 
+@FIXED
 def test_merged_checkpoint_matches_hf_with_the_adapter_on(merged, inputs, record_property):
     lora_logits, base_logits, folder = merged
     model = get_model("hf_pretrained", model_path=str(folder)).eval()
@@ -107,6 +122,7 @@ def test_merged_checkpoint_matches_hf_with_the_adapter_on(merged, inputs, record
                   dtype=torch.float32, tolerance=TOL, valid=valid, record=record_property)
 
 
+@FIXED
 def test_transformers_5_17_layout_of_the_3_3_classes(tmp_path, merged, inputs):
     """transformers 5.17's save_pretrained writes the decoder one level deeper (`language_model.model.model.*`); the
     folder is rewritten into exactly that layout (from whatever layout the installed transformers saved: 5.17 already
@@ -135,6 +151,7 @@ def test_transformers_5_17_layout_of_the_3_3_classes(tmp_path, merged, inputs):
     assert torch.equal(logits[0], logits[1])
 
 
+@FIXED
 def test_flag_without_adapter_files_is_reported(tmp_path):
     data = _tiny_merged_config()
     data["has_lora_adapter"] = True
@@ -143,6 +160,7 @@ def test_flag_without_adapter_files_is_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- real-size variants
+@FIXED
 @pytest.mark.parametrize("name", ["4.0-1b", "4.1-2b"])
 def test_variants_equal_their_fixture_configs(name):
     config = hf_config(name)  # HF's own class
@@ -155,6 +173,7 @@ def test_variants_equal_their_fixture_configs(name):
     assert name in list_variants("granite_speech")
 
 
+@FIXED
 def test_4_0_1b_size_matches_the_published_count():
     with torch.device("meta"):
         hf = transformers.GraniteSpeechForConditionalGeneration(hf_config("4.0-1b"))
@@ -164,3 +183,23 @@ def test_4_0_1b_size_matches_the_published_count():
     assert params == sum(p.numel() for p in fms.parameters()) == 2_313_141_596
     assert params + batch_norm_stats == 2_313_207_132  # the published checkpoint's element count
     assert load_family_config("4.0-1b")["text_config"]["tie_word_embeddings"] is False
+
+
+# ---------------------------------------------------------------------------------------------- the member of --model
+@torch.no_grad()
+def test_member_matches_hf_merged(family_checkpoint, family_hf_model, family_fms_model, audio, device, dtype,
+                                  family_tolerance, record_property):
+    """The member's merged checkpoint loads with no LoRA of its own and gives HF's logits on the padded batch."""
+    assert lora_regime(family_checkpoint)["regime"] == "merged_in_checkpoint"
+    model = family_fms_model
+    assert isinstance(model, GraniteSpeech) and model.config.lora_rank == 0 and model.lora is None
+    config = family_hf_model.config
+    batch = _padded_batch(audio, config.audio_token_index, config.text_config.vocab_size)
+    batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+    attn = padding_attn_kwargs(batch["attention_mask"])
+    fms_logits = model(batch["input_ids"], input_features=batch["input_features"],
+                       input_features_mask=batch["input_features_mask"], **attn)
+    scaling = model.config.text_config.logits_scaling
+    assert_parity("member_logits_vs_hf_merged", hf_logits_to_fms(_hf_logits(family_hf_model, batch), scaling),
+                  fms_logits, dtype=dtype, device=device, tolerance=family_tolerance, tolerance_class="logits",
+                  valid=batch["attention_mask"].bool(), record=record_property)

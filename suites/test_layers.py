@@ -1,7 +1,9 @@
 """Layer by layer through the harness: every probe of the Granite Speech table, FMS against HF, on a real clip.
 
 The mode under test is --parity-mode (propagated by default); teacher-forced always runs too, so that a module's
-own error is told apart from inherited error. Reports go to --parity-report / --parity-json.
+own error is told apart from inherited error. Both are judged from one teacher-forced capture (it holds the propagated
+values too: the FMS forward carries its own outputs on, the teacher re-runs are extra). Reports go to
+--parity-report / --parity-json.
 """
 
 import pytest
@@ -9,10 +11,13 @@ import torch
 from transformers import AutoConfig
 
 from parity.capture import checkpoint_param_bytes
-from parity.granite.run import make_inputs, run_parity
+from parity.granite.run import capture_parity, judge_parity, make_inputs
 from parity.granite.hf import load_hf_model
 from granite_speech.checkpoint import load_model
 from parity.report import render_terminal
+
+
+pytestmark = pytest.mark.runs_at("session")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +35,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("mode", [chosen] + (["teacher-forced"] if chosen != "teacher-forced" else []))
 
 
-def test_every_probe_within_tolerance(
-    request, pytestconfig, mode, checkpoint_dir, layer_inputs, device, dtype, seed,
-    tolerance_overrides, write_parity_report, record_property,
-):
+@pytest.fixture(scope="module")
+def layer_capture(request, pytestconfig, checkpoint_dir, layer_inputs, device, dtype):
+    """The one teacher-forced capture every mode's judgement reads."""
     phases = pytestconfig.getoption("--parity-phases")
     if phases == "two":
         # one model in memory at a time: hand over factories and never touch the session's loaded models
@@ -41,12 +45,17 @@ def test_every_probe_within_tolerance(
             lambda: load_model(checkpoint_dir, dtype, device))
     else:
         hf, fms = request.getfixturevalue("hf_model"), request.getfixturevalue("fms_model")
-    result, report = run_parity(
-        hf, fms, layer_inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint_dir)), mode=mode, phases=phases, dtype=dtype,
-        device=device,
-        overrides=tolerance_overrides, param_bytes=checkpoint_param_bytes(checkpoint_dir, dtype),
-        seed=seed, checkpoint=str(checkpoint_dir),
-    )
+    return capture_parity(hf, fms, layer_inputs, hf_config=AutoConfig.from_pretrained(str(checkpoint_dir)),
+                          mode="teacher-forced", phases=phases, device=device,
+                          param_bytes=checkpoint_param_bytes(checkpoint_dir, dtype))
+
+
+def test_every_probe_within_tolerance(
+    mode, layer_capture, checkpoint_dir, layer_inputs, device, dtype, seed, tolerance_overrides, write_parity_report,
+    record_property,
+):
+    result, report = judge_parity(layer_capture, layer_inputs, mode=mode, dtype=dtype, device=device,
+                                  overrides=tolerance_overrides, seed=seed, checkpoint=str(checkpoint_dir))
     write_parity_report(report, mode)
     summary = report["summary"]
     record_property("probes", summary["probes"])

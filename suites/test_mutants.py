@@ -2,16 +2,21 @@
 
 The full mutation run (`python -m parity.granite.mutate`, ~15 min on 2 CPU cores) is too slow for every CI run;
 here: every mutant still applies to the current sources (its `old` snippet occurs exactly once), and two cheap
-mutants go through the runner on one default case of compare (~30 s), caught and localised.
+mutants go through the runner on one default case of compare (~30 s), caught and localised. The runner is a
+command of its own: it is launched when collection ends and runs beside the other tests (see the plugin).
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 import granite_speech
 from parity.granite.mutants import CATALOGUE, KINDS, matches
+from parity.granite.plugin import early_launch, launch_logged
+
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the runner on the tiny fixture
 
 # the sources as imported (the checkout's granite_speech/ in an editable install)
 PACKAGE_DIR = Path(granite_speech.__file__).resolve().parent
@@ -53,12 +58,25 @@ def test_expect_matching():
     assert not matches("step.10.logits", "step.1.")  # "step.1." is a dotted prefix: step 10 is not step 1
 
 
-def test_two_cheap_mutants_are_caught_and_localised(tmp_path):
-    from parity.granite.mutate import main
+def _run_quick_mutants(folder: Path):
+    return launch_logged([sys.executable, "-m", "parity.granite.mutate", "--only", *QUICK_MUTANTS, "--case",
+                          QUICK_CASE, "--jobs", "2", "--json", str(folder / "mutants.json")], folder,
+                         cwd=PACKAGE_DIR.parent)
 
-    out = tmp_path / "mutants.json"
-    code = main(["--only", *QUICK_MUTANTS, "--case", QUICK_CASE, "--jobs", "2", "--json", str(out)])
-    result = json.loads(out.read_text())
+
+EARLY_LAUNCHES = {"quick_mutants": _run_quick_mutants}  # started when collection ends (see the plugin)
+
+
+@pytest.fixture(scope="module")
+def quick_mutants(request):
+    return early_launch(request)
+
+
+def test_two_cheap_mutants_are_caught_and_localised(quick_mutants):
+    proc, folder = quick_mutants
+    assert (folder / "mutants.json").is_file(), proc.stderr[-3000:]
+    result = json.loads((folder / "mutants.json").read_text())
+    code = proc.returncode
     rows = {row["name"]: row for row in result["mutants"]}
     assert set(rows) == set(QUICK_MUTANTS)
     for name, row in rows.items():

@@ -11,6 +11,9 @@ from parity.report import build_report, render_terminal
 
 
 
+pytestmark = pytest.mark.runs_at("toy", device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def granite_pair(tmp_path_factory):
     transformers = pytest.importorskip("transformers")

@@ -6,64 +6,132 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from parity.granite.cli import main as parity_main
+from parity.granite.plugin import early_launch, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
 
 CLIP = Path(__file__).resolve().parents[1] / "parity" / "granite" / "fixtures" / "speech" / "9002-102-0000.flac"
 
-# each planted bug is a patch applied in every rank before `compare` runs
+# each planted bug replaces one attribute (module, name) in every rank by `replacement`, defined by the source
+# (which sees the attribute's `original`) for one `compare` run, then puts the original back
 PLANTS = {
-    "none": "",
     # the modality LoRA merged from rank 0's rows on every rank (the per-shard slice forgotten)
-    "lora_rows_of_rank_0": """
-        import granite_speech.lora as lora
-        lora.local_rows = lambda full, attn: full if getattr(attn, "world_size", 1) == 1 else \\
-            full.chunk(attn.world_size, dim=0)[0]
-    """,
+    "lora_rows_of_rank_0": ("granite_speech.lora", "local_rows", """
+        def replacement(full, attn):
+            return full if getattr(attn, "world_size", 1) == 1 else full.chunk(attn.world_size, dim=0)[0]
+    """),
     # the separate (audio_only) LoRA's hook adds rank 0's rows on every rank; the merged LoRA stays right
-    "audio_only_lora_hook_rows_of_rank_0": """
-        import granite_speech.lora as lora
-        make_hook = lora.ModalityLoRA._make_hook
-
+    "audio_only_lora_hook_rows_of_rank_0": ("granite_speech.lora", "ModalityLoRA._make_hook", """
         class Rank0:
             rank, world_size = 0, 2
 
-        lora.ModalityLoRA._make_hook = lambda self, layer, attn: make_hook(self, layer, Rank0())
-    """,
+        def replacement(self, layer, attn):
+            return original(self, layer, Rank0())
+    """),
     # the all-reduce after the row-parallel attention output projection left out
-    "attention_without_all_reduce": """
-        import fms.modules.attention as attention
-        attention.reduce_from_tensor_model_parallel_region = lambda tensor, group: tensor
-    """,
+    "attention_without_all_reduce": ("fms.modules.attention", "reduce_from_tensor_model_parallel_region", """
+        def replacement(tensor, group):
+            return tensor
+    """),
     # the harness's own gather of sharded q/k/v left out: a rank's heads must not pass for the whole tensor
-    "probe_values_not_gathered": """
-        import parity.granite.tp as tp
-        tp.gather_shards = lambda probe, value: value
-    """,
+    "probe_values_not_gathered": ("parity.granite.tp", "gather_shards", """
+        def replacement(probe, value):
+            return value
+    """),
 }
+ONE_CLIP = ("--audio", str(CLIP), "--new-tokens", "4")
+CLEAN = "none"  # the job with nothing planted, run first
+# every rank runs each job's `compare` in turn, in one process group: one launch (interpreters, imports, the
+# group) serves the clean run and every planted bug; `tp.stop` waits for the last job
+LAUNCHER = """
+import contextlib, importlib, json, os, sys, textwrap
+from parity.granite import tp
+from parity.granite.cli import main
 
 
-def _launch(tmp_path: Path, plant: str, *extra: str, inputs=("--audio", str(CLIP), "--new-tokens", "4")) -> tuple:
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(textwrap.dedent(PLANTS[plant]) + "\nimport sys\nfrom parity.granite.cli import main\n"
-                        "sys.exit(main(sys.argv[1:]))\n")
-    report = tmp_path / "report.json"
+@contextlib.contextmanager
+def planted(job):
+    if "module" not in job:
+        yield
+        return
+    *path, name = job["attribute"].split(".")
+    owner = importlib.import_module(job["module"])
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)
+    scope = {"original": original}
+    exec(textwrap.dedent(job["source"]), scope)
+    setattr(owner, name, scope["replacement"])
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+stop, tp.stop = tp.stop, lambda: None
+codes = {}
+for job in json.loads(open(sys.argv[1]).read()):
+    with planted(job):
+        codes[job["plant"]] = main(job["argv"])
+stop()
+if os.environ["RANK"] == "0":
+    with open(sys.argv[2], "w") as out:
+        json.dump(codes, out)
+"""
+
+
+def _torchrun(folder: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(launcher), "compare", "--tp", "2", "--device", "cpu", *inputs,
-                           "--json", str(report), "--report", str(tmp_path / "report.html"), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
-    data = json.loads(report.read_text()) if report.exists() else None
-    return proc, data
+    return launch_logged([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args], folder, env=env)
+
+
+def _compare_argv(folder: Path, inputs) -> list:
+    return ["compare", "--tp", "2", "--device", "cpu", *inputs, "--json", str(folder / "report.json"),
+            "--report", str(folder / "report.html")]
+
+
+def _report(folder: Path):
+    path = folder / "report.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _launch_all_jobs(root: Path) -> subprocess.Popen:
+    """One launch of 2 ranks: the clean run of the default input set, then each planted bug."""
+    jobs = [{"plant": CLEAN, "argv": _compare_argv(root / CLEAN, ())}]
+    for plant, (module, attribute, source) in PLANTS.items():
+        inputs = () if plant.startswith("audio_only") else ONE_CLIP  # that hook runs only in the default set
+        jobs.append({"plant": plant, "module": module, "attribute": attribute, "source": source,
+                     "argv": _compare_argv(root / plant, inputs)})
+    for job in jobs:
+        (root / job["plant"]).mkdir()
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    (root / "launch.py").write_text(LAUNCHER)
+    return _torchrun(root, str(root / "launch.py"), str(root / "jobs.json"), str(root / "codes.json"))
+
+
+EARLY_LAUNCHES = {"tp_launch": _launch_all_jobs}  # started when collection ends (see the plugin)
+
+
+@pytest.fixture(scope="module")
+def tp_launch(request):
+    return early_launch(request)
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tp_launch):
+    """(job -> (exit code of its compare, its report), the launch)."""
+    proc, root = tp_launch
+    codes = json.loads((root / "codes.json").read_text()) if (root / "codes.json").exists() else {}
+    return {job: (codes.get(job), _report(root / job)) for job in (CLEAN, *PLANTS)}, proc
 
 
 def _probe(report: dict, name: str) -> dict:
@@ -71,11 +139,11 @@ def _probe(report: dict, name: str) -> dict:
     return next(p for p in model["result"]["probes"] if p["name"] == name)
 
 
-def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
+def test_tp2_compare_passes_with_every_decoder_probe_whole(tp_runs):
     """The default input set: merged LoRA, the separate `audio_only` LoRA (applied per shard by its hook), text only,
     bf16 and the transcribe section, all over 2 ranks."""
-    proc, report = _launch(tmp_path, "none", inputs=())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (code, report), proc = tp_runs[0][CLEAN], tp_runs[1]
+    assert code == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["meta"]["tensor_parallel_ranks"] == 2
     assert report["summary"]["verdict"] == "pass"
     # the sharded q/k/v came back whole: HF's shape, values within tolerance (teacher-forced and propagated)
@@ -90,7 +158,9 @@ def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
                                                          "(tensor-parallel run)" for s in generation)
     # the comparison is not degenerate: HF's greedy tokens vary
     assert all(s["extra"]["distinct_hf_tokens"] > 1 for s in generation if "distinct_hf_tokens" in s["extra"])
-    assert "PASS" in proc.stdout and proc.stdout.count("PASS:") == 1  # rank 1 prints no verdict of its own
+    # rank 1 prints no verdict of its own (the planted jobs print theirs: FAIL)
+    verdicts = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 1 + len(PLANTS) and verdicts[0].startswith("PASS: "), verdicts
 
 
 @pytest.mark.parametrize("plant, first", [
@@ -98,20 +168,27 @@ def test_tp2_compare_passes_with_every_decoder_probe_whole(tmp_path):
     ("attention_without_all_reduce", "decoder.layer.0.attn"),
     ("probe_values_not_gathered", "decoder.layer.0.attn.q"),
 ])
-def test_a_sharding_bug_fails_at_its_module(tmp_path, plant, first):
-    proc, report = _launch(tmp_path, plant)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_a_sharding_bug_fails_at_its_module(tp_runs, plant, first):
+    (code, report), proc = tp_runs[0][plant], tp_runs[1]
+    assert code == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["summary"]["verdict"] == "fail"
     assert report["summary"]["first_divergence"]["name"] == first
 
 
-def test_the_audio_only_lora_hook_applies_this_ranks_rows(tmp_path):
-    proc, report = _launch(tmp_path, "audio_only_lora_hook_rows_of_rank_0", inputs=())
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_the_audio_only_lora_hook_applies_this_ranks_rows(tp_runs):
+    (code, report), proc = tp_runs[0]["audio_only_lora_hook_rows_of_rank_0"], tp_runs[1]
+    assert code == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = report["summary"]["first_divergence"]
     assert first["name"] == "decoder.layer.0.attn.q" and first["section"].startswith("LoRA audio_only mode"), first
     verdicts = {s["title"]: s["summary"]["verdict"] for s in report["sections"]}
     assert all(v == "pass" for t, v in verdicts.items() if not t.startswith("LoRA audio_only mode")), verdicts
+
+
+def test_the_launch_ran_every_job(tp_runs):
+    """The launch ran every job to its end (no rank died): each job has its exit code and its report."""
+    runs, proc = tp_runs
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(code is not None and report is not None for code, report in runs.values()), runs.keys()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,10 +1,14 @@
 """pytest plugin: options, markers and session-scoped model fixtures shared by every suite.
 
 The same test file runs at `--model tiny` on a laptop and at `--model 2b`/`8b` on a GPU runner: tests read the
-variant, device, dtype and checkpoint from the fixtures below, never from constants.
+variant, device, dtype and checkpoint from the fixtures below, never from constants. A test marked `runs_at` with a
+fixed size, device and dtype runs in the CPU gate (`--model tiny`) only: elsewhere it would repeat it exactly, so it
+is deselected and listed in the summary. Subprocesses a test only waits for are started when collection ends
+(`EARLY_LAUNCHES`), so that they run beside the in-process tests.
 """
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -49,6 +53,10 @@ def pytest_addoption(parser):
     group.addoption("--atol", type=float, default=None, help="override the tolerance table's atol")
     group.addoption("--rtol", type=float, default=None, help="override the tolerance table's rtol")
     group.addoption("--seed", type=int, default=0, help="seed of the random fixture weights and inputs")
+    group.addoption("--keep-cpu-gate-tests", action="store_true",
+                    help="also run, at other options than the CPU gate's, the tests that do not depend on "
+                         "--model/--device/--dtype (runs_at a fixed size, device and dtype); by default they are "
+                         "deselected there, since they would repeat the CPU gate (--model tiny) exactly")
 
 
 def pytest_configure(config):
@@ -95,6 +103,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_collection_modifyitems(config, items):
+    deselect_cpu_gate_repeats(config, items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (marked gpu); run on a GPU runner")
@@ -212,6 +221,82 @@ def write_parity_report(pytestconfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Launched early. A test that only waits for a subprocess (torchrun ranks, the mutation runner) has it started when
+# collection ends, so that it runs beside the in-process tests (which keep about one core busy) instead of after
+# them. A module offers its launches as EARLY_LAUNCHES = {fixture name: start(folder) -> subprocess.Popen}, each
+# writing its output to files in `folder` (a pipe nobody reads would stall it); the fixture of that name returns
+# `early_launch(request)`, which starts it then if it was not started yet. A launch starts early only when a selected
+# test uses its fixture.
+EARLY_LAUNCHES = "EARLY_LAUNCHES"
+_LAUNCHED = pytest.StashKey[dict]()  # (module, name) -> [Popen, folder, CompletedProcess or None]
+EARLY_LAUNCH_TIMEOUT_S = 900
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    wanted = {(item.module, name) for item in session.items
+              for name in getattr(getattr(item, "module", None), EARLY_LAUNCHES, ()) if name in item.fixturenames}
+    for module, name in sorted(wanted, key=lambda pair: (pair[0].__name__, pair[1])):
+        try:
+            _launch(session.config, module, name)
+        except Exception:  # noqa: BLE001  (the fixture's own `early_launch` starts it again and reports the error)
+            pass
+
+
+def _launch(config, module, name: str) -> list:
+    launched = config.stash.setdefault(_LAUNCHED, {})
+    key = (module.__name__, name)
+    if key not in launched:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix=f"early-{name}-"))
+        launched[key] = [getattr(module, EARLY_LAUNCHES)[name](folder), folder, None]
+    return launched[key]
+
+
+def early_launch(request) -> tuple:
+    """(subprocess.CompletedProcess with its stdout and stderr, its folder) of the launch named like the requesting
+    fixture, in its module's EARLY_LAUNCHES."""
+    import subprocess
+
+    entry = _launch(request.config, request.module, request.fixturename)
+    proc, folder, done = entry
+    if done is None:
+        proc.wait(timeout=EARLY_LAUNCH_TIMEOUT_S)
+        out, err = ((folder / stream).read_text() for stream in ("stdout", "stderr"))
+        entry[2] = done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done, folder
+
+
+def launch_logged(argv, folder: Path, **kwargs):
+    """Popen of `argv` with stdout and stderr in files of `folder`, in a process group of its own (so that the
+    session can end it and its children if it stops before a test waited for it)."""
+    import subprocess
+
+    with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+        return subprocess.Popen(argv, stdout=out, stderr=err, text=True, start_new_session=True, **kwargs)
+
+
+@pytest.hookimpl(specname="pytest_unconfigure")
+def pytest_unconfigure_early_launches(config):
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    for proc, folder, _ in config.stash.get(_LAUNCHED, {}).values():
+        if proc.poll() is None:  # the session stopped before a test waited for it (-x, a keyboard interrupt)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # What runs where, in the test id. A test marked `runs_at(size, device=..., dtype=...)` gets one parameter of the
 # autouse fixture `run_scope`, whose id says the size, device and dtype it really runs at, so `pytest --collect-only`
 # shows it: `model:2b/cuda/float32` for a test that follows --model/--device/--dtype, `fixed:tiny-untied/cpu/float32`
@@ -252,6 +337,70 @@ def resolve_run_scope(config, size: str = SESSION, device: str = SESSION, dtype:
     )
 
 
+# The CPU gate is `pytest suites/ --model tiny` on a machine without a GPU. A test whose RunScope is the same under
+# this session's options as under the gate's (fixed size, and a device and dtype that are fixed or equal to the
+# gate's) computes nothing the gate does not: at other options (--model 2b, --device cuda, ...) it is deselected,
+# listed with its reason in the terminal summary and never counted as coverage of those options.
+CPU_GATE_OPTIONS = {"--model": "tiny", "--device": "cpu", "--dtype": "float32", "--checkpoint": None}
+_LEFT_OUT = pytest.StashKey[dict]()  # reason -> node ids of the tests deselected as repeats of the CPU gate
+
+
+class _OptionsOf:
+    """A stand-in config answering getoption from a dict (the CPU gate's options), for resolve_run_scope."""
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def getoption(self, name, default=None):
+        return self.options.get(name, default)
+
+
+def is_cpu_gate(config) -> bool:
+    return all(_option(config, name) == value for name, value in CPU_GATE_OPTIONS.items())
+
+
+def _option(config, name):
+    return _session_device(config).type if name == "--device" else config.getoption(name)
+
+
+def cpu_gate_repeat_reason(config, marker) -> Optional[str]:
+    """Why a test marked `marker` (runs_at, or None) is left out of this session, or None when it runs here: at
+    options other than the CPU gate's, a test whose scope does not change with them repeats the gate exactly."""
+    if marker is None or is_cpu_gate(config) or config.getoption("--keep-cpu-gate-tests", default=False):
+        return None
+    here = resolve_run_scope(config, *marker.args, **marker.kwargs)
+    at_gate = resolve_run_scope(_OptionsOf(CPU_GATE_OPTIONS), *marker.args, **marker.kwargs)
+    if not here.fixed or here.id != at_gate.id:
+        return None
+    return (f"runs at {here.id} whatever --model/--device/--dtype say: an exact repeat of the CPU gate "
+            f"(pytest suites/ --model tiny), which runs it; not coverage of these options")
+
+
+def deselect_cpu_gate_repeats(config, items) -> None:
+    left_out, kept = {}, []
+    for item in items:
+        reason = cpu_gate_repeat_reason(config, item.get_closest_marker("runs_at"))
+        if reason is None:
+            kept.append(item)
+        else:
+            left_out.setdefault(reason, []).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=[item for group in left_out.values() for item in group])
+        items[:] = kept
+    config.stash[_LEFT_OUT] = {reason: [item.nodeid for item in group] for reason, group in left_out.items()}
+
+
+@pytest.hookimpl(specname="pytest_terminal_summary")
+def pytest_terminal_summary_cpu_gate(terminalreporter, config):  # a second one, kept apart from the reports'
+    left_out = config.stash.get(_LEFT_OUT, {})
+    if not left_out:
+        return
+    terminalreporter.write_sep("-", "deselected: repeats of the CPU gate (--keep-cpu-gate-tests runs them)")
+    for reason, nodeids in sorted(left_out.items()):
+        terminalreporter.write_line(f"{len(nodeids)} test(s): {reason}")
+        terminalreporter.write_line("    " + ", ".join(sorted({nodeid.split("::")[0] for nodeid in nodeids})))
+
+
 @pytest.hookimpl(specname="pytest_configure")
 def pytest_configure_runs_at_marker(config):  # a second pytest_configure, kept apart from the first
     config.addinivalue_line(
@@ -259,6 +408,8 @@ def pytest_configure_runs_at_marker(config):  # a second pytest_configure, kept 
         "runs_at(size, device='session', dtype='session'): the size/device/dtype a test runs at; 'session' follows "
         "--model/--device/--dtype, anything else is fixed (the test id says which: model:... or fixed:...)",
     )
+    config.addinivalue_line(
+        "markers", "family_members(*variants): the family members a test taking `family_variant` may run at")
 
 
 def pytest_generate_tests(metafunc):
@@ -267,6 +418,40 @@ def pytest_generate_tests(metafunc):
         return
     scope = resolve_run_scope(metafunc.config, *marker.args, **marker.kwargs)
     metafunc.parametrize("run_scope", [scope], ids=[scope.id], indirect=True)
+
+
+def marked_scope(request) -> RunScope:
+    """The RunScope of the runs_at marker closest to a fixture's requesting node (for a module-scoped fixture: its
+    module's `pytestmark`), for fixtures broader than the function-scoped `run_scope`."""
+    marker = request.node.get_closest_marker("runs_at")
+    if marker is None:
+        raise ValueError(f"{request.node.nodeid} carries no runs_at marker")
+    return resolve_run_scope(request.config, *marker.args, **marker.kwargs)
+
+
+@pytest.fixture(scope="session")
+def models_at(request):
+    """`models_at(scope)` -> (checkpoint folder, HF model, FMS model) of a fixed-size RunScope: the session's own
+    fixtures when the scope is the session's (no second load), else the seeded fixture of `scope.size`, loaded once
+    per scope."""
+    loaded = {}
+
+    def get(scope: RunScope) -> tuple:
+        session = resolve_run_scope(request.config)
+        same = (scope.size, scope.device, scope.dtype) == (session.size, session.device, session.dtype)
+        if same and not request.config.getoption("--checkpoint"):
+            return tuple(request.getfixturevalue(name) for name in ("checkpoint_dir", "hf_model", "fms_model"))
+        if scope.id not in loaded:
+            from granite_speech.checkpoint import load_model
+            from parity.granite.fixtures import build_checkpoint
+            from parity.granite.hf import load_hf_model
+
+            folder = build_checkpoint(scope.size, seed=request.config.getoption("--seed"))
+            loaded[scope.id] = (folder, load_hf_model(folder, dtype=scope.dtype, device=str(scope.device)),
+                                load_model(folder, dtype=scope.dtype, device=scope.device))
+        return loaded[scope.id]
+
+    return get
 
 
 @pytest.fixture(autouse=True)
@@ -279,6 +464,7 @@ def run_scope(request):
 # The family suites (suites/test_family_*.py): a test that takes `family_variant` runs once per family member --model
 # selects: `--model tiny` (the CPU gate) -> the tiny version of every family architecture (TINY_FAMILY); a member's
 # name (4.1-2b-plus, tiny-5, ...) -> that member alone; a 3.3 variant (2b, 8b) -> none (skipped as an empty set).
+# A suite of one architecture narrows that with `pytest.mark.family_members("tiny-plus", "4.1-2b-plus")`.
 def family_variants_for(model: str) -> tuple:
     if model == "tiny":
         return TINY_FAMILY
@@ -289,6 +475,9 @@ def family_variants_for(model: str) -> tuple:
 def pytest_generate_tests_family(metafunc):  # a second pytest_generate_tests, kept apart from the first
     if "family_variant" in metafunc.fixturenames:
         variants = family_variants_for(metafunc.config.getoption("--model"))
+        narrowed = metafunc.definition.get_closest_marker("family_members")
+        if narrowed is not None:
+            variants = tuple(v for v in variants if v in narrowed.args)
         metafunc.parametrize("family_variant", variants, ids=[f"member:{v}" for v in variants], indirect=True,
                              scope="session")
 
@@ -312,3 +501,39 @@ def family_checkpoint(family_variant, device, seed):
         if not str(err).startswith("transformers "):
             raise
         pytest.skip(f"no HF reference to compare with: {err}")
+
+
+# fp32 at tiny dimensions: the family suites' own bound (atol = rtol = 1e-4); elsewhere (real dimensions, 16 bits)
+# the tolerance table of --dtype / --device (None)
+TINY_FAMILY_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="session")
+def family_tolerance(family_variant, dtype, tolerance_overrides):
+    """The `tolerance` of the family suites' assert_parity calls: --atol / --rtol where given, 1e-4 at tiny
+    dimensions in fp32, else None (the table)."""
+    from parity.tolerances import Tolerance
+
+    if tolerance_overrides:
+        return Tolerance(tolerance_overrides.get("atol", TINY_FAMILY_TOLERANCE),
+                         tolerance_overrides.get("rtol", TINY_FAMILY_TOLERANCE), why="--atol / --rtol")
+    if family_variant in TINY_FAMILY and dtype == torch.float32:
+        return Tolerance(TINY_FAMILY_TOLERANCE, TINY_FAMILY_TOLERANCE,
+                         why="family parity suites: fp32 atol = rtol = 1e-4 at tiny dimensions")
+    return None
+
+
+@pytest.fixture(scope="module")
+def family_hf_model(family_checkpoint, device, dtype):
+    """HF's model of the member (its own class), on the session's device and dtype, loaded once per module."""
+    from parity.granite.pipeline import load_hf_family_model
+
+    return load_hf_family_model(family_checkpoint, dtype, str(device))
+
+
+@pytest.fixture(scope="module")
+def family_fms_model(family_checkpoint, device, dtype):
+    """The member's FMS model through get_model("hf_pretrained"), on the session's device and dtype."""
+    from parity.granite.pipeline import load_fms_family_model
+
+    return load_fms_family_model(family_checkpoint, dtype, device)

@@ -1,0 +1,103 @@
+"""Which tests a session runs (parity.granite.plugin): a test marked `runs_at` with a fixed size, device and dtype
+repeats the CPU gate (`pytest suites/ --model tiny`) exactly at any other options, so there it is deselected with
+its reason; a test that follows --model/--device/--dtype, or whose fixed size runs on the session's device, stays.
+
+Checked on stand-in configs, so the GPU gate's selection (--model 2b --device cuda) is proven on a machine
+without a GPU.
+"""
+
+import pytest
+
+from parity.granite.plugin import (
+    CPU_GATE_OPTIONS,
+    cpu_gate_repeat_reason,
+    deselect_cpu_gate_repeats,
+    family_variants_for,
+    is_cpu_gate,
+)
+
+pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")
+
+GPU_GATE = {"--model": "2b", "--device": "cuda", "--dtype": "float32"}
+
+
+class Config:
+    """A stand-in pytest config: options, a stash and the pytest_deselected hook."""
+
+    def __init__(self, **options):
+        self.options = {**CPU_GATE_OPTIONS, "--keep-cpu-gate-tests": False, **options}
+        self.stash, self.deselected = {}, []
+        self.hook = self
+
+    def getoption(self, name, default=None):
+        return self.options.get(name, default)
+
+    def pytest_deselected(self, items):
+        self.deselected.extend(items)
+
+
+class Item:
+    def __init__(self, nodeid, *args, **kwargs):
+        self.nodeid = nodeid
+        self.marker = None if args == ("unmarked",) else pytest.mark.runs_at(*args, **kwargs).mark
+
+    def get_closest_marker(self, name):
+        return self.marker if name == "runs_at" else None
+
+
+def _items():
+    return [
+        Item("suites/test_a.py::fixed_cpu", "toy", device="cpu", dtype="float32"),
+        Item("suites/test_a.py::fixed_cpu_bf16", "toy", device="cpu", dtype="bfloat16"),
+        Item("suites/test_b.py::fixed_size_session_device", "tiny-untied", dtype="float32"),
+        Item("suites/test_b.py::session", "session"),
+        Item("suites/test_c.py::unmarked", "unmarked"),
+    ]
+
+
+def _options(session: dict) -> dict:
+    return {**session, "--device": session.get("--device", "cpu")}
+
+
+@pytest.mark.parametrize("options, kept", [
+    ({}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device", "session", "unmarked"]),
+    (GPU_GATE, ["fixed_size_session_device", "session", "unmarked"]),
+    ({"--model": "2b"}, ["session", "unmarked"]),  # real size on the CPU: the tiny-untied test repeats the gate
+    ({"--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked"]),
+    ({"--model": "tiny", "--dtype": "bfloat16"}, ["session", "unmarked"]),  # fp32 on the CPU is the gate's
+    ({"--model": "4.1-2b-plus", "--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked"]),
+    ({**GPU_GATE, "--keep-cpu-gate-tests": True}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device",
+                                                    "session", "unmarked"]),
+], ids=["cpu-gate", "gpu-gate", "2b-on-cpu", "tiny-on-cuda", "tiny-bf16", "plus-on-cuda", "kept-on-request"])
+def test_deselection_keeps_what_depends_on_the_options(options, kept):
+    config, items = Config(**_options(options)), _items()
+    deselect_cpu_gate_repeats(config, items)
+    assert [item.nodeid.split("::")[1] for item in items] == kept
+    left_out = config.stash[next(iter(config.stash))]
+    assert sorted(nodeid for nodeids in left_out.values() for nodeid in nodeids) == sorted(
+        item.nodeid for item in config.deselected)
+    assert len(config.deselected) + len(kept) == len(_items())
+
+
+def test_the_reason_names_the_scope_and_the_gate():
+    reason = cpu_gate_repeat_reason(Config(**GPU_GATE), Item("x", "toy", device="cpu", dtype="float32").marker)
+    assert "fixed:toy/cpu/float32" in reason and "pytest suites/ --model tiny" in reason
+    assert "not coverage of these options" in reason
+    assert cpu_gate_repeat_reason(Config(**GPU_GATE), Item("x", "session").marker) is None
+    assert cpu_gate_repeat_reason(Config(**GPU_GATE), None) is None
+
+
+def test_the_cpu_gate_is_tiny_on_the_cpu_in_fp32_without_a_checkpoint():
+    assert is_cpu_gate(Config())
+    assert not is_cpu_gate(Config(**{"--checkpoint": "/models/granite-speech-3.3-2b"}))
+    assert not is_cpu_gate(Config(**{"--dtype": "float16"}))
+    assert not is_cpu_gate(Config(**GPU_GATE))
+
+
+@pytest.mark.parametrize("model, members", [
+    ("tiny", ("tiny-4.0", "tiny-plus", "tiny-5")),
+    ("4.1-2b-plus", ("4.1-2b-plus",)),
+    ("2b", ()),
+])
+def test_family_members_follow_the_model_option(model, members):
+    assert family_variants_for(model) == members
