@@ -771,6 +771,7 @@ def test_decoder_detail_rows_match_real_fms_granite(tmp_path):
     assert raw.probe("decoder.layer.0.attn.v").status == Status.PASS
 
 
+@pytest.mark.runs_at("session")  # the session's models: at --model 2b the real table on the real dimensions
 def test_granite_speech_table_resolves_and_substitutes_on_both_real_models(
     hf_model, fms_model, hf_processor, speech_dataset, device, dtype
 ):

@@ -609,8 +609,9 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
 
 def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens: torch.Tensor,
                           store: "ReferenceStore"):
-    """HF `generate` in float64 on the same inputs: each step's logits are the rounding-only reference of that step
-    (its noise floor), for the steps before HF float64 picks a token HF did not (later steps saw other prefixes)."""
+    """HF in float64 run once over the prompt and HF's own greedy tokens (teacher-forced along HF's path): each step's
+    logits on exactly HF's prefix, the rounding-only reference of every step (its noise floor). A float64 `generate`
+    would part from HF's tokens at HF's own near ties and leave the later steps, where a tie may flip, unmeasured."""
     key = f"{case.name} · HF generate #floors"
     if store.reading:
         return store.get(key, _generation_inputs(hf_inputs, case.generate), optional=True)
@@ -618,15 +619,18 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     hf64 = models.reference64()
     _set_adapter(hf64, "input_features" in hf_inputs)
     inputs64 = _float64(hf_inputs)
+    prompt = inputs64["input_ids"]
+    tokens = hf_tokens[:, : steps - 1].to(prompt.device)
+    mask = torch.cat([inputs64["attention_mask"], torch.ones_like(tokens)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate derives them
     with torch.no_grad():
-        out = hf64.generate(**inputs64, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                            output_logits=True, return_dict_in_generate=True)
-    tokens64 = out.sequences[:, hf_inputs["input_ids"].size(1):].cpu()
+        out = hf64(**{**inputs64, "input_ids": torch.cat([prompt, tokens], dim=1), "attention_mask": mask},
+                   position_ids=positions, use_cache=False)
     scaling = hf64.config.text_config.logits_scaling
-    same_prefix = [k for k in range(steps) if torch.equal(tokens64[:, :k], hf_tokens[:, :k])]
-    logits64 = {k: hf_logits_to_fms(out.logits[k], scaling).cpu() for k in same_prefix}
+    start = prompt.size(1) - 1
     floors = pair_from_values([(Probe(f"step.{k}.logits", "generate", "generate", teacher=()), value, value)
-                               for k, value in logits64.items()]).hf
+                               for k in range(steps)
+                               for value in [hf_logits_to_fms(out.logits[:, start + k], scaling).cpu()]]).hf
     store.put(key, floors, _generation_inputs(hf_inputs, steps), made_from=models.hf64_source["dtype"])
     return floors
 
