@@ -468,7 +468,8 @@ def diff_captures(
     (`dtype` or the HF capture's dtype, `device`) with `overrides` applied. `masks` maps a probe's `valid` name to
     its validity mask. `floors` are the captures of a reference run differing only in rounding (e.g. HF in float64):
     they give each probe its noise floor, and errors `floor_factor` times above it fail the probe (only mark it
-    suspect when `lenient`); in 16-bit runs an element within `floor_gate` times its row's floor passes (FLOOR_GATE).
+    suspect when `lenient`); in 16-bit runs an element within `floor_gate` times HF's own rounding error passes
+    (FLOOR_GATE: its row's for the teacher-forced column, the largest row's for the propagated one).
     `candidate64` are the FMS captures in float64 on the same inputs: the probes it hooked are judged against
     `floors` with the float64 table (the formula check). The verdict itself is `parity.verdict`'s."""
     masks = dict(masks or {})
