@@ -419,8 +419,8 @@ def test_transcribe_internal_error_exits_3(assets, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def compare_reports(tmp_path_factory):
-    """One passing and one failing compare run on the tiny fixture (the failing one: zero tolerances):
-    (folder, exit codes, stdouts)."""
+    """One passing and one failing compare run on the tiny fixture (the failing one: zero tolerances, against the
+    HF side the passing one saved, so HF runs once): (folder, exit codes, stdouts)."""
     import contextlib
     import io
 
@@ -428,7 +428,8 @@ def compare_reports(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compare")
     codes, outs = {}, {}
-    for name, extra in (("pass", []), ("fail", ["--atol", "0", "--rtol", "0"])):
+    for name, extra in (("pass", ["--save-captures", str(root / "hf")]),
+                        ("fail", ["--atol", "0", "--rtol", "0", "--reference-captures", str(root / "hf")])):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             codes[name] = main(["compare", "--report", str(root / f"{name}.html"), "--json",
