@@ -245,7 +245,7 @@ def check_distinct_outputs(**paths: Optional[Path]) -> None:
     for option, path in paths.items():
         if path is None:
             continue
-        key = Path(os.path.abspath(path))
+        key = Path(os.path.realpath(path))  # a symlink to another output (or to an input) is that file
         if key in seen:
             raise UsageError(f"{seen[key]} and {option} are both {path}; give them different paths")
         seen[key] = option

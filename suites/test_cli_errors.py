@@ -700,3 +700,27 @@ def test_plugin_says_where_reports_went_and_warns_when_none_was_written(tmp_path
     assert silent.returncode == 0, silent.stdout + silent.stderr
     for option, path in (("--parity-report", html), ("--parity-json", js)):
         assert f"warning: {option} {path} was given but no test wrote a report" in silent.stdout, silent.stdout
+
+
+def test_repeated_audio_options_add_clips_and_drop_none():
+    """`--audio a.wav --audio b.wav` kept only b.wav (argparse's default store): every clip given is compared."""
+    from parity.granite.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--audio", "a.wav", "--audio", "b.wav", "c.wav"])
+    assert args.audio == [Path("a.wav"), Path("b.wav"), Path("c.wav")]
+    assert build_parser().parse_args(["compare"]).audio == []
+
+
+def test_an_output_that_is_a_symlink_to_another_path_of_the_run_is_refused(tmp_path, capsys):
+    """`--json` linked to `--report` overwrote the HTML; `diff --json` linked to the baseline overwrote the baseline."""
+    from parity.granite.cli import main
+
+    (tmp_path / "r.html").write_text("")
+    (tmp_path / "j.json").symlink_to(tmp_path / "r.html")
+    assert main(["compare", "--report", str(tmp_path / "r.html"), "--json", str(tmp_path / "j.json")]) == 2
+    assert "--report and --json are both" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text("{}")
+    (tmp_path / "out.json").symlink_to(tmp_path / "old.json")
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "old.json"), "--json",
+                 str(tmp_path / "out.json")]) == 2
+    assert (tmp_path / "old.json").read_text() == "{}"

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="variant of the seeded random fixture checkpoint, when no --checkpoint (default: tiny): "
                           "3.3 (tiny, 2b, 8b) or a family member (tiny-4.0, tiny-plus, tiny-5 on CPU; 4.0-1b, "
                           "4.1-2b, 4.1-2b-plus, 5.0-470m at real dimensions)")
-    cmp.add_argument("--audio", type=Path, nargs="+", default=[], metavar="CLIP",
+    cmp.add_argument("--audio", type=Path, nargs="+", action="extend", default=[], metavar="CLIP",
                      help="audio files, down-mixed to mono and resampled to 16 kHz (said on stderr); several clips "
                           "make one padded batch (default: the built-in input set: clips on and past block and "
                           "window boundaries, a padded batch, text only (forward and generated), both LoRA modes, a "
