@@ -5,9 +5,9 @@ the plain records (a probe as `ProbeResult.to_dict()` writes it, a section's ext
 did not run), so a report re-read from JSON gets the same verdict as the run that wrote it. The rules, in the order
 a probe is judged (README "How to read a verdict" gives each one's measured basis):
 
-  gate     the propagated comparison is not `pass`: outside the dtype table's tolerance (16-bit: and outside twice
-           HF's own rounding error in that row), non-finite where the other side is finite, another shape or dtype,
-           missing, raised, or nothing compared.
+  gate     the propagated comparison is not `pass`: outside the dtype table's tolerance (16-bit: and beyond 8x
+           HF's own rounding error, `parity.diff.FLOOR_GATE`), non-finite where the other side is finite, another
+           shape or dtype, missing, raised, or nothing compared.
   own      the teacher-forced comparison (the FMS module re-run on HF's inputs) is neither `pass` nor without a
            verdict (`not_applicable`, `not_run`): a module's own error fails even where the propagated error passed.
   floor    the error (propagated or own) stands more than `floor_factor` times above the probe's measured noise floor.
