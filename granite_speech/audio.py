@@ -40,6 +40,8 @@ def read_audio(
     (stderr by default); unusable files raise AudioInputError. `max_seconds=None` lifts the length limit."""
     import soundfile
 
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a number of seconds > 0 (or None for no limit), got {max_seconds!r}")
     path = Path(path)
     if not path.exists():
         raise AudioInputError(f"no such audio file: {path}")

@@ -569,6 +569,12 @@ def test_read_audio_refuses(assets, path, kwargs, message):
     assert isinstance(excinfo.value, ValueError) and "\n" not in str(excinfo.value)
 
 
+@pytest.mark.parametrize("max_seconds", [-1, 0, float("nan"), "600"])
+def test_read_audio_refuses_a_limit_that_is_not_a_positive_number(assets, max_seconds):
+    with pytest.raises(ValueError, match="max_seconds must be a number of seconds > 0"):
+        read_audio(assets.two_seconds, 16000, max_seconds=max_seconds)
+
+
 def test_read_audio_down_mixes_and_resamples_and_says_so(assets):
     notes = []
     audio = read_audio(assets.stereo_44k, 16000, notify=notes.append)
