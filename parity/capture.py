@@ -778,6 +778,11 @@ def pair_from_values(rows: Sequence[Tuple[Probe, Any, Any]], *, mode: str = "pro
     return PairCaptures(hf, fms, normalize_mode(mode), plan, tuple(row[0] for row in rows))
 
 
+class ReferenceMismatch(ValueError):
+    """Reference captures that do not belong to this run (another checkpoint, other inputs or mode, no fingerprint):
+    the user's input is wrong, not the candidate."""
+
+
 def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun, *, mode: str = "propagated",
                     fms_aliases: Sequence[Tuple[str, str]] = (), on_raise: str = "raise") -> PairCaptures:
     """The candidate run against reference captures recorded earlier, in another process or on another machine
@@ -785,8 +790,9 @@ def capture_against(probes: Sequence[Probe], reference: Captures, fms: ModelRun,
     mode = normalize_mode(mode)
     _check_on_raise(on_raise)
     if mode == "teacher_forced" and not any("#tf_input:" in key for key in reference.keys()):
-        raise ValueError("teacher-forced comparison needs reference captures recorded in teacher-forced mode "
-                         "(they hold the inputs each module is re-run on); these hold none")
+        raise ReferenceMismatch("teacher-forced comparison needs reference captures recorded in teacher-forced "
+                                "mode (they hold the inputs each module is re-run on); these were recorded "
+                                "propagated: save them again with --mode teacher-forced, or compare --mode propagated")
     probes = tuple(probes)
     fms_captures = Captures("fms")
 

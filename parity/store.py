@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 
-from parity.capture import Captures, load_capture_sets, save_capture_sets
+from parity.capture import Captures, ReferenceMismatch, load_capture_sets, save_capture_sets  # noqa: F401
 from parity.tolerances import dtype_name
 
 REFERENCE_FILE = "hf_captures.safetensors"  # what --save-captures writes and --reference-captures reads
@@ -31,10 +31,6 @@ VERSIONED = ("transformers", "ibm-fms")  # beside torch's own version string (it
 # checkpoint content sampled per tensor (whole tensors up to SAMPLE_BLOCKS * SAMPLE_BYTES)
 SAMPLE_BLOCKS = 8
 SAMPLE_BYTES = 512
-
-
-class ReferenceMismatch(ValueError):
-    """Reference captures that do not belong to this run (another checkpoint, other inputs, no fingerprint)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

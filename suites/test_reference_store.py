@@ -172,3 +172,16 @@ def test_float_inputs_match_across_last_bit_rounding_and_differ_beyond(tmp_path)
                             ({"input_ids": ids, "input_features": features.half()}, "float16[1, 3, 160] here")):
         with pytest.raises(ReferenceMismatch, match=re.escape(differs)):
             read.get("case · model", inputs)
+
+
+def test_a_propagated_reference_read_teacher_forced_exits_2_naming_the_mode(saved, capsys):
+    """A reference recorded with --mode propagated holds no inputs to re-run FMS's modules on: the reference does
+    not fit the run (exit 2, saying which mode), not an internal error (it was exit 3)."""
+    root, _, _ = saved
+    propagated = root / "propagated-reference"
+    assert _compare(root, "save-propagated", "--audio", CLIP, "--mode", "propagated", "--save-captures",
+                    propagated) == 0
+    capsys.readouterr()
+    assert _compare(root, "read-teacher-forced", "--audio", CLIP, "--reference-captures", propagated) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "recorded propagated" in line and "--mode teacher-forced" in line
