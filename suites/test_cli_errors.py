@@ -730,3 +730,15 @@ def test_an_output_that_is_a_symlink_to_another_path_of_the_run_is_refused(tmp_p
     assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "old.json"), "--json",
                  str(tmp_path / "out.json")]) == 2
     assert (tmp_path / "old.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "0", "nan"])
+def test_a_bad_fixture_cache_bound_is_a_usage_error_before_any_build(bad, monkeypatch, capsys):
+    """GRANITE_SPEECH_FIXTURE_CACHE_MAX_GIB=abc was a traceback (exit 3) once the fixture was built."""
+    from parity.granite.cli import main
+    from parity.granite.fixtures import CACHE_MAX_ENV
+
+    monkeypatch.setenv(CACHE_MAX_ENV, bad)
+    assert main(["compare"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {CACHE_MAX_ENV} must be a positive number") and err.count("\n") == 1

@@ -120,6 +120,16 @@ def check_reference_captures(folder: Path, option: str = "--reference-captures")
     return folder
 
 
+def check_fixture_cache_limit() -> None:
+    """The fixture cache's bound (an environment variable) read now, not when the fixture is built after the checks."""
+    from parity.granite.fixtures import cache_limit_bytes
+
+    try:
+        cache_limit_bytes()
+    except ValueError as err:
+        raise UsageError(one_line(err)) from err
+
+
 def check_compare_args(args: argparse.Namespace) -> CompareRun:
     """Every check of `compare`, in the order a user fixes them; raises UsageError."""
     dtype = check_dtype(args.dtype)
@@ -127,6 +137,8 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
     if args.checkpoint is not None and args.model is not None:
         raise UsageError("--model picks a seeded random fixture and --checkpoint a real folder; pass one of them")
     model = args.model or "tiny"
+    if args.checkpoint is None:
+        check_fixture_cache_limit()
     report = check_output_file(args.report, "--report", "out/report.html")
     json_path = check_output_file(args.json, "--json", "out/report.json")
     save = None if args.save_captures is None else check_output_folder(args.save_captures, "--save-captures")
