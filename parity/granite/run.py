@@ -1,7 +1,8 @@
 """Granite Speech glue for the generic harness: the inputs both models see, and one parity run -> report dict.
 
-The CLI (`compare`) and the layer suites call `run_parity`; the harness mechanics know nothing of Granite Speech
-beyond its probe table.
+The layer suite captures once (`capture_parity`) and judges that capture in both modes (`judge_parity`); the
+self-test calls both at once (`run_parity`). The harness mechanics know nothing of Granite Speech beyond its probe
+table.
 """
 
 import dataclasses
@@ -35,27 +36,14 @@ def make_inputs(hf_processor, clips: Sequence[torch.Tensor], device, dtype, prom
     }
 
 
-def run_parity(
-    hf: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
-    fms: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
-    inputs: Mapping[str, Any],
-    *,
-    hf_config: Any,
-    mode: str = "propagated",
-    phases: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
-    overrides: Optional[Mapping[str, float]] = None,
-    detail: bool = True,
-    param_bytes: Optional[int] = None,
-    workdir: Optional[Path] = None,
-    **meta: Any,
-):
-    """One propagated or teacher-forced run (in one or two phases) of every probe with the modality LoRA on (audio prompt).
-    Returns (ParityResult, report dict). `hf`/`fms` may be factories (needed for two-phase runs)."""
-    pair = capture_parity(hf, fms, inputs, hf_config=hf_config, mode=mode, phases=phases, device=device,
-                          detail=detail, param_bytes=param_bytes, workdir=workdir)
-    return judge_parity(pair, inputs, mode=mode, dtype=dtype, device=device, overrides=overrides, **meta)
+def run_parity(hf: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
+               fms: Union[torch.nn.Module, Callable[[], torch.nn.Module]], inputs: Mapping[str, Any], *,
+               dtype: torch.dtype = torch.float32, overrides: Optional[Mapping[str, float]] = None, **capture: Any):
+    """One capture (`capture_parity`'s keywords: hf_config, mode, phases, device, ...) judged in the mode it was
+    captured in. Returns (ParityResult, report dict)."""
+    pair = capture_parity(hf, fms, inputs, **capture)
+    return judge_parity(pair, inputs, mode=pair.mode, dtype=dtype, device=capture.get("device", "cpu"),
+                        overrides=overrides)
 
 
 def capture_parity(
