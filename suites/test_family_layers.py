@@ -11,7 +11,7 @@ tolerance table follow --dtype (fp32: atol = rtol = 1e-3), --atol/--rtol overrid
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency: a broken install fails, never skips)
 
 from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
 from parity.granite.pipeline import (  # noqa: E402

@@ -14,7 +14,7 @@ generation (tokens exactly, step logits). Configs, the width check and other con
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency: a broken install fails, never skips)
 if not hasattr(transformers, "GraniteSpeechPlusForConditionalGeneration"):
     pytest.skip(f"transformers {transformers.__version__} has no granite_speech_plus", allow_module_level=True)
 

@@ -12,7 +12,7 @@ and the processor's `batch_decode` (its CTC tokenizer collapses repeats and drop
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency: a broken install fails, never skips)
 
 from granite_speech.__main__ import DEFAULT_PROMPT, check_transcribe_inputs, main, transcribe  # noqa: E402
 from granite_speech.audio import read_audio  # noqa: E402
