@@ -88,6 +88,7 @@ class TranscribeJob:
     dtype: torch.dtype
     member: str = "granite_speech"  # the HF model_type: granite_speech, granite_speech_plus, granite_speech5_ctc
     decoder: str = "eager"  # "eager" (FMS generate) or "fast" (static KV cache, CUDA graphs on CUDA)
+    eos_token_id: Optional[int] = None  # where each row ends; None: the tokenizer's end-of-text
 
 
 def check_transcribe_inputs(
@@ -183,7 +184,7 @@ def transcribe_loaded(model, processor, job: TranscribeJob, notify: Callable[[st
     prompt = build_prompt(processor.tokenizer, job.instruction)
     inputs = processor([prompt] * len(job.audio), job.audio, padding_side="left")
     input_ids = inputs["input_ids"].to(job.device)
-    eos = processor.tokenizer.eos_token_id
+    eos = processor.tokenizer.eos_token_id if job.eos_token_id is None else job.eos_token_id
     features = inputs["input_features"].to(job.device, job.dtype)
     features_mask = inputs["input_features_mask"].to(job.device)
     attention_mask = inputs["attention_mask"].to(job.device)

@@ -9,7 +9,7 @@ cache, padding masks) but is given no eos; a post-iteration hook keeps the per-r
 - when every row has emitted eos the loop stops (HF's rule), by raising out of the hook after recording the step.
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -27,9 +27,11 @@ def generate_greedy(
     eos_token_id: Optional[int],
     pad_token_id: Optional[int] = None,
     extra_kwargs: Optional[Mapping[str, Any]] = None,
+    on_step: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """[B, L + n] tokens (the prompt, then n <= max_new_tokens new ones). Each row ends at its own eos; after it the
-    row holds `pad_token_id` (eos when None); generation stops when every row has ended or after max_new_tokens."""
+    row holds `pad_token_id` (eos when None); generation stops when every row has ended or after max_new_tokens.
+    `on_step` is given each step's next-token logits [B, vocab] (a parity harness compares them)."""
     from fms.utils.generation import generate
 
     if input_ids.dim() != 2:
@@ -42,6 +44,8 @@ def generate_greedy(
 
     def per_row_eos(position, logits, next_val, kwargs):
         nonlocal ended
+        if on_step is not None:
+            on_step(logits[:, -1] if logits.dim() == 3 else logits)
         if eos_token_id is not None:
             next_val = torch.where(ended.unsqueeze(1), torch.full_like(next_val, fill), next_val)
             ended = ended | (next_val[:, 0] == eos_token_id)

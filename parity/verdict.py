@@ -33,7 +33,7 @@ NO_VERDICT = ("not_applicable", "not_run")  # teacher-forced statuses that say n
 FLOOR_FACTOR = 8.0
 
 # causes of a check that did not run; the first three are the user's own choice when given on the command line
-CAUSES = ("floors off", "phases two", "tensor parallel", "memory", "reference", "raised")
+CAUSES = ("floors off", "phases two", "tensor parallel", "memory", "reference", "raised", "inputs")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,16 @@ def test_layers_match_hf(family_variant, family_checkpoint, hf_config, device, d
             metrics = probe.propagated.metrics
             if metrics is not None and metrics.numel:
                 worst = max(worst, metrics.max_abs)
+    floors = {probe.name: probe.noise_floor for probe in sections[0][2].probes if probe.tolerance_class != "exact"}
+    assert [name for name in floors if name.startswith("audio.")] == [f"audio.{i}.samples" for i in range(3)]
+    assert all(floor is not None for floor in floors.values()), floors  # HF's own float64 recipe, every clip
+    if member != CTC5:  # the features' floor: HF's extractor with its mel filterbank in float64
+        assert floors["features.input_features"] > 0
+    if member != CTC5:  # every decoding loop and transcribe over rows that end at different steps
+        ends = {title: extra["rows_end"] for title, kind, _, extra in sections if kind == "generation"}
+        assert len(ends) == 4, list(ends)  # eager, fast path with each prefill, transcribe
+        for title, rows_end in ends.items():
+            assert len({end for end in rows_end["hf_end_steps"] if end is not None}) >= 2, (title, rows_end)
     _, _, model, extra = sections[1]
     assert len(model.probes) == len(probes_for(hf_config, detail=True))  # the pipeline runs the detailed table
     for probe in model.probes:  # nothing vacuous: every probe compared elements, and its own (teacher-forced) run

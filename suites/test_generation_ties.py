@@ -62,3 +62,31 @@ def test_only_a_rows_first_difference_can_be_a_tie():
     hf_logits = [_logits(3, 5, 0.5), _logits(4, 6, 0.0)]
     floors = {k: _hf64(v, 0.001) for k, v in enumerate(hf_logits)}
     assert near_tie_flips(_tokens([[3, 4], [0, 0]]), hf_logits, _tokens([[5, 6], [0, 0]]), floors, "bfloat16") == {}
+
+
+# ------------------------------------------------------------------ rows that end apart (compare's padded batch)
+def test_stop_token_ends_every_row_at_a_different_step():
+    from parity.granite.pipeline import pick_stop_token
+
+    # 5 ends the rows at steps 0, 1, 2 (all end, all apart); 7 ends two rows; 1 ends two rows
+    assert pick_stop_token(_tokens([[5, 7, 9], [7, 5, 1], [1, 1, 5]])) == (5, [0, 1, 2])
+
+
+def test_stop_token_prefers_every_row_ending_then_the_latest_end():
+    from parity.granite.pipeline import pick_stop_token
+
+    # 4 ends rows 0 and 1 apart while row 2 runs on; 1 ends every row (at 1, 0, 0): every row ending wins
+    assert pick_stop_token(_tokens([[4, 1, 1], [1, 4, 1], [1, 1, 2]])) == (1, [1, 0, 0])
+    # 5 ends at (0, 2), 3 at (1, 0), 6 at (2, 1): 5 and 6 reach step 2 (the tie goes to the smaller id); without
+    # 5, 6 beats 3, whose latest end is earlier
+    rows = _tokens([[5, 3, 6], [3, 6, 5]])
+    assert pick_stop_token(rows) == (5, [0, 2])
+    assert pick_stop_token(rows, exclude=(5,)) == (6, [2, 1])
+
+
+def test_no_stop_token_when_no_token_ends_two_rows_apart():
+    from parity.granite.pipeline import pick_stop_token
+
+    assert pick_stop_token(_tokens([[1, 2], [1, 3]])) is None  # 1 ends both rows at step 0, 2 and 3 one row each
+    assert pick_stop_token(_tokens([[1, 2], [2, 1]]), exclude=(1, 2)) is None
+    assert pick_stop_token(_tokens([[1, 2, 3]])) is None  # one row cannot end apart from another

@@ -76,17 +76,18 @@ def hf_logits_to_fms(hf_logits: torch.Tensor, logits_scaling: float) -> torch.Te
     return hf_logits if LOGITS_DIVIDED_BY_SCALING else hf_logits / logits_scaling
 
 
-def hf_load_audio(path: Union[str, Path], sampling_rate: int = 16000) -> torch.Tensor:
-    """HF's own audio loading as a float32 tensor: transformers `load_audio` with its soundfile backend (5.23+); on
+def hf_load_audio(path: Union[str, Path], sampling_rate: int = 16000, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """HF's own audio loading as a tensor (float32): transformers `load_audio` with its soundfile backend (5.23+); on
     lines whose `load_audio` has no such backend and needs librosa instead (4.57, 5.17), the recipe that backend
     documents as equal to `librosa.load` (soundfile decode, mean down-mix, soxr HQ resampling to
-    ceil(n * rate / source) samples)."""
+    ceil(n * rate / source) samples). `dtype=torch.float64`: that recipe in float64 (the samples' noise floor)."""
     import inspect
     import math
 
     from transformers.audio_utils import load_audio
 
-    if "backend" in inspect.signature(load_audio).parameters:
+    if dtype == torch.float32 and "backend" in inspect.signature(load_audio).parameters:
         try:
             return torch.from_numpy(load_audio(str(path), sampling_rate=sampling_rate, backend="soundfile"))
         except ValueError as err:
@@ -96,10 +97,11 @@ def hf_load_audio(path: Union[str, Path], sampling_rate: int = 16000) -> torch.T
     import soundfile
     import soxr
 
-    waveform, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    numpy_dtype = np.float64 if dtype == torch.float64 else np.float32
+    waveform, rate = soundfile.read(str(path), dtype=numpy_dtype.__name__, always_2d=True)
     waveform = waveform.T.mean(axis=0) if waveform.shape[1] > 1 else waveform[:, 0]
     if rate != sampling_rate:
         length = math.ceil(waveform.shape[-1] * sampling_rate / rate)
         waveform = soxr.resample(waveform, rate, sampling_rate, quality="soxr_hq")
         waveform = np.pad(waveform, (0, max(0, length - len(waveform))))[:length]
-    return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(waveform, dtype=numpy_dtype))

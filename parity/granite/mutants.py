@@ -393,6 +393,25 @@ FAST_GENERATE = (
            new="k.repeat(1, groups, 1, 1),\n        v.repeat(1, groups, 1, 1),",
            expect=_PREFILL_STEP, kind="generation",
            why="the static prefill expands the kv heads by tiling (repeat) instead of in blocks (repeat_interleave)"),
+    Mutant("fast_ended_rows_not_padded", "fast_generate.py",
+           old="next_token = torch.where(finished, pad, logits.argmax(-1))",
+           new="next_token = logits.argmax(-1)",
+           expect=("step.",), kind="generation",
+           why="a row that emitted end-of-text keeps generating instead of holding pad (HF's rule)"),
+)
+
+# the eager decoding loop's per-row end-of-text (compare's rows-end-apart case)
+GENERATION = (
+    Mutant("generate_batch_stops_at_first_eos", "generation.py",
+           old="if eos_token_id is not None and bool(ended.all()):",
+           new="if eos_token_id is not None and bool(ended.any()):",
+           expect=("step.", "generate.new_tokens"), kind="generation",
+           why="the whole batch stops when its first row ends (FMS 1.13.1's own eos check), cutting the others short"),
+    Mutant("generate_ended_rows_not_padded", "generation.py",
+           old="next_val = torch.where(ended.unsqueeze(1), torch.full_like(next_val, fill), next_val)",
+           new="next_val = next_val",
+           expect=("step.",), kind="generation",
+           why="a row that emitted end-of-text keeps generating instead of holding pad (HF's rule)"),
 )
 
 CONFIG = (
@@ -469,7 +488,7 @@ CLI = (
            why="transcribe gives every prompt the first clip's audio"),
 )
 
-CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + CONFIG
+CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + GENERATION + CONFIG
                                  + CHECKPOINT + CLI)
 
 

@@ -62,6 +62,7 @@ class Case:
     why: str = ""
     dtype: Optional[str] = None  # run this case in another dtype than the run's (e.g. bf16 as users run it)
     padding_side: str = "left"  # asked of both processors (generation needs left; the forward takes either)
+    ends_apart: bool = False  # rows end at a stop token from HF's own path, at different steps (every loop, transcribe)
 
     def rows(self) -> Tuple[str, ...]:
         return self.instructions or (DEFAULT_INSTRUCTION,) * len(self.clips)
@@ -77,8 +78,9 @@ def default_cases() -> Tuple[Case, ...]:
         Case("clip 201 frames (real block + 1)", ("9003-103-0001",),
              why="one full 200-frame attention block plus one frame; 13 windows + 6 frames"),
         Case("padded batch of 3 (window + 1, on window, tiny block + 1)",
-             ("9001-101-0000", "9003-103-0000", "9001-101-0001"), generate=12,
-             why="clips of 16, 45 and 121 encoder frames: text- and audio-padded, left-padded prompts"),
+             ("9001-101-0000", "9003-103-0000", "9001-101-0001"), generate=12, ends_apart=True,
+             why="clips of 16, 45 and 121 encoder frames: text- and audio-padded, left-padded prompts; greedy rows end "
+                 "at different steps (a stop token of HF's own path) in every decoding loop and in transcribe"),
         Case("text only, adapter off, right-padded", instructions=(
             "the quick brown fox", "a much longer prompt about the harbour and the boats that came in at dawn"),
              lora_mode="audio_only", padding_side="right",
@@ -337,6 +339,35 @@ def _audio_rows(paths: Sequence[Path]) -> Tuple[List[Tuple[Probe, Any, Any]], li
     return rows, hf_audio, fms_audio, inputs_meta
 
 
+class _Float64Mel(torch.nn.Module):
+    """HF's mel filterbank in float64 on the samples it is given (HF's extractor casts them to float32 first, which
+    loses nothing: the float32 samples are the input), so the features' floor is the extractor's own rounding."""
+
+    def __init__(self, mel: torch.nn.Module):
+        super().__init__()
+        self.mel = copy.deepcopy(mel).double()
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.mel(audio.double())
+
+
+def _preprocessing_floors(paths: Sequence[Path], hf_audio: list, hf_extractor=None):
+    """The rounding-only reference of preprocessing (noise floors): each clip read by HF's recipe in float64 and, for
+    an extractor with a torchaudio mel filterbank (the LLM members'), HF's features with that filterbank in float64.
+    None where HF's own side failed (its probes already say why)."""
+    if any(isinstance(audio, BaseException) for audio in hf_audio):
+        return None
+    rows = [(Probe(f"audio.{i}.samples", "load_audio", "load_audio", teacher=()), value, value)
+            for i, path in enumerate(paths) for value in [hf_load_audio(path, SAMPLING_RATE, torch.float64)]]
+    if hf_extractor is not None:
+        extractor64 = copy.copy(hf_extractor)
+        extractor64.mel_filters = _Float64Mel(hf_extractor.mel_filters)
+        features = extractor64([audio.numpy() for audio in hf_audio])["input_features"]
+        rows.append((Probe("features.input_features", "feature_extractor", "feature_extractor", teacher=()),
+                     features, features))
+    return pair_from_values(rows).hf
+
+
 def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[Probe, Any, Any]], dict, dict, dict]:
     """(probe rows, HF model inputs, FMS model inputs, extra): each side through its own preprocessing."""
     from granite_speech.__main__ import build_prompt
@@ -370,7 +401,10 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
     mask = _field(hf_batch, "attention_mask")
     for count, meta in zip(mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [], inputs_meta):
         meta["prompt tokens"] = int(count)
-    return rows, _model_inputs(hf_batch, models), _model_inputs(fms_batch, models), {"inputs": inputs_meta}
+    floors = (_preprocessing_floors(paths, hf_audio, hf_extractor if not isinstance(hf_features, BaseException)
+                                    else None) if paths else None)
+    return (rows, _model_inputs(hf_batch, models), _model_inputs(fms_batch, models),
+            {"inputs": inputs_meta, "floors": floors})
 
 
 def _field(value: Any, key: str) -> Any:
@@ -579,43 +613,98 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, f
                       "check; the decoder is left out: FMS rotates q and k in float32 even in a float64 model)"), None
 
 
-def _generation_inputs(hf_inputs: dict, steps: int) -> dict:
-    """What an HF `generate` run is recorded from, for the reference store: its inputs and its new tokens."""
-    return {**hf_inputs, "new_tokens": torch.tensor(steps)}
+def _generation_inputs(hf_inputs: dict, steps: int, stop: Optional["Ending"] = None) -> dict:
+    """What an HF `generate` run is recorded from, for the reference store: its inputs, new tokens and stop token."""
+    return {**hf_inputs, "new_tokens": torch.tensor(steps),
+            **({} if stop is None else {"stop": torch.tensor([stop.token, stop.pad])})}
 
 
-def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Tuple[torch.Tensor, list]:
-    """HF `generate`'s greedy tokens [B, steps] and per-step logits (FMS scale), run here or read from the store."""
-    key = f"{case.name} · HF generate"
-    steps = case.generate
+@dataclass(frozen=True)
+class Ending:
+    """Where greedy rows end: `token` taken as end-of-text; a row that emitted it holds `pad` from then on."""
+
+    token: int
+    pad: int
+
+
+def pick_stop_token(tokens: torch.Tensor, exclude: Sequence[Optional[int]] = ()) -> Optional[Tuple[int, list]]:
+    """A token of HF's greedy rows [B, S] that, taken as end-of-text, ends the rows at different steps: (token, each
+    row's end step or None). Preferred: every row ends (the loop must stop by itself), then the most distinct end
+    steps, then the latest end (the most steps compared); the smallest id on a tie. None when no token ends two
+    rows at different steps."""
+    rows, best, best_key = tokens.tolist(), None, None
+    for token in sorted(set(tokens.flatten().tolist()) - set(exclude)):
+        ends = [row.index(token) if token in row else None for row in rows]
+        stops = {end for end in ends if end is not None}
+        key = (None not in ends, len(stops), max(stops, default=-1))
+        if len(stops) >= 2 and (best_key is None or key > best_key):
+            best, best_key = (token, ends), key
+    return best
+
+
+def _row_ends(tokens: torch.Tensor, stop: Optional[Ending]) -> List[Optional[int]]:
+    """Each row's end step (the first `stop.token`), None where it runs to the last step or there is no stop."""
+    rows = tokens.tolist()
+    return [row.index(stop.token) if stop is not None and stop.token in row else None for row in rows]
+
+
+def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore",
+                   stop: Optional[Ending] = None) -> Tuple[torch.Tensor, list]:
+    """HF `generate`'s greedy tokens [B, n] and per-step logits (FMS scale), run here or read from the store. Without
+    `stop`, n = case.generate (end-of-text suppressed); with it, rows end at `stop.token` and hold `stop.pad` after
+    it, and generation stops when every row has ended (HF's rule), so n may be smaller."""
+    key = f"{case.name} · HF generate" + ("" if stop is None else f" · rows end at {stop.token}")
+    recorded_from = _generation_inputs(hf_inputs, case.generate, stop)
     if store.reading:
-        saved = store.get(key, _generation_inputs(hf_inputs, steps))
+        saved = store.get(key, recorded_from)
+        steps = int(saved.get("steps"))
         tokens = torch.stack([saved.get(f"step.{k}.token") for k in range(steps)], dim=1)
         return tokens, [saved.get(f"step.{k}.logits") for k in range(steps)]
     hf = models.reference()
     _set_adapter(hf, "input_features" in hf_inputs)
+    ending = ({"min_new_tokens": case.generate} if stop is None
+              else {"eos_token_id": stop.token, "pad_token_id": stop.pad})
     with torch.no_grad():
-        hf_out = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
+        hf_out = hf.generate(**hf_inputs, max_new_tokens=case.generate, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **ending)
     scaling = hf.config.text_config.logits_scaling
     tokens = hf_out.sequences[:, hf_inputs["input_ids"].size(1):].cpu()
     logits = [hf_logits_to_fms(step, scaling).to(models.dtype).cpu() for step in hf_out.logits]
-    saved = pair_from_values([(Probe(f"step.{k}.{part}", "generate", "generate", teacher=()), value, value)
-                              for k in range(steps) for part, value in (("token", tokens[:, k]), ("logits",
-                                                                                                   logits[k]))]).hf
-    store.put(key, saved, _generation_inputs(hf_inputs, steps))
+    values = [("steps", torch.tensor(tokens.size(1)))] + [
+        (f"step.{k}.{part}", value) for k in range(tokens.size(1))
+        for part, value in (("token", tokens[:, k]), ("logits", logits[k]))]
+    saved = pair_from_values([(Probe(name, "generate", "generate", teacher=()), value, value)
+                              for name, value in values]).hf
+    store.put(key, saved, recorded_from)
     return tokens, logits
 
 
+def _choose_ending(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Tuple[Optional[Ending],
+                                                                                                   dict]:
+    """For a case whose rows must end apart: a stop token from HF's own greedy path (end-of-text suppressed), so that
+    every decoding loop is run over rows ending at different steps. (ending or None, extras)."""
+    hf_tokens, _ = _hf_generation(case, models, hf_inputs, store)
+    tokenizer = models.processors()[0].tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    picked = pick_stop_token(hf_tokens, exclude=(pad, tokenizer.eos_token_id))
+    if picked is None:
+        extra = {"rows_end": "no token of HF's greedy path ends the rows at different steps"}
+        _note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
+        return None, extra
+    return Ending(picked[0], pad), {"rows_end": {"stop_token": picked[0], "pad": pad, "hf_end_steps": picked[1]}}
+
+
 def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens: torch.Tensor,
-                          store: "ReferenceStore"):
+                          store: "ReferenceStore", stop: Optional[Ending] = None):
     """HF in float64 run once over the prompt and HF's own greedy tokens (teacher-forced along HF's path): each step's
     logits on exactly HF's prefix, the rounding-only reference of every step (its noise floor). A float64 `generate`
-    would part from HF's tokens at HF's own near ties and leave the later steps, where a tie may flip, unmeasured."""
-    key = f"{case.name} · HF generate #floors"
+    would part from HF's tokens at HF's own near ties and leave the later steps, where a tie may flip, unmeasured.
+    Ended rows are fed their pad with the mask extended, as HF `generate` feeds them."""
+    key = f"{case.name} · HF generate #floors" + ("" if stop is None else f" · rows end at {stop.token}")
+    recorded_from = _generation_inputs(hf_inputs, case.generate, stop)
     if store.reading:
-        return store.get(key, _generation_inputs(hf_inputs, case.generate), optional=True)
-    steps = case.generate
+        return store.get(key, recorded_from, optional=True)
+    steps = hf_tokens.size(1)
     hf64 = models.reference64()
     _set_adapter(hf64, "input_features" in hf_inputs)
     inputs64 = _float64(hf_inputs)
@@ -631,138 +720,182 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     floors = pair_from_values([(Probe(f"step.{k}.logits", "generate", "generate", teacher=()), value, value)
                                for k in range(steps)
                                for value in [hf_logits_to_fms(out.logits[:, start + k], scaling).cpu()]]).hf
-    store.put(key, floors, _generation_inputs(hf_inputs, steps), made_from=models.hf64_source["dtype"])
+    store.put(key, floors, recorded_from, made_from=models.hf64_source["dtype"])
     return floors
 
 
-def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
-                         store: "ReferenceStore", floors: str = "auto") -> List[Section]:
-    from fms.utils.generation import generate
+FAST_LABELS = {"fast path": False, "fast path, static prefill": True}  # label -> StaticGenerator(static_prefill=)
 
+
+def _fms_generation_runs(case: Case, models: Models, fms_inputs: dict, stop: Optional[Ending], audit: bool):
+    """Each FMS decoding loop on the case: {label: (tokens [B, n], per-step logits) or the exception it raised} and
+    the ops each ran in 16 bits (the upcast audit). Eager stops by itself when every row has ended; the fast path
+    (single-device: not run under tensor parallelism) runs every step, its ended rows held at pad."""
     from granite_speech.fast_generate import StaticGenerator
+    from granite_speech.generation import generate_greedy
     from granite_speech.model import padding_attn_kwargs
 
     fms = models.fms_model(case.lora_mode)
-    steps = case.generate
-    fms_len = fms_inputs["input_ids"].size(1)
-    # the upcast audit in 16-bit runs: the ops each side runs in 16 bits, FMS's per step, HF's over its generate
-    audit = models.dtype in LOW_PRECISION and not store.reading
-    # the fast path twice: its default prefill (`model.forward`, K/V copied in) and its static prefill
-    fast_labels = {"fast path": False, "fast path, static prefill": True}
-    ops: Dict[str, Dict[str, set]] = {"HF": {}, "eager FMS generate": {}, **{label: {} for label in fast_labels}}
+    steps, fms_len = case.generate, fms_inputs["input_ids"].size(1)
+    ops: Dict[str, Dict[str, set]] = {}
+    eos, pad = (None, None) if stop is None else (stop.token, stop.pad)
 
-    def audited(place: Callable[[], str]):
-        return audit_ops(place=place) if audit else contextlib.nullcontext({})
+    def audited(logits: list):
+        return audit_ops(place=lambda: f"step.{len(logits)}.logits") if audit else contextlib.nullcontext({})
 
     def run_eager():
         logits: List[torch.Tensor] = []
-
-        def keep(position, step_logits, next_val, kwargs):
-            logits.append(step_logits[:, -1] if step_logits.dim() == 3 else step_logits)
-            return next_val, kwargs
-
-        attn = padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype)
         extra_kwargs = {k: v for k, v in fms_inputs.items() if k in ("input_features", "input_features_mask")}
-        with audited(lambda: f"step.{len(logits)}.logits") as seen:
-            tokens = generate(fms, fms_inputs["input_ids"], max_seq_len=fms_len + steps, max_new_tokens=steps,
-                              do_sample=False, use_cache=True,
-                              prepare_model_inputs_hook=fms.prepare_inputs_for_generation,
-                              post_iteration_hook=keep, extra_kwargs={**extra_kwargs, **attn})[:, fms_len:]
+        extra_kwargs.update(padding_attn_kwargs(fms_inputs["attention_mask"], dtype=models.dtype))
+        with audited(logits) as seen:
+            tokens = generate_greedy(fms, fms_inputs["input_ids"], max_new_tokens=steps, eos_token_id=eos,
+                                     pad_token_id=pad, extra_kwargs=extra_kwargs, on_step=logits.append)
         ops["eager FMS generate"] = seen
-        return tokens, logits
+        return tokens[:, fms_len:], logits
 
     def run_fast(label: str):
         logits: List[torch.Tensor] = []
-        with audited(lambda: f"step.{len(logits)}.logits") as seen:
+        with audited(logits) as seen:
             fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda",
-                                   static_prefill=fast_labels[label])
+                                   static_prefill=FAST_LABELS[label])
             audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
             logits.append(fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
-                                       fms_inputs["attention_mask"]).clone())
+                                       fms_inputs["attention_mask"], eos, pad).clone())
             for _ in range(1, steps):
                 logits.append(fast.decode_step().clone())
         ops[label] = seen
         return fast.tokens(fms_len + steps)[:, fms_len:].clone(), logits
 
-    def run_hf():
-        with audited(lambda: "generate") as seen:
-            result = _hf_generation(case, models, hf_inputs, store)
-        ops["HF"] = seen
-        return result
-
-    # a side that raised is reported on every step it did not reach, instead of ending the run
-    hf_run = _attempt(run_hf)
-    floor_captures, floors_why, floors_cause = None, "noise floors not run (HF generate raised)", "raised"
-    if not isinstance(hf_run, BaseException):
-        if store.reading:
-            wanted, floors_why, floors_cause = True, "read with the reference", None
-        else:
-            wanted, floors_why, floors_cause = _floors_wanted(floors, models)
-        if wanted:
-            floor_captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store)
-            if floor_captures is None:
-                floors_why, floors_cause = "noise floors not in the reference captures", "reference"
-    # the fast path is single-device: a tensor-parallel run compares eager generation only, and says so
     tensor_parallel = tp_gather() is not None
     with torch.no_grad():
         runs = {"eager FMS generate": _attempt(run_eager)}
-        for label in fast_labels:
+        for label in FAST_LABELS:
             runs[label] = None if tensor_parallel else _attempt(lambda: run_fast(label))
+    return runs, ops
 
-    def step_values(run, step: int, dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
+
+def _generation_rows(hf_run, run, steps: int, dtype: torch.dtype, ties: Dict[int, dict],
+                     ends: Sequence[Optional[int]]) -> Tuple[list, Dict[str, torch.Tensor]]:
+    """Probe rows of one loop against HF generate: each step's token (exact; pad after a row's end) and logits. A
+    row's logits are compared up to its end step (later ones only feed pad), and a row that flipped at a near tie up
+    to that step's logits (its later prefixes differ)."""
+    def step_values(run, step: int, cast: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
         if isinstance(run, BaseException):
             return run, run
         tokens, logits = run
         token = tokens[:, step].cpu() if step < tokens.size(1) else None
         value = logits[step] if step < len(logits) else None
-        return token, None if value is None else value.to(dtype or value.dtype).cpu()
+        return token, None if value is None else value.to(cast or value.dtype).cpu()
 
+    rows, masks = [], {}
+    batch = len(ends)
+    for step in range(steps):
+        hf_token, hf_logits = step_values(hf_run, step)
+        token, logits = step_values(run, step, dtype)
+        for part, hf_value, value, klass, last in (("token", hf_token, token, "exact", -1),
+                                                   ("logits", hf_logits, logits, "logits", 0)):
+            keep = torch.tensor([(r not in ties or step <= ties[r]["step"] + last)
+                                 and (part == "token" or ends[r] is None or step <= ends[r]) for r in range(batch)])
+            if batch and not keep.any():
+                continue
+            valid = "" if batch == 0 or bool(keep.all()) else f"{part}.{step}"
+            if valid:
+                masks[valid] = keep
+            rows.append((Probe(f"step.{step}.{part}", "generate", "generate", teacher=(), tolerance_class=klass,
+                               valid=valid), hf_value, value))
+    return rows, masks
+
+
+def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
+                         store: "ReferenceStore", floors: str = "auto") -> List[Section]:
+    """Every decoding loop (eager FMS generate, the fast path with each prefill) against HF `generate`: greedy tokens
+    and per-step logits, judged against HF float64 floors along HF's own tokens, with the near-tie rule and the
+    upcast audit in 16 bits. A case with `ends_apart` runs them over rows that end at different steps."""
+    # the upcast audit in 16-bit runs: the ops each side runs in 16 bits, FMS's per step, HF's over its generate
+    audit = models.dtype in LOW_PRECISION and not store.reading
+    stop, ending_extra = None, {}
+    if case.ends_apart:
+        chosen = _attempt(lambda: _choose_ending(case, models, hf_inputs, store))
+        stop, ending_extra = (None, {"rows_end": repr(chosen)}) if isinstance(chosen, BaseException) else chosen
+        if isinstance(chosen, BaseException):
+            _note_not_run(ending_extra, "rows ending apart", "HF generate raised", "raised")
+    hf_ops: Dict[str, set] = {}
+
+    def run_hf():
+        with (audit_ops(place=lambda: "generate") if audit else contextlib.nullcontext({})) as seen:
+            result = _hf_generation(case, models, hf_inputs, store, stop)
+        hf_ops.update(seen)
+        return result
+
+    # a side that raised is reported on every step it did not reach, instead of ending the run
+    hf_run = _attempt(run_hf)
+    floor_captures, floors_why, floors_cause = _generation_floors(case, models, hf_inputs, hf_run, store, floors,
+                                                                  stop)
+    runs, ops = _fms_generation_runs(case, models, fms_inputs, stop, audit)
+    steps = case.generate if isinstance(hf_run, BaseException) else hf_run[0].size(1)
+    ends = [] if isinstance(hf_run, BaseException) else _row_ends(hf_run[0], stop)
     sections = []
     for label, run in runs.items():
         if run is None:
             continue
         ties = _near_ties(hf_run, run, floor_captures, models.dtype)
-        rows, masks = [], {}
-        batch = _rows(hf_run, run) if ties else 0
-        for step in range(steps):
-            hf_token, hf_logits = step_values(hf_run, step)
-            token, logits = step_values(run, step, models.dtype)
-            # a row that flipped at a near-tie is compared up to that step's logits (its later prefixes differ)
-            for part, hf_value, value, klass, last in (("token", hf_token, token, "exact", -1),
-                                                       ("logits", hf_logits, logits, "logits", 0)):
-                valid = ""
-                if ties:
-                    keep = torch.tensor([r not in ties or step <= ties[r]["step"] + last for r in range(batch)])
-                    if not keep.any():
-                        continue
-                    valid = f"{part}.{step}"
-                    masks[valid] = keep
-                rows.append((Probe(f"step.{step}.{part}", "generate", "generate", teacher=(), tolerance_class=klass,
-                                   valid=valid), hf_value, value))
+        rows, masks = _generation_rows(hf_run, run, steps, models.dtype, ties, ends)
+        if stop is not None and label == "eager FMS generate":  # the one loop that stops by itself
+            rows.append((Probe("generate.new_tokens", "generate", "generate", teacher=(), tolerance_class="exact",
+                               note="new tokens before every row ended"), _new_tokens(hf_run), _new_tokens(run)))
         upcasts = None
         if audit and not isinstance(hf_run, BaseException):
-            upcasts = missing_upcasts(ops["HF"], ops[label], lambda place: "generate")
+            upcasts = missing_upcasts(hf_ops, ops.get(label, {}), lambda place: "generate")
         result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
                                floors=floor_captures, masks=masks, upcasts=upcasts)
-        extra = {"new_tokens": steps, "floors": floors_why}
+        extra = {"new_tokens": case.generate, "floors": floors_why, **copy.deepcopy(ending_extra)}
         _note_not_run(extra, "noise floors", floors_why, floors_cause)
-        if upcasts is not None:
-            extra["upcast_audit"] = {"hf": sorted(ops["HF"].get("generate", ())),
-                                     "fms": {k: sorted(v) for k, v in ops[label].items()}}
-        elif models.dtype in LOW_PRECISION:
-            _note_not_run(extra, "upcast audit", "needs HF generate run here" if store.reading else "HF generate raised",
-                          "reference" if store.reading else "raised")
-        if tensor_parallel:
-            extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
-            _note_not_run(extra, "fast path generation", extra["fast_path"], "tensor parallel")
-        if ties:
-            extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
-        if not isinstance(hf_run, BaseException):
-            hf_tokens = hf_run[0]
-            extra.update(distinct_hf_tokens=len(set(hf_tokens.flatten().tolist())),
-                         rows_differ=bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all()))
+        _generation_extras(extra, models, store, hf_run, hf_ops, ops.get(label), upcasts, ties)
         sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result, extra))
     return sections
+
+
+def _new_tokens(run) -> Any:
+    """How many tokens a decoding loop returned (the exception it raised, if it did)."""
+    return run if isinstance(run, BaseException) else torch.tensor(run[0].size(1))
+
+
+def _generation_floors(case: Case, models: Models, hf_inputs: dict, hf_run, store: "ReferenceStore", floors: str,
+                       stop: Optional[Ending]):
+    """(floor captures or None, why, the not-run cause or None) of a generation case."""
+    if isinstance(hf_run, BaseException):
+        return None, "noise floors not run (HF generate raised)", "raised"
+    if store.reading:
+        wanted, why, cause = True, "read with the reference", None
+    else:
+        wanted, why, cause = _floors_wanted(floors, models)
+    if not wanted:
+        return None, why, cause
+    captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store, stop)
+    if captures is None:
+        return None, "noise floors not in the reference captures", "reference"
+    return captures, why, cause
+
+
+def _generation_extras(extra: dict, models: Models, store: "ReferenceStore", hf_run, hf_ops, fms_ops, upcasts,
+                       ties: Dict[int, dict]) -> None:
+    """A generation section's extras beside its probes: the upcast audit (or why not), the fast path's absence under
+    tensor parallelism, near-tie flips, and how varied HF's tokens are."""
+    if upcasts is not None:
+        extra["upcast_audit"] = {"hf": sorted(hf_ops.get("generate", ())),
+                                 "fms": {k: sorted(v) for k, v in fms_ops.items()}}
+    elif models.dtype in LOW_PRECISION:
+        _note_not_run(extra, "upcast audit", "needs HF generate run here" if store.reading else "HF generate raised",
+                      "reference" if store.reading else "raised")
+    if tp_gather() is not None:
+        extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
+        _note_not_run(extra, "fast path generation", extra["fast_path"], "tensor parallel")
+    if ties:
+        extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
+    if not isinstance(hf_run, BaseException):
+        hf_tokens = hf_run[0]
+        extra.update(distinct_hf_tokens=len(set(hf_tokens.flatten().tolist())),
+                     rows_differ=bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all()))
 
 
 def _ranks() -> int:
@@ -805,7 +938,8 @@ def _preprocess_ctc(case: Case, models: Models, workdir: Path) -> Tuple[List[Tup
     mask = _field(hf_batch, "attention_mask")
     for count, meta in zip(mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [], inputs_meta):
         meta["frames"] = int(count)
-    return rows, _ctc_inputs(hf_batch, models), _ctc_inputs(fms_batch, models), {"inputs": inputs_meta}
+    return (rows, _ctc_inputs(hf_batch, models), _ctc_inputs(fms_batch, models),
+            {"inputs": inputs_meta, "floors": _preprocessing_floors(paths, hf_audio)})
 
 
 def _ctc_inputs(batch: Any, models: Models) -> Any:
@@ -895,9 +1029,12 @@ def _transcribe_case(cases: Sequence[Case]) -> Optional[Case]:
                  and not any(clip.startswith(STEREO_44K) for clip in c.clips)), None)
 
 
-def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "ReferenceStore") -> torch.Tensor:
+def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "ReferenceStore") -> Tuple[
+        torch.Tensor, Optional[Ending], dict]:
     """HF's own transcription recipe (the model card's): its `load_audio`, the tokenizer's chat template, the
-    processor, `generate` (adapter on), `batch_decode`. Texts as UTF-8 bytes."""
+    processor, `generate` (adapter on), `batch_decode`. Texts as UTF-8 bytes, the ending FMS must use, and extras.
+    For a case whose rows must end apart where end-of-text does not do it: a stop token of HF's own path ends the
+    rows (`pick_stop_token`), and each row is cut at it as `batch_decode` drops the special end-of-text."""
     from granite_speech.__main__ import DEFAULT_PROMPT
 
     key = f"{case.name} · HF transcribe"
@@ -905,7 +1042,10 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
     recorded_from = {**{f"audio.{i}": samples for i, samples in enumerate(audio)},
                      "new_tokens": torch.tensor(case.generate)}  # what the store checks a saved transcript by
     if store.reading:
-        return store.get(key, recorded_from).get("transcribe.text")
+        saved = store.get(key, recorded_from)
+        token, pad = saved.get("transcribe.stop").tolist()
+        stop = None if token < 0 else Ending(token, pad)
+        return saved.get("transcribe.text"), stop, {"rows_end": "read with the reference"}
     hf_processor, _ = models.processors()
     hf = models.reference()
     _set_adapter(hf, True)
@@ -916,11 +1056,35 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
     inputs = {k: (v.to(models.device, models.dtype) if v.is_floating_point() else v.to(models.device))
               for k, v in inputs.items()}
     with torch.no_grad():
-        out = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False)
-    texts = _text_tensor(hf_processor.batch_decode(out[:, inputs["input_ids"].size(1):], skip_special_tokens=True))
-    store.put(key, pair_from_values([(Probe("transcribe.text", "transcribe", "transcribe", teacher=()), texts,
-                                      texts)]).hf, recorded_from)
-    return texts
+        new = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False)[:, inputs["input_ids"].size(1):]
+    stop, extra = (None, {}) if not case.ends_apart else _transcript_ending(new, hf_processor.tokenizer)
+    if stop is not None:
+        with torch.no_grad():
+            new = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False, eos_token_id=stop.token,
+                              pad_token_id=stop.pad)[:, inputs["input_ids"].size(1):]
+    rows = [row[: row.index(stop.token)] if stop is not None and stop.token in row else row for row in new.tolist()]
+    texts = _text_tensor(hf_processor.batch_decode(rows, skip_special_tokens=True))
+    stop_value = torch.tensor([-1, -1] if stop is None else [stop.token, stop.pad])
+    store.put(key, pair_from_values([(Probe(name, "transcribe", "transcribe", teacher=()), value, value)
+                                     for name, value in (("transcribe.text", texts),
+                                                         ("transcribe.stop", stop_value))]).hf, recorded_from)
+    return texts, stop, extra
+
+
+def _transcript_ending(new: torch.Tensor, tokenizer) -> Tuple[Optional[Ending], dict]:
+    """(the stop token FMS's transcribe must use, or None for end-of-text itself; extras): end-of-text when it already
+    ends HF's rows at different steps, else a token of HF's path that does (`pick_stop_token`)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    ends = _row_ends(new, Ending(eos, pad))
+    if len({end for end in ends if end is not None}) >= 2:
+        return None, {"rows_end": {"stop_token": eos, "end_of_text": True, "hf_end_steps": ends}}
+    picked = pick_stop_token(new, exclude=(pad, eos))
+    if picked is None:
+        extra = {"rows_end": "no token of HF's transcribe path ends the rows at different steps"}
+        _note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
+        return None, extra
+    return Ending(picked[0], pad), {"rows_end": {"stop_token": picked[0], "pad": pad, "hf_end_steps": picked[1]}}
 
 
 def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
@@ -945,7 +1109,8 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
     from granite_speech.__main__ import check_transcribe_inputs, transcribe_loaded
 
     paths = [_clip_path(clip, workdir) for clip in case.clips]
-    hf_texts = _attempt(lambda: _hf_transcripts(case, models, paths, store))
+    hf_run = _attempt(lambda: _hf_transcripts(case, models, paths, store))
+    hf_texts, stop, ending_extra = (hf_run, None, {}) if isinstance(hf_run, BaseException) else hf_run
     _, fms_processor = models.processors()
     decoders = ("eager",) if tp_gather() is not None else ("eager", "fast")  # the fast path is single-device
     rows, texts = [], {}
@@ -954,6 +1119,8 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
             job = check_transcribe_inputs(models.checkpoint, paths, max_new_tokens=case.generate,
                                           device=models.device, dtype=models.dtype, decoder=decoder,
                                           notify=lambda message: None)
+            if stop is not None:
+                job = replace(job, eos_token_id=stop.token)
             return transcribe_loaded(models.fms_model("merged"), fms_processor, job, notify=lambda message: None)
 
         got = _attempt(run)
@@ -962,7 +1129,7 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
                            tolerance_class="exact", note=f"transcripts as UTF-8 bytes (--decoder {decoder})"),
                      hf_texts, got if isinstance(got, BaseException) else _text_tensor(got)))
     result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
-    extra = {"clips": [p.name for p in paths], "new_tokens": case.generate, "dtype": why,
+    extra = {"clips": [p.name for p in paths], "new_tokens": case.generate, "dtype": why, **ending_extra,
              **{f"{d}_text": (repr(t) if isinstance(t, BaseException) else t) for d, t in texts.items()}}
     if not isinstance(hf_texts, BaseException):
         hf_list = _tensor_text(hf_texts)
@@ -972,6 +1139,17 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
         _note_not_run(extra, "transcribe --decoder fast", extra["fast_path"], "tensor parallel")
     return (f"{case.name} · transcribe: FMS transcribe vs HF's recipe (chat template, processor, generate, "
             "batch_decode)", "generation", result, extra)
+
+
+def _preprocessing_section(case: Case, models: Models, rows: list, floor_captures, floors: str, overrides) -> Section:
+    """Audio, features and processor outputs; the floating ones judged against HF's own float64 recipe too."""
+    extra = {"why": case.why}
+    if floor_captures is not None and floors == "off":
+        floor_captures = None
+        _note_not_run(extra, "noise floors", "noise floors off (--floors off)", "floors off")
+    result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
+                           floors=floor_captures)
+    return f"{case.name} · preprocessing", "preprocessing", result, extra
 
 
 def run_pipeline(
@@ -1018,8 +1196,7 @@ def run_pipeline(
             models = base.at(getattr(torch, case.dtype)) if case.dtype else base
             rows, hf_inputs, fms_inputs, extra = preprocess(case, models, Path(tmp))
             inputs_meta.extend({"case": case.name, **row} for row in extra["inputs"])
-            pre = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
-            sections.append((f"{case.name} · preprocessing", "preprocessing", pre, {"why": case.why}))
+            sections.append(_preprocessing_section(case, models, rows, extra["floors"], floors, overrides))
             if isinstance(hf_inputs, BaseException):
                 continue  # the reference could not even be built: the preprocessing section says why
             fed = hf_inputs if feed == "hf" or isinstance(fms_inputs, BaseException) else fms_inputs
