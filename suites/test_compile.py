@@ -5,7 +5,10 @@ with audio merged at the placeholders, and one decoder step ([B, 1] token on the
 For each, `torch._dynamo.explain` counts graph breaks (recorded as junit properties and asserted 0), then the
 inductor-compiled function is compared with eager by `parity.testing.assert_parity` (the documented gate and the
 tight regression bound beside it; the measured error is recorded). Runs on the session checkpoint, device and dtype
-(`model:...` in the test id).
+(`model:...` in the test id). At real dimensions the session model is cut, for this module only, to its first
+SHALLOW_ENCODER encoder blocks (CTC self-conditioning after the middle one) and SHALLOW_DECODER decoder layers: graph
+breaks and compiled-vs-eager agreement depend on the widths and the code path, not the depth, while inductor's
+compile time grows with it (the 2b full forward took 193 s). The tiny model is already that shallow: unchanged.
 
 The eager reference always runs first: it also warms FMS's per-device RoPE cache, whose cold start is a known
 data-dependent graph break on CUDA (fms.md §5). Inputs are small so that CPU compiles stay short.
@@ -17,18 +20,42 @@ value they approximate, and the compiled result must be within the table of it o
 (`torch._inductor.config.emulate_precision_casts`, made for this, crashes the CPU backend of torch 2.9.1.)
 """
 
+import contextlib
 import copy
 import functools
+import sys
 
 import pytest
 import torch
 
-from granite_speech.checkpoint import load_model
 from parity.diff import compare
 from parity.testing import assert_parity
 from parity.tolerances import tolerance_for
 
 pytestmark = pytest.mark.runs_at("session")
+
+SHALLOW_ENCODER, SHALLOW_DECODER = 4, 2  # the tiny fixture's depths
+
+
+@contextlib.contextmanager
+def _shallow(model):
+    """The model cut to its first blocks and layers in place (restored after): the real widths, a few layers."""
+    encoder, decoder = model.encoder, model.language_model.base_model
+    saved = encoder.layers, encoder.self_conditioning_layer, decoder.layers, decoder.config.nlayers
+    encoder.layers = torch.nn.ModuleList(list(encoder.layers)[:SHALLOW_ENCODER])
+    encoder.self_conditioning_layer = min(encoder.self_conditioning_layer, len(encoder.layers) // 2)
+    decoder.layers = torch.nn.ModuleList(list(decoder.layers)[:SHALLOW_DECODER])
+    decoder.config.nlayers = len(decoder.layers)
+    try:
+        yield model
+    finally:
+        encoder.layers, encoder.self_conditioning_layer, decoder.layers, decoder.config.nlayers = saved
+
+
+@pytest.fixture(scope="module")
+def compile_model(fms_model):
+    with _shallow(fms_model) as model:
+        yield model
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +66,10 @@ def _fresh_dynamo():
 
 
 @pytest.fixture(scope="module")
-def audio_inputs(fms_model, device, dtype):
+def audio_inputs(compile_model, device, dtype):
     """Two clips of 2 * window + 2 encoder frames (the last projector window and the last attention block are both
     partial), with 1 fewer valid window in the second clip, and prompts holding exactly the valid audio tokens."""
-    cfg = fms_model.config
+    cfg = compile_model.config
     window, q = cfg.projector_config.window_size, cfg.projector_config.queries_per_window
     frames = 2 * window + 2
     tokens = -(-frames // window) * q
@@ -73,13 +100,14 @@ def _explain(name, fn, args, record_property):
 
 
 @pytest.fixture(scope="module")
-def fp32_model(checkpoint_dir, device, dtype):
-    """The fp32 reference model, loaded on first use (only 16-bit runs whose compiled-vs-eager check misses)."""
+def fp32_model(compile_model):
+    """The fp32 copy of the (shallow) model, made on first use (only 16-bit runs whose compiled-vs-eager check
+    misses)."""
     loaded = {}
 
     def get():
         if "model" not in loaded:
-            loaded["model"] = load_model(checkpoint_dir, dtype=torch.float32, device=device)
+            loaded["model"] = _fp32_copy(compile_model)
         return loaded["model"]
 
     yield get
@@ -113,29 +141,29 @@ def _fp32_copy(module):
 
 
 @torch.no_grad()
-def test_encoder_compiles_fullgraph(fms_model, audio_inputs, dtype, device, record_property):
+def test_encoder_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
     features = audio_inputs["input_features"]
-    eager = fms_model.encoder(features)
-    _explain("encoder", fms_model.encoder, (features,), record_property)
-    compiled = torch.compile(fms_model.encoder, fullgraph=True)(features)
-    _judge("encoder", compiled, eager, lambda: _fp32_copy(fms_model.encoder)(features.float()), dtype, device,
+    eager = compile_model.encoder(features)
+    _explain("encoder", compile_model.encoder, (features,), record_property)
+    compiled = torch.compile(compile_model.encoder, fullgraph=True)(features)
+    _judge("encoder", compiled, eager, lambda: _fp32_copy(compile_model.encoder)(features.float()), dtype, device,
            record_property)
 
 
 @torch.no_grad()
-def test_projector_compiles_fullgraph(fms_model, audio_inputs, dtype, device, record_property):
-    encoded = fms_model.encoder(audio_inputs["input_features"])
-    eager = fms_model.projector(encoded)
-    _explain("projector", fms_model.projector, (encoded,), record_property)
-    compiled = torch.compile(fms_model.projector, fullgraph=True)(encoded)
-    _judge("projector", compiled, eager, lambda: _fp32_copy(fms_model.projector)(encoded.float()), dtype, device,
+def test_projector_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
+    encoded = compile_model.encoder(audio_inputs["input_features"])
+    eager = compile_model.projector(encoded)
+    _explain("projector", compile_model.projector, (encoded,), record_property)
+    compiled = torch.compile(compile_model.projector, fullgraph=True)(encoded)
+    _judge("projector", compiled, eager, lambda: _fp32_copy(compile_model.projector)(encoded.float()), dtype, device,
            record_property)
 
 
 @torch.no_grad()
-def test_full_forward_with_audio_compiles_fullgraph(fms_model, fp32_model, audio_inputs, dtype, device,
+def test_full_forward_with_audio_compiles_fullgraph(compile_model, fp32_model, audio_inputs, dtype, device,
                                                     record_property):
-    def forward(input_ids, input_features, input_features_mask, model=fms_model):
+    def forward(input_ids, input_features, input_features_mask, model=compile_model):
         return model(input_ids, input_features=input_features, input_features_mask=input_features_mask)
 
     args = (audio_inputs["input_ids"], audio_inputs["input_features"], audio_inputs["input_features_mask"])
@@ -162,12 +190,12 @@ def _prefill_then_step(model, audio_inputs, next_token=None, features_dtype=None
 
 
 @torch.no_grad()
-def test_decoder_step_on_kv_cache_compiles_fullgraph(fms_model, fp32_model, audio_inputs, dtype, device,
+def test_decoder_step_on_kv_cache_compiles_fullgraph(compile_model, fp32_model, audio_inputs, dtype, device,
                                                      record_property):
-    def decode_step(token, past_key_value_states, position_ids, model=fms_model):
+    def decode_step(token, past_key_value_states, position_ids, model=compile_model):
         return model(token, past_key_value_states=past_key_value_states, use_cache=True, position_ids=position_ids)
 
-    next_token, args = _prefill_then_step(fms_model, audio_inputs)
+    next_token, args = _prefill_then_step(compile_model, audio_inputs)
     eager_logits, eager_cache = decode_step(*args)
     _explain("decode_step", decode_step, args, record_property)
     compiled_logits, compiled_cache = torch.compile(decode_step, fullgraph=True)(*args)
@@ -179,10 +207,32 @@ def test_decoder_step_on_kv_cache_compiles_fullgraph(fms_model, fp32_model, audi
 
     _judge("decode_step_logits", compiled_logits, eager_logits, lambda: fp32_step()[0], dtype, device,
            record_property, "logits")
-    assert len(compiled_cache) == len(eager_cache) == fms_model.config.text_config.nlayers
+    assert len(compiled_cache) == len(eager_cache) == len(compile_model.language_model.base_model.layers)
     prompt_len = audio_inputs["input_ids"].size(1)
     for layer, ((k_c, v_c), (k_e, v_e)) in enumerate(zip(compiled_cache, eager_cache)):
         assert k_c.shape[2] == prompt_len + 1  # the step appended one position to the prefill cache
         for slot, (kind, compiled, eager) in enumerate((("keys", k_c, k_e), ("values", v_c, v_e))):
             _judge(f"decode_step_layer{layer}_{kind}", compiled, eager,
                    lambda layer=layer, slot=slot: fp32_step()[1][layer][slot], dtype, device, record_property)
+
+
+@torch.no_grad()
+def test_the_shallow_cut_runs_the_first_layers_and_is_undone(fms_model, monkeypatch):
+    """The cut model runs exactly its first blocks and layers (one fewer of each than the tiny model has), and the
+    session model is whole again afterwards."""
+    encoder, decoder = fms_model.encoder, fms_model.language_model.base_model
+    before = (list(encoder.layers), encoder.self_conditioning_layer, list(decoder.layers))
+    monkeypatch.setattr(sys.modules[__name__], "SHALLOW_ENCODER", len(encoder.layers) - 1)
+    monkeypatch.setattr(sys.modules[__name__], "SHALLOW_DECODER", len(decoder.layers) - 1)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, layer in enumerate(decoder.layers)]
+    try:
+        with _shallow(fms_model):
+            assert len(encoder.layers) == len(before[0]) - 1 and len(decoder.layers) == len(before[2]) - 1
+            assert encoder.self_conditioning_layer == (len(before[0]) - 1) // 2
+            fms_model(torch.tensor([[1, 2, 3]], device=next(fms_model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == list(range(len(before[2]) - 1))
+    assert (list(encoder.layers), encoder.self_conditioning_layer, list(decoder.layers)) == before
