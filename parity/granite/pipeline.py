@@ -23,6 +23,7 @@ Every member of the family runs (`member_of(checkpoint)` reads config.json's mod
 
 import contextlib
 import copy
+import itertools
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -198,9 +199,40 @@ class Models:
         if self.hf64_source.get("dtype") != self.dtype:
             self.hf.pop(torch.float64, None)
             free_memory()
-            self.hf[torch.float64] = copy.deepcopy(self.reference()).to(torch.float64)
+            self.hf[torch.float64] = copy.deepcopy(self.reference()).to(self.device, torch.float64)
             self.hf64_source["dtype"] = self.dtype
-        return self.hf[torch.float64]
+        return self.hf[torch.float64].to(self.device)
+
+    def working_models(self) -> list:
+        """The loaded models of the working dtypes (every one but HF's float64 copy)."""
+        return [model for dtype, model in self.hf.items() if dtype != torch.float64] + list(self.fms.values())
+
+    def device_bytes(self) -> int:
+        """What the working models hold on the run device."""
+        return sum(t.numel() * t.element_size() for model in self.working_models()
+                   for t in itertools.chain(model.parameters(), model.buffers()) if t.device == self.device)
+
+    @contextlib.contextmanager
+    def float64_room(self, copies: float = 2):
+        """Room on a GPU for `copies` float64 models: where they would not fit beside the working models, those wait
+        in host memory meanwhile and come back after; HF's float64 copy then waits there between uses. The floors and
+        the formula check thus run on a card that holds the float64 copy alone (2b on an 80 GB H100)."""
+        if self.device.type != "cuda" or not _shortfall(self, copies, 8):
+            yield
+            return
+        parked = [model for model in self.working_models()
+                  if any(t.device == self.device for t in model.parameters())]
+        for model in parked:
+            model.to("cpu")
+        free_memory()
+        try:
+            yield
+        finally:
+            if torch.float64 in self.hf:
+                self.hf[torch.float64].to("cpu")
+            free_memory()
+            for model in parked:
+                model.to(self.device)
 
     def processors(self):
         if self.hf_processor is None:
@@ -427,17 +459,21 @@ def _model_inputs(batch: Any, models: Models) -> Any:
     return out
 
 
-def _shortfall(models: Models, copies: float, bytes_per_value: int) -> Optional[str]:
+def _shortfall(models: Models, copies: float, bytes_per_value: int, parked: bool = False) -> Optional[str]:
     """None when `copies` more copies of the model at `bytes_per_value` fit on the run device (with 25% headroom),
     else what they need and what is free. Counted on the loaded HF model, else (a run against saved references,
-    where HF is never loaded) from the checkpoint's safetensors headers."""
+    where HF is never loaded) from the checkpoint's safetensors headers. `parked`: with the working models moved to
+    host memory first (`Models.float64_room`), on a GPU."""
     loaded = models.hf.get(models.dtype)
     count = (sum(p.numel() for p in loaded.parameters()) if loaded is not None
              else checkpoint_param_bytes(models.checkpoint, torch.uint8))  # one byte per value: the count
     need = copies * count * bytes_per_value
     free = available_bytes(models.device)
+    if free is not None and parked and models.device.type == "cuda":
+        free += models.device_bytes()
     if free is not None and need * 1.25 > free:
-        return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+        return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free" + (" with the working models parked in "
+                                                                          "host memory" if parked else "")
     return None
 
 
@@ -451,7 +487,7 @@ def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str, Optional[str
         return False, "noise floors off (--floors off)", "floors off"
     if floors == "on":
         return True, "HF in float64 (requested)", None
-    short = _shortfall(models, 2, 8)  # an fp64 copy beside what is loaded
+    short = _shortfall(models, 2, 8, parked=True)  # an fp64 copy (and its making) where the working models were
     if short:
         return False, f"noise floors not run: an fp64 copy {short}", "memory"
     return True, "HF in float64", None
@@ -525,17 +561,18 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         wanted, why, cause = False, "noise floors not run: the HF forward raised", "raised"
     extra["floors"] = why
     _note_not_run(extra, "noise floors", why, cause)
-    if wanted:
-        hf64 = models.reference64()
-        _set_adapter(hf64, has_audio)
-        inputs64 = _float64(hf_inputs)
-        floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
-                                       aliases=HF_LAYOUT_ALIASES)
-        store.put(f"{title} #floors", floor_captures, hf_inputs, made_from=models.hf64_source["dtype"])
-    candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes,
-                                                        None if pair.fms.raised else floor_captures,
-                                                        "raised" if pair.fms.raised else cause,
-                                                        models.hf64_source.get("dtype"))
+    with models.float64_room():
+        if wanted:
+            hf64 = models.reference64()
+            _set_adapter(hf64, has_audio)
+            inputs64 = _float64(hf_inputs)
+            floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
+                                           aliases=HF_LAYOUT_ALIASES)
+            store.put(f"{title} #floors", floor_captures, hf_inputs, made_from=models.hf64_source["dtype"])
+        candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes,
+                                                            None if pair.fms.raised else floor_captures,
+                                                            "raised" if pair.fms.raised else cause,
+                                                            models.hf64_source.get("dtype"))
     _note_not_run(extra, "float64 formula check", extra["float64"], cause)
     upcasts = None
     if models.dtype in LOW_PRECISION:
@@ -597,9 +634,12 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, f
     if floors_from != torch.float32:  # then HF's copy holds weights rounded to a 16-bit dtype
         source = "unrecorded" if floors_from is None else dtype_name(floors_from)
         return None, f"not run: HF's float64 copy was made from {source} weights", "reference"
-    short = _shortfall(models, 1, 8)
+    short = _shortfall(models, 1, 8, parked=True)
     if short:
         return None, f"not run: FMS in float64 {short}", "memory"
+    if torch.float64 in models.hf and _shortfall(models, 1, 8):  # HF's float64 copy has done its part (the floors)
+        models.hf[torch.float64].to("cpu")
+        free_memory()
     # loaded by FMS's own loader (the LoRA merged in float64) and freed at once: a float64 copy held per LoRA mode
     # would leave no room for the next case's noise floors on a GPU
     fms64 = load_fms_family_model(models.checkpoint, torch.float64, models.device, lora_mode=case.lora_mode)
@@ -705,14 +745,14 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     if store.reading:
         return store.get(key, recorded_from, optional=True)
     steps = hf_tokens.size(1)
-    hf64 = models.reference64()
-    _set_adapter(hf64, "input_features" in hf_inputs)
     inputs64 = _float64(hf_inputs)
     prompt = inputs64["input_ids"]
     tokens = hf_tokens[:, : steps - 1].to(prompt.device)
     mask = torch.cat([inputs64["attention_mask"], torch.ones_like(tokens)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate derives them
-    with torch.no_grad():
+    with models.float64_room(), torch.no_grad():
+        hf64 = models.reference64()
+        _set_adapter(hf64, "input_features" in hf_inputs)
         out = hf64(**{**inputs64, "input_ids": torch.cat([prompt, tokens], dim=1), "attention_mask": mask},
                    position_ids=positions, use_cache=False)
     scaling = hf64.config.text_config.logits_scaling
