@@ -58,7 +58,8 @@ ARCHITECTURES: Tuple[Arch, ...] = (
          family="moe"),
     Arch("mistral", "MistralForCausalLM", "MistralConfig",
          dict(_DEC, rope_parameters=_ROPE, sliding_window=None, intermediate_size=256)),
-    Arch("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Config", {}, kind="multimodal",
+    Arch("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Config", dict(tie_word_embeddings=False),
+         kind="multimodal",
          family="multimodal",
          sub_configs={"text_config": ("MistralConfig", dict(_DEC, rope_parameters=_ROPE, sliding_window=None,
                                                                 intermediate_size=256)),
@@ -66,7 +67,8 @@ ARCHITECTURES: Tuple[Arch, ...] = (
                                         dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=32, patch_size=8,
                                              rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))}),
-    Arch("ministral3", "Mistral3ForConditionalGeneration", "Mistral3Config", {}, kind="multimodal",
+    Arch("ministral3", "Mistral3ForConditionalGeneration", "Mistral3Config", dict(tie_word_embeddings=False),
+         kind="multimodal",
          family="multimodal",
          sub_configs={"text_config": ("Ministral3Config", dict(_DEC, sliding_window=None, intermediate_size=256, rope_parameters={
              "rope_type": "yarn", "rope_theta": 5000.0, "factor": 2.0, "original_max_position_embeddings": 32,
@@ -155,3 +157,15 @@ def seed_weights(model: torch.nn.Module, seed: int = SEED) -> None:
             else:
                 value = draw * (WEIGHT_GAIN / param.shape[-1] ** 0.5)  # Linear / Embedding: [out, in]
             param.copy_(value.to(param.dtype))
+
+
+def compared(arch: Arch) -> str:
+    """What `fms-parity compare` judges for this architecture (the sections of its report)."""
+    inputs = {"decoder": "one sequence + a left-padded batch (real tokens only)",
+              "encoder": "one sequence + a right-padded batch (real tokens only)",
+              "vision": "one image", "multimodal": "one text-only sequence (no image)"}[arch.kind]
+    parts = [f"{inputs}: every derived probe propagated and teacher-forced, float64 floors and formula check",
+             "bf16 with the upcast audit"]
+    if arch.kind == "decoder":
+        parts.append("greedy generation (tokens exact, per-step logits)")
+    return "; ".join(parts)

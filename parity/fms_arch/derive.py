@@ -168,7 +168,26 @@ def _owned(model: torch.nn.Module, names: Optional[Set[str]] = None) -> Dict[str
     return owners
 
 
-def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_keys: Set[str],
+def checkpoint_names(hf: torch.nn.Module, hf_sd: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    """HF parameter name (its module tree) -> checkpoint key (its save layout). transformers 5 may save another
+    layout than it holds (Mistral3 / LLaVA: `model.language_model.*` saved as `language_model.model.*`), so the two
+    are matched by content: every seeded tensor is unique."""
+    by_bytes: Dict[Tuple, str] = {}
+    for key, tensor in hf_sd.items():
+        by_bytes.setdefault((tuple(tensor.shape), tensor.dtype, tensor.contiguous().numpy().tobytes()
+                             if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).numpy().tobytes()), key)
+    names = {}
+    for name, param in hf.named_parameters():
+        value = param.detach().cpu()
+        blob = value.contiguous().numpy().tobytes() if value.dtype != torch.bfloat16 else \
+            value.view(torch.int16).numpy().tobytes()
+        key = by_bytes.get((tuple(value.shape), value.dtype, blob))
+        if key is not None:
+            names[name] = key
+    return names
+
+
+def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_names: Mapping[str, str],
                  sources: Mapping[str, Source]) -> Tuple[List[Tuple[str, str, str]], List[dict]]:
     """[(HF path, FMS path, FMS adapter)] in HF module order, and the refused HF modules with their reasons. The
     deepest HF module claims an FMS module first (HF `intermediate` = dense + activation and its `dense` share
@@ -183,7 +202,7 @@ def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_keys: Set[str],
     by_fed: Dict[frozenset, str] = {}
     for path in sorted(fed, key=lambda p: -p.count(".") - (p != "")):  # the deepest module wins a tie
         by_fed.setdefault(fed[path], path)
-    hf_owned = _owned(hf, {n for n, _ in hf.named_parameters() if n in hf_keys})
+    hf_owned = {path: {hf_names[n] for n in names} for path, names in _owned(hf, set(hf_names)).items()}
     order = [path for path, module in hf.named_modules() if path and path in hf_owned
              and not isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict))]
     found, refused, taken = {}, {}, set()
@@ -194,7 +213,7 @@ def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_keys: Set[str],
             refused[path] = (f"its parameters are fused into the single FMS projection {target}, which computes "
                              "the projections, not this module's output")
             continue
-        pair = (target, "identity") if target is not None else _sliced_pair(want, sources)
+        pair = (target, _leaf_adapter(fms, target, sources)) if target is not None else _sliced_pair(want, sources)
         if pair is not None and pair not in taken:
             found[path] = pair
             taken.add(pair)
@@ -203,6 +222,18 @@ def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_keys: Set[str],
                          "parameters" if pair is not None else _why_unpaired(want, sources))
     pairs = [(path, *found[path]) for path in order if path in found]
     return pairs, _outermost([{"hf": path, "reason": refused[path]} for path in order if path in refused])
+
+
+def _leaf_adapter(fms: torch.nn.Module, path: str, sources: Mapping[str, Source]) -> str:
+    """The adapter of an FMS leaf whose own tensors hold their HF rows permuted (RoPE's q / k rows), else identity."""
+    module = fms.get_submodule(path) if path else fms
+    if any(True for _ in module.children()):
+        return "identity"  # a block's output is not permuted: its dense undoes the q / k order
+    specs = set()
+    for name, _ in module.named_parameters(recurse=False):
+        blocks = sources[f"{path}.{name}" if path else name].blocks
+        specs |= {blocks[0][3]} if len(blocks) == 1 else {"identity"}
+    return specs.pop() if len(specs) == 1 else "identity"
 
 
 def _fused_leaf(hf: torch.nn.Module, hf_path: str, fms: torch.nn.Module, fms_path: str) -> bool:
@@ -295,16 +326,37 @@ def teacher_pairs(hf_seen: Optional[dict], fms_seen: Optional[dict]) -> Tuple[Tu
     return tuple(pairs), ""
 
 
+def _permuted_input(fms: torch.nn.Module, path: str) -> bool:
+    """A norm over permuted q / k heads (Qwen3's q_norm): its only parameters are 1-D, so its input is permuted."""
+    module = fms.get_submodule(path) if path else fms
+    return all(param.dim() == 1 for param in module.parameters())
+
+
 def derive(hf: torch.nn.Module, fms: torch.nn.Module, architecture: str, hf_sd: Mapping[str, torch.Tensor],
            hf_forward, fms_forward, adapter_kwargs: Mapping) -> Derivation:
     """The probe table for (hf, fms): one probe per paired module (named by its FMS path), plus refusals."""
     derivation = Derivation()
     derivation.sources = adapted_sources(architecture, hf_sd, adapter_kwargs)
-    pairs, derivation.refused = pair_modules(hf, fms, set(hf_sd), derivation.sources)
+    names = checkpoint_names(hf, hf_sd)
+    unmatched = sorted(n for n, _ in hf.named_parameters() if n not in names)
+    pairs, derivation.refused = pair_modules(hf, fms, names, derivation.sources)
+    if unmatched:
+        derivation.refused.insert(0, {"hf": ", ".join(unmatched[:4]) + (" ..." if len(unmatched) > 4 else ""),
+                                      "reason": f"{len(unmatched)} HF parameter(s) are saved in another form than "
+                                                "the model holds them (no checkpoint tensor equals them)"})
     hf_seen = input_shapes(hf, [p[0] for p in pairs], hf_forward)
     fms_seen = input_shapes(fms, [p[1] for p in pairs], fms_forward)
     for hf_path, fms_path, adapter in pairs:
+        if hf_path not in hf_seen:  # (a module FMS never runs while HF does stays: that is a finding)
+            why = ("neither module runs on this input (e.g. the vision tower on a text-only input)"
+                   if fms_path not in fms_seen else "HF's forward never calls this module (it uses the module's "
+                   "weights directly, e.g. a fallback kernel)")
+            derivation.refused.append({"hf": hf_path, "reason": f"paired with {fms_path}, but {why}"})
+            continue
         teacher, why = teacher_pairs(hf_seen.get(hf_path), fms_seen.get(fms_path))
+        if teacher and adapter != "identity" and _permuted_input(fms, fms_path):
+            teacher, why = (), ("not teacher-forced: the module's input is in FMS's RoPE-permuted order, HF's input "
+                                "cannot be substituted as is")
         name = fms_path if adapter == "identity" else f"{fms_path}-{hf_path.rsplit('.', 1)[-1]}"
         derivation.probes.append(Probe(name, hf_path, fms_path, hf_take="output[0?]", fms_take="output[0?]",
                                        fms_adapter=adapter, teacher=teacher,

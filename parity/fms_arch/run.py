@@ -58,7 +58,13 @@ class Sides:
         """HF in float64 made from `source`'s weights (a bf16 case's floors keep its bf16-rounded weights)."""
         key = f"hf64:{id(source)}"
         if key not in self._copies:
-            self._copies[key] = copy.deepcopy(source).to(torch.float64)
+            model = copy.deepcopy(source).to(torch.float64)
+            if hasattr(model, "set_experts_implementation"):  # grouped_mm has no float64 kernel
+                try:
+                    model.set_experts_implementation("eager")
+                except (ValueError, AttributeError):
+                    pass  # a model without experts
+            self._copies[key] = model
         return self._copies[key]
 
     def fms_at(self, dtype: torch.dtype) -> torch.nn.Module:
@@ -204,3 +210,116 @@ def _upcast_audit(pair, hf, hf_forward, fms, fms_forward) -> Dict[str, List[str]
         with audit_ops(fms, places(pair.fms)) as fms_ops:
             fms_forward(fms)
     return missing_upcasts(hf_ops, fms_ops)
+
+
+def _attempt(fn):
+    """fn()'s value, or the exception it raised (recorded as a finding on every step it did not reach)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 -- a side that raises is reported, not fatal
+        return err
+
+
+def _hf_generate(hf: torch.nn.Module, prompt: torch.Tensor, steps: int, pad_id: int):
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                          min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          pad_token_id=pad_id)
+    return out.sequences[:, prompt.size(1):], [step.float() for step in out.logits]
+
+
+def _fms_generate(fms: torch.nn.Module, prompt: torch.Tensor, steps: int):
+    from fms.utils.generation import generate
+
+    logits: List[torch.Tensor] = []
+
+    def keep(position, step_logits, next_val, kwargs):
+        logits.append(step_logits.float())
+        return next_val, kwargs
+
+    with torch.no_grad():
+        tokens = generate(fms, prompt, max_seq_len=prompt.size(1) + steps, max_new_tokens=steps, do_sample=False,
+                          use_cache=True, post_iteration_hook=keep)
+    return tokens[:, prompt.size(1):], logits
+
+
+def _generation_floors(hf64: torch.nn.Module, prompt: torch.Tensor, hf_tokens: torch.Tensor, steps: int):
+    """HF in float64 once over the prompt and HF's own tokens: each step's logits on exactly HF's prefix."""
+    ids = torch.cat([prompt, hf_tokens[:, : steps - 1]], dim=1)
+    with torch.no_grad():
+        logits = hf64(input_ids=ids, use_cache=False).logits
+    start = prompt.size(1) - 1
+    probes = [(Probe(f"step.{k}.logits", "generate", "generate", teacher=()), logits[:, start + k],
+               logits[:, start + k]) for k in range(steps)]
+    return pair_from_values(probes).hf
+
+
+def generation_section(sides: Sides, steps: int = cases.NEW_TOKENS) -> Tuple[ParityResult, dict]:
+    """Greedy tokens (exact) and every step's logits of FMS `generate` (KV cache) against HF `generate`."""
+    prompt = cases.generation_prompt(sides.config)
+    hf_run = _attempt(lambda: _hf_generate(sides.hf, prompt, steps, cases._pad_id(sides.config)))
+    fms_run = _attempt(lambda: _fms_generate(sides.fms, prompt, steps))
+    extra: dict = {"prompt_tokens": prompt.size(1), "new_tokens": steps}
+    floors = None
+    if isinstance(hf_run, BaseException):
+        _note_not_run(extra, "noise floors", "HF generate raised", "raised")
+    else:
+        floors = _generation_floors(sides.hf64(sides.hf), prompt, hf_run[0], steps)
+        extra["floors"] = "HF in float64 along HF's tokens"
+        extra["distinct_hf_tokens"] = len(set(hf_run[0].flatten().tolist()))
+
+    def step(run, k, part):
+        if isinstance(run, BaseException):
+            return run
+        tokens, logits = run
+        if part == "token":
+            return tokens[:, k] if k < tokens.size(1) else None
+        return logits[k] if k < len(logits) else None
+
+    rows = [(Probe(f"step.{k}.{part}", "generate", "generate", teacher=(), tolerance_class=klass),
+             step(hf_run, k, part), step(fms_run, k, part))
+            for k in range(steps) for part, klass in (("token", "exact"), ("logits", "logits"))]
+    result = diff_captures(pair_from_values(rows), dtype=torch.float32, floors=floors)
+    return result, extra
+
+
+def load_failure_section(arch: Arch, err: BaseException) -> Tuple[str, str, ParityResult, dict]:
+    """An architecture FMS cannot load: one probe `load`, status raised, with FMS's error."""
+    probe = Probe("load", "", "", teacher=(), note="FMS get_model(architecture, variant, model_path, source='hf')")
+    result = diff_captures(pair_from_values([(probe, torch.zeros(1), err)]), dtype=torch.float32)
+    return f"{arch.name} · loading the HF checkpoint", "model", result, {"error": str(err)}
+
+
+def compare_architecture(arch: Arch, workdir: Path, *, dtype: torch.dtype = torch.float32, bf16_case: bool = True,
+                         config_overrides: Optional[dict] = None, checkpoint: Optional[Path] = None,
+                         seed: int = 0) -> Tuple[list, dict]:
+    """Every section of one architecture (see the module docstring) and facts for the report's meta."""
+    facts: dict = {"architecture": arch.name, "hf_class": arch.hf_class, "family": arch.family}
+    start = time.perf_counter()
+    try:
+        sides = build_sides(arch, workdir, config_overrides=config_overrides, checkpoint=checkpoint, seed=seed)
+    except LoadFailure as err:
+        facts["seconds"] = round(time.perf_counter() - start, 2)
+        return [load_failure_section(arch, err)], facts
+    facts.update(fms_get_model={k: v for k, v in sides.fms_kwargs.items() if k in ("architecture", "variant")},
+                 checkpoint=str(sides.folder), seed=None if checkpoint else seed)
+    single = cases.single(arch, sides.config)
+    probes, derivation = derive_table(sides, single)
+    facts["derivation"] = {**derivation.summary(), "refused_modules": derivation.refused}
+    sections = []
+    plan = [(single, dtype)]
+    batch = cases.padded(arch, sides.config)
+    if batch is not None:
+        plan.append((batch, dtype))
+    if bf16_case and dtype == torch.float32:
+        plan.append((single, torch.bfloat16))
+    for inputs, run_dtype in plan:
+        result, extra = model_section(sides, inputs, probes, run_dtype)
+        extra["refused_probes"] = derivation.refused
+        sections.append((f"{inputs.name} · model {dtype_name(run_dtype)}", "model", result, extra))
+    if arch.kind == "decoder" and dtype == torch.float32:
+        result, extra = generation_section(sides)
+        sections.append(("greedy generation · FMS generate vs HF generate", "generation", result, extra))
+    facts["seconds"] = round(time.perf_counter() - start, 2)
+    facts["seconds_build"] = {k: round(v, 2) for k, v in sides.seconds.items()}
+    return sections, facts
