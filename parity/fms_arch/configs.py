@@ -161,11 +161,9 @@ def seed_weights(model: torch.nn.Module, seed: int = SEED) -> None:
 
 def compared(arch: Arch) -> str:
     """What `fms-parity compare` judges for this architecture (the sections of its report)."""
-    inputs = {"decoder": "one sequence + a left-padded batch (real tokens only)",
-              "encoder": "one sequence + a right-padded batch (real tokens only)",
-              "vision": "one image", "multimodal": "one text-only sequence (no image)"}[arch.kind]
-    parts = [f"{inputs}: every derived probe propagated and teacher-forced, float64 floors and formula check",
-             "bf16 with the upcast audit"]
+    inputs = {"decoder": "1 sequence + left-padded batch", "encoder": "1 sequence + right-padded batch",
+              "vision": "1 image", "multimodal": "1 text-only sequence"}[arch.kind]
+    parts = [inputs, "propagated + teacher-forced", "fp64 floors + formula", "bf16 + upcast audit"]
     if arch.kind == "decoder":
-        parts.append("greedy generation (tokens exact, per-step logits)")
+        parts.append("greedy generation")
     return "; ".join(parts)

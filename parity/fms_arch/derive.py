@@ -193,6 +193,8 @@ def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_names: Mapping[st
     deepest HF module claims an FMS module first (HF `intermediate` = dense + activation and its `dense` share
     one parameter set: the FMS Linear computes what `dense` computes)."""
     fms_params = {name for name, _ in fms.named_parameters()}
+    # adapted keys FMS has no parameter for are dropped by its loader ("not copied into model"): they feed nothing
+    sources = {key: source for key, source in sources.items() if key in fms_params}
     fms_owned = _owned(fms, fms_params)
     containers = {p for p, m in fms.named_modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))}
     fed: Dict[str, frozenset] = {}
@@ -357,7 +359,7 @@ def derive(hf: torch.nn.Module, fms: torch.nn.Module, architecture: str, hf_sd: 
         if teacher and adapter != "identity" and _permuted_input(fms, fms_path):
             teacher, why = (), ("not teacher-forced: the module's input is in FMS's RoPE-permuted order, HF's input "
                                 "cannot be substituted as is")
-        name = fms_path if adapter == "identity" else f"{fms_path}-{hf_path.rsplit('.', 1)[-1]}"
+        name = (fms_path or "model") if adapter == "identity" else f"{fms_path}-{hf_path.rsplit('.', 1)[-1]}"
         derivation.probes.append(Probe(name, hf_path, fms_path, hf_take="output[0?]", fms_take="output[0?]",
                                        fms_adapter=adapter, teacher=teacher,
                                        note=NOTE + (f"; {why}" if why else "")))

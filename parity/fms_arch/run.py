@@ -144,27 +144,31 @@ def _with_validity(probes, pair, valid: Optional[torch.Tensor]) -> Tuple[Tuple[P
     return tuple(out), {"tokens": valid}
 
 
-def _rotary(model: torch.nn.Module) -> bool:
-    """FMS keeps its RotaryEmbedding as a plain attribute (not a submodule) of the attention or the model."""
-    return any("Rotary" in type(value).__name__ for m in model.modules() for value in vars(m).values())
+def formula_probes(probes, fms64: torch.nn.Module, forward) -> Tuple[Tuple[Probe, ...], str]:
+    """The probes FMS computes in float64 throughout when loaded in float64: those whose output is complete before
+    FMS's first float64 -> float32 cast in that run (FMS rotates q and k in float32, its gated RMSNorm computes in
+    float32 whatever the model dtype); the cut is found by running FMS, not assumed per architecture."""
+    from parity.hooks import attached_hooks
 
-
-def formula_probes(probes, pair, fms: torch.nn.Module) -> Tuple[Tuple[Probe, ...], str]:
-    """The probes FMS computes in float64 throughout when loaded in float64: all of them, except in a model with
-    RoPE, where FMS rotates q and k in float32 (fms.modules.positions): there, those that run before the first
-    attention module."""
-    if not _rotary(fms):
-        return tuple(probes), "every probe"
-    ordered = sorted(probes, key=lambda p: (pair.hf.order(value_key(p.name)) is None,
-                                            pair.hf.order(value_key(p.name)) or 0))
-    attention = [path for path, m in fms.named_modules() if "Attention" in type(m).__name__]
-    kept = []
-    for probe in ordered:
-        near = lambda a: a == probe.fms or a.startswith(probe.fms + ".") or probe.fms.startswith(a + ".")  # noqa
-        if not probe.fms or any(near(path) for path in attention):
-            break
-        kept.append(probe)
-    return tuple(kept), f"{len(kept)} probes before the first attention (RoPE runs in float32 in FMS)"
+    completed: List[str] = []
+    with attached_hooks() as hooks:
+        for probe in probes:
+            try:
+                module = fms64.get_submodule(probe.fms) if probe.fms else fms64
+            except AttributeError:
+                continue
+            hooks.forward(module, lambda mod, args, kwargs, out, name=probe.name: completed.append(name))
+        mode = _Downcasts(completed)
+        with torch.no_grad(), mode:
+            try:
+                forward(fms64)
+            except Exception:  # noqa: BLE001 -- the capture run that follows records the error on its probe
+                pass
+    kept = set(completed if mode.cut is None else completed[:mode.cut])
+    checked = tuple(p for p in probes if p.name in kept)
+    why = "every probe" if mode.cut is None else (f"{len(checked)} probes before FMS's first float32 cast in its "
+                                                   "float64 run")
+    return checked, why
 
 
 def _note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> None:
@@ -189,8 +193,8 @@ def model_section(sides: Sides, inputs: "cases.Inputs", probes, dtype: torch.dty
         floors = capture_model(sides.hf64(hf), inputs.to(torch.float64).hf_forward, probes, side="hf")
         extra["floors"] = "HF in float64" + (f" from the {dtype_name(dtype)} weights" if dtype != torch.float32 else "")
     if dtype == torch.float32 and floors is not None and not pair.fms.raised:
-        checked, extra["float64"] = formula_probes(probes, pair, fms)
         fms64 = sides.fms_at(torch.float64)
+        checked, extra["float64"] = formula_probes(probes, fms64, inputs.to(torch.float64).fms_forward)
         candidate64 = capture_model(fms64, inputs.to(torch.float64).fms_forward, checked, side="fms",
                                     on_raise="record")
     if dtype in LOW_PRECISION and not (pair.hf.raised or pair.fms.raised):
@@ -323,3 +327,18 @@ def compare_architecture(arch: Arch, workdir: Path, *, dtype: torch.dtype = torc
     facts["seconds"] = round(time.perf_counter() - start, 2)
     facts["seconds_build"] = {k: round(v, 2) for k, v in sides.seconds.items()}
     return sections, facts
+
+
+class _Downcasts(torch.overrides.TorchFunctionMode):
+    """Counts the probe outputs completed before the first op that turns a float64 tensor into a float32 one."""
+
+    def __init__(self, completed: list):
+        super().__init__()
+        self.completed, self.cut = completed, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.cut is None and isinstance(out, torch.Tensor) and out.dtype == torch.float32 and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            self.cut = len(self.completed)
+        return out

@@ -1,5 +1,6 @@
 """Every architecture compared once: the results table (README.md) and the run's JSON, with the time each took."""
 
+import gzip
 import json
 import platform
 import time
@@ -34,7 +35,6 @@ def _row(name: str, report: Optional[dict], seconds: float, error: Optional[str]
 def sweep(out: Path, names: Optional[Sequence[str]] = None,
           progress: Callable[[str], None] = lambda message: None) -> List[dict]:
     from parity.fms_arch.cli import compare_report
-    from parity.report import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -47,7 +47,8 @@ def sweep(out: Path, names: Optional[Sequence[str]] = None,
         if not arch.refused:
             try:
                 report = compare_report(arch, dtype=torch.float32)
-                write_json(report, out / f"{arch.name}.json")
+                with gzip.open(out / f"{arch.name}.json.gz", "wt") as handle:  # the full report, ~10x smaller
+                    json.dump(report, handle)
             except Exception as err:  # noqa: BLE001 -- the harness itself failed on it: listed, not hidden
                 error = f"{type(err).__name__}: {err}"
         rows.append(_row(arch.name, report, time.perf_counter() - start, error))
@@ -55,4 +56,25 @@ def sweep(out: Path, names: Optional[Sequence[str]] = None,
     meta = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
     (out / "sweep.json").write_text(json.dumps({"meta": meta, "architectures": rows}, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(rows))
     return rows
+
+
+def _cell(row: dict) -> str:
+    if row["verdict"] in ("refused", "error"):
+        return f"{row['verdict'].upper()}: {row.get('reason')}"
+    if row.get("load_error"):
+        return f"FAIL at load: {row['load_error'][:160]}"
+    failing = [s for s in row["sections"] if s["verdict"] != "pass"]
+    if not failing:
+        return "PASS"
+    return "FAIL: " + "; ".join(f"{s['title'].split(' · ')[-1]} at `{s['first_divergence']}`" for s in failing)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    lines = ["| architecture | HF class | family | verdict (first divergence per failing section) | probes | "
+             "refused modules | seconds |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['architecture']} | {row['hf_class']} | {row['family']} | {_cell(row)} | "
+                     f"{row.get('derived', '–')} | {row.get('refused_modules', '–')} | {row['seconds']} |")
+    return "\n".join(lines) + "\n"
