@@ -34,7 +34,9 @@ class Source:
     rows [start, stop) of the FMS tensor it occupies and the adapter that maps FMS's rows back to HF's order."""
 
     hf_keys: Tuple[str, ...]
-    how: str  # copy | block | subset (part of one HF tensor) | transformed (not a layout of tags: arithmetic)
+    # copy | block | subset (part of one HF tensor) | rearranged (all its HF elements, in an order no adapter spec
+    # expresses) | transformed (not a layout of tags: arithmetic)
+    how: str
     blocks: Tuple[Tuple[str, int, int, str], ...] = ()  # (hf key, start row, stop row, row adapter spec)
 
 
@@ -102,6 +104,8 @@ def trace_sources(fms_tagged: Mapping[str, torch.Tensor], tagged: Mapping[str, t
         how, blocks = _layout(value.double(), hf_keys, tagged)
         if how == "transformed" and len(hf_keys) == 1 and value.numel() < tagged[hf_keys[0]].numel():
             how = "subset"
+        elif how == "transformed" and sum(tagged[k].numel() for k in hf_keys) == value.numel():
+            how = "rearranged"  # every element of its HF tensors, in an order no adapter spec expresses
         sources[fms_key] = Source(hf_keys, how, blocks)
     return sources
 
@@ -199,7 +203,10 @@ def pair_modules(hf: torch.nn.Module, fms: torch.nn.Module, hf_names: Mapping[st
     containers = {p for p, m in fms.named_modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))}
     fed: Dict[str, frozenset] = {}
     for path, names in fms_owned.items():
-        if path not in containers and all(n in sources and sources[n].how in ("copy", "block") for n in names):
+        # a leaf's output follows its rows, so it needs an exact layout; a block's output does not (its dense undoes
+        # whatever order q / k / v were kept in), so a rearrangement of its tensors is fine there
+        layouts = ("copy", "block") if _is_leaf(fms, path) else ("copy", "block", "rearranged")
+        if path not in containers and all(n in sources and sources[n].how in layouts for n in names):
             fed[path] = frozenset(k for n in names for k in sources[n].hf_keys)
     by_fed: Dict[frozenset, str] = {}
     for path in sorted(fed, key=lambda p: -p.count(".") - (p != "")):  # the deepest module wins a tie
@@ -238,6 +245,11 @@ def _leaf_adapter(fms: torch.nn.Module, path: str, sources: Mapping[str, Source]
     return specs.pop() if len(specs) == 1 else "identity"
 
 
+def _is_leaf(model: torch.nn.Module, path: str) -> bool:
+    module = model.get_submodule(path) if path else model
+    return not any(True for _ in module.children())
+
+
 def _fused_leaf(hf: torch.nn.Module, hf_path: str, fms: torch.nn.Module, fms_path: str) -> bool:
     """An HF module whose parameters sit in several child modules, paired with one FMS leaf (a fused projection)."""
     fms_module = fms.get_submodule(fms_path) if fms_path else fms
@@ -274,6 +286,9 @@ def _why_unpaired(want: frozenset, sources: Mapping[str, Source]) -> str:
     if subset:
         return (f"FMS's adapter keeps only part of its tensors in {subset[:3]} (e.g. RoBERTa's padding-offset "
                 "position rows): the FMS module takes other inputs, so its output is not this module's")
+    if any(sources[k].how == "rearranged" for k in feeding):
+        return (f"the adapter rearranges its rows inside {feeding[:3]} in an order no adapter spec expresses (e.g. a "
+                "partial-rotary RoPE permutation): compared at the enclosing block instead")
     if any(sources[k].how == "transformed" for k in feeding):
         return f"the adapter transforms its tensors arithmetically into {feeding[:3]} (no exact FMS counterpart)"
     mixed = sorted({h for k in feeding for h in sources[k].hf_keys} - want)
