@@ -297,12 +297,12 @@ def _why_unpaired(want: frozenset, sources: Mapping[str, Source]) -> str:
 
 
 def _outermost(refused: List[dict]) -> List[dict]:
-    """A refused module inside a refused module is the same story: keep the outermost with a count."""
+    """A refused module inside a refused module for the same reason is the same story: listed under the outermost."""
     kept: List[dict] = []
     for entry in refused:
         parent = next((k for k in kept if entry["hf"].startswith(k["hf"] + ".")), None)
         if parent is not None and parent["reason"] == entry["reason"]:
-            parent["inner"] = parent.get("inner", 0) + 1
+            parent.setdefault("inside", []).append(entry["hf"])
         else:
             kept.append(entry)
     return kept
