@@ -40,14 +40,14 @@ FINDINGS = {
 NO_TABLE = {"mpnet"}  # nothing loads, so nothing pairs: every HF module is refused with its reason
 
 
-def _section(name: str, workdir, arch=None, mutate=None):
+def _section(name: str, workdir, arch=None, mutate=None, floors: bool = True):
     arch = arch or BY_NAME[name]
     sides = build_sides(arch, workdir)
     if mutate is not None:
         mutate(sides.fms)
     single = cases.single(arch, sides.config)
     probes, derivation = derive_table(sides, single)
-    result, _ = model_section(sides, single, probes, torch.float32)
+    result, _ = model_section(sides, single, probes, torch.float32, floors=floors)
     return sides, derivation, result
 
 
@@ -150,10 +150,10 @@ def test_planted_hybrid_gated_norm_order(tmp_path, monkeypatch):
     # two Mamba layers, no attention (FMS's attention layers are 9, 18, 27 whatever the config says): clean, it passes
     arch = dataclasses.replace(BY_NAME["bamba"], config={**BY_NAME["bamba"].config, "num_hidden_layers": 2,
                                                          "attn_layer_indices": []})
-    _, _, clean = _section("bamba", tmp_path / "clean", arch)
+    _, _, clean = _section("bamba", tmp_path / "clean", arch, floors=False)
     assert clean.passed, (clean.first_divergence, clean.first_own_error)
     monkeypatch.setattr(ssm.RMSNormGated, "forward", gate_after_norm)
-    _, _, result = _section("bamba", tmp_path / "planted", arch)
+    _, _, result = _section("bamba", tmp_path / "planted", arch, floors=False)
     assert not result.passed
     assert result.first_own_error == "base_model.layers.0.ssm.norm"
 
@@ -166,14 +166,14 @@ def _moe_own_errors(result):
 def test_planted_moe_router_bias_not_loaded(tmp_path):
     """gpt_oss, the MoE FMS loads from an HF checkpoint (its findings upstream: RoPE, experts): the router bias of
     layer 0 left unloaded must be FMS's own error at that router, the first own error of any MoE module."""
-    _, _, clean = _section("gpt_oss", tmp_path / "clean")
+    _, _, clean = _section("gpt_oss", tmp_path / "clean", floors=False)
     assert "base_model.layers.0.ff_sub_layer.gate" not in _moe_own_errors(clean)
 
     def unload_router_bias(fms):
         with torch.no_grad():
             fms.base_model.layers[0].ff_sub_layer.gate.bias.zero_()
 
-    _, _, planted = _section("gpt_oss", tmp_path / "planted", mutate=unload_router_bias)
+    _, _, planted = _section("gpt_oss", tmp_path / "planted", mutate=unload_router_bias, floors=False)
     assert _moe_own_errors(planted)[0] == "base_model.layers.0.ff_sub_layer.gate"
 
 
@@ -206,10 +206,13 @@ def test_cli_usage_errors_exit_2(argv, message, capsys):
 
 
 def test_cli_refuses_a_pickle_checkpoint(tmp_path, capsys):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     assert main(["compare", "--architecture", "llama", "--checkpoint", str(tmp_path)]) == 2
     assert "pickle" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    assert main(["compare", "--architecture", "llama", "--checkpoint", str(tmp_path)]) == 2
+    assert "declares 'BertForMaskedLM'" in capsys.readouterr().err
 
 
 def test_cli_compare_exit_code_and_reports(tmp_path, capsys):

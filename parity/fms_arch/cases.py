@@ -2,7 +2,7 @@
 FMS its mask and positions; HF gets the equivalent 2-D attention mask and the same positions)."""
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -22,6 +22,11 @@ class Inputs:
     fms_kwargs: Dict[str, Any] = field(default_factory=dict)
     valid: Optional[torch.Tensor] = None  # [B, T] bool: real tokens (None: every position is real)
     hf_entry: str = ""  # HF submodule the forward enters through ("" = the model itself)
+
+    @property
+    def label(self) -> str:
+        """The short name a section title uses: "one sequence", "padded batch", "one image"."""
+        return self.name.split(" of ")[0].split(" (")[0]
 
     def hf_forward(self, model: torch.nn.Module):
         module = model.get_submodule(self.hf_entry) if self.hf_entry else model

@@ -12,13 +12,12 @@ or input error (one `error:` line, before any model loads), 3 internal error, 4 
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from granite_speech.cli_errors import (ArgumentParser, UsageError, check_distinct_outputs, check_dtype,
                                        check_output_file, check_output_folder, exit_codes_epilog, one_line,
-                                       positive_int, run_main)
+                                       run_main)
 
 PROG = "fms-parity"
 VERDICT_EXIT = {"pass": 0, "fail": 1, "incomplete": 4}
@@ -74,11 +73,18 @@ def check_hf_config(path: Path) -> dict:
     return data
 
 
-def check_checkpoint(path: Path) -> Path:
+def check_checkpoint(path: Path, arch) -> Path:
     if not path.is_dir():
         raise UsageError(f"--checkpoint {path}: not a folder; expected an HF checkpoint folder")
     if not (path / "config.json").is_file():
         raise UsageError(f"--checkpoint {path}: no config.json")
+    try:
+        declared = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"--checkpoint {path}: config.json is not a JSON object: {one_line(err)}") from None
+    if declared != arch.hf_class:
+        raise UsageError(f"--checkpoint {path}: config.json declares {declared!r}; --architecture {arch.name} "
+                         f"loads {arch.hf_class} checkpoints")
     if not list(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         raise UsageError(f"--checkpoint {path}: no *.safetensors weights" +
@@ -117,7 +123,7 @@ def run_compare(args) -> int:
     if dtype == torch.float16:
         raise UsageError("--dtype float16 is not supported by fms-parity; expected float32 or bfloat16")
     overrides = check_hf_config(args.hf_config) if args.hf_config is not None else None
-    checkpoint = check_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    checkpoint = check_checkpoint(args.checkpoint, arch) if args.checkpoint is not None else None
     for option, path, example in (("--report", args.report, "report.html"), ("--json", args.json, "report.json")):
         if path is not None:
             check_output_file(path, option, example)

@@ -7,7 +7,7 @@ multipliers) so that a setting FMS ignores moves the numbers instead of coincidi
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 

@@ -3,8 +3,8 @@ engine (`parity.capture`, `parity.diff`, `parity.report`), and return the report
 
 Sections per architecture (the report's verdict is the worst):
 - model, float32, one input: propagated and teacher-forced through the derived table, noise floors from HF in
-  float64, the float64 formula check where FMS computes in float64 throughout (not under RoPE: FMS rotates q and k
-  in float32 even in a float64 model);
+  float64, the float64 formula check on the probes that finish before FMS's first float64 -> float32 cast (its RoPE
+  and its gated RMSNorm compute in float32 whatever the model dtype; found by running FMS, `formula_probes`);
 - model, float32, padded batch (decoders left-padded, encoders right-padded), compared at real tokens only;
 - model, bf16, one input: both loaded in bf16 from the same checkpoint, judged against HF's own bf16 rounding
   (floors from HF in float64 made from the bf16 weights), with the upcast audit;
@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 from parity.capture import ModelRun, capture_model, capture_pair, pair_from_values, value_key
-from parity.diff import ParityResult, diff_captures, near_tie_flips
+from parity.diff import ParityResult, diff_captures
 from parity.fms_arch import cases
-from parity.fms_arch.build import build_hf, fms_kwargs, load_fms, load_hf
+from parity.fms_arch.build import build_hf, load_fms, load_hf
 from parity.fms_arch.configs import Arch, hf_config
 from parity.fms_arch.derive import Derivation, derive
 from parity.precision import audit_ops, missing_upcasts
@@ -177,16 +177,20 @@ def _note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> No
 
 
 def model_section(sides: Sides, inputs: "cases.Inputs", probes, dtype: torch.dtype,
-                  mode: str = "teacher_forced") -> Tuple[ParityResult, dict]:
-    """One input through both models with the derived probes, judged with floors, masks, formula and upcasts."""
+                  mode: str = "teacher_forced", floors: bool = True) -> Tuple[ParityResult, dict]:
+    """One input through both models with the derived probes, judged with floors, masks, formula and upcasts.
+    `floors=False` (tests of own errors only) leaves out the floors and the formula check, and says so."""
     hf, fms = sides.hf_at(dtype), sides.fms_at(dtype)
     run_inputs = inputs.to(dtype)
     pair = capture_pair(probes, ModelRun(hf, run_inputs.hf_forward), ModelRun(fms, run_inputs.fms_forward),
                         mode=mode, phases="one", on_raise="record")
     probes, masks = _with_validity(probes, pair, inputs.valid)
     extra: dict = {"input": inputs.name, "dtype": dtype_name(dtype)}
-    floors = candidate64 = upcasts = None
-    if pair.hf.raised:
+    wanted, floors, candidate64, upcasts = floors, None, None, None
+    if not wanted:
+        extra["floors"] = "not run (floors=False)"
+        _note_not_run(extra, "noise floors", extra["floors"], "floors off")
+    elif pair.hf.raised:
         extra["floors"] = "not run: the HF forward raised"
         _note_not_run(extra, "noise floors", extra["floors"], "raised")
     else:
@@ -320,10 +324,10 @@ def compare_architecture(arch: Arch, workdir: Path, *, dtype: torch.dtype = torc
     for inputs, run_dtype in plan:
         result, extra = model_section(sides, inputs, probes, run_dtype)
         extra["refused_probes"] = derivation.refused
-        sections.append((f"{inputs.name} · model {dtype_name(run_dtype)}", "model", result, extra))
+        sections.append((f"{inputs.label} · {dtype_name(run_dtype)}", "model", result, extra))
     if arch.kind == "decoder" and dtype == torch.float32:
         result, extra = generation_section(sides)
-        sections.append(("greedy generation · FMS generate vs HF generate", "generation", result, extra))
+        sections.append(("greedy generation · float32", "generation", result, extra))
     facts["seconds"] = round(time.perf_counter() - start, 2)
     facts["seconds_build"] = {k: round(v, 2) for k, v in sides.seconds.items()}
     return sections, facts

@@ -23,7 +23,9 @@ def _row(name: str, report: Optional[dict], seconds: float, error: Optional[str]
     sections = [{"title": s["title"], "verdict": s["summary"]["verdict"],
                  "first_divergence": (s["summary"].get("first_divergence") or {}).get("name")}
                 for s in report["sections"]]
-    return {**row, "verdict": summary["verdict"], "probes": summary["probes"],
+    own = next(((s["summary"].get("first_own_error") or {}).get("name") for s in report["sections"]
+                if s["summary"].get("first_own_error")), None)
+    return {**row, "verdict": summary["verdict"], "probes": summary["probes"], "first_own_error": own,
             "first_divergence": first.get("name"), "first_divergence_section": first.get("section"),
             "first_divergence_detail": first.get("detail"),
             "derived": (meta.get("derivation") or {}).get("probes"),
@@ -68,7 +70,9 @@ def _cell(row: dict) -> str:
     failing = [s for s in row["sections"] if s["verdict"] != "pass"]
     if not failing:
         return "PASS"
-    return "FAIL: " + "; ".join(f"{s['title'].split(' · ')[-1]} at `{s['first_divergence']}`" for s in failing)
+    where = "; ".join(f"{s['title']} at `{s['first_divergence']}`" for s in failing)
+    own = f" (first own error `{row['first_own_error']}`)" if row.get("first_own_error") else ""
+    return f"FAIL: {where}{own}"
 
 
 def markdown_table(rows: List[dict]) -> str:
