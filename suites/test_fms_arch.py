@@ -228,5 +228,9 @@ def test_cli_compare_exit_code_and_reports(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["summary"]["verdict"] == "pass" and html.read_text().startswith("<!")
     assert [s["kind"] for s in data["sections"]] == ["model", "model", "generation"]
-    code = main(["compare", "--architecture", "qwen3", "--no-bf16", "--json", str(report)])
-    assert code == 1  # the rope_theta finding
+    qwen = {**json.loads(config.read_text()), "head_dim": 16, "intermediate_size": 256}  # FMS rounds to 256
+    config.write_text(json.dumps(qwen))
+    code = main(["compare", "--architecture", "qwen3", "--hf-config", str(config), "--no-bf16", "--json",
+                 str(report)])
+    assert code == 1  # the rope_theta finding (theta 5000 here, FMS keeps 1e6)
+    assert json.loads(report.read_text())["summary"]["first_own_error"]["name"] == "base_model.layers.0.attn"

@@ -220,12 +220,30 @@ def _upcast_audit(pair, hf, hf_forward, fms, fms_forward) -> Dict[str, List[str]
     return missing_upcasts(hf_ops, fms_ops)
 
 
-def _attempt(fn):
-    """fn()'s value, or the exception it raised (recorded as a finding on every step it did not reach)."""
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 -- a side that raises is reported, not fatal
-        return err
+@dataclass
+class GenerationRun:
+    """One side's greedy run: its tokens [B, steps] and per-step logits, or the error it raised (a finding, recorded
+    on every step it did not reach)."""
+
+    tokens: Optional[torch.Tensor] = None
+    logits: List[torch.Tensor] = field(default_factory=list)
+    error: Optional[BaseException] = None
+
+    @classmethod
+    def of(cls, generate) -> "GenerationRun":
+        try:
+            tokens, logits = generate()
+        except Exception as err:  # noqa: BLE001 -- a side that raises is a finding, not the end of the run
+            return cls(error=err)
+        return cls(tokens, logits)
+
+    def value(self, step: int, part: str):
+        """What the engine records for this step: a tensor, the side's error, or None (the step did not run)."""
+        if self.error is not None:
+            return self.error
+        if part == "token":
+            return self.tokens[:, step] if step < self.tokens.size(1) else None
+        return self.logits[step] if step < len(self.logits) else None
 
 
 def _hf_generate(hf: torch.nn.Module, prompt: torch.Tensor, steps: int, pad_id: int):
@@ -265,27 +283,18 @@ def _generation_floors(hf64: torch.nn.Module, prompt: torch.Tensor, hf_tokens: t
 def generation_section(sides: Sides, steps: int = cases.NEW_TOKENS) -> Tuple[ParityResult, dict]:
     """Greedy tokens (exact) and every step's logits of FMS `generate` (KV cache) against HF `generate`."""
     prompt = cases.generation_prompt(sides.config)
-    hf_run = _attempt(lambda: _hf_generate(sides.hf, prompt, steps, cases._pad_id(sides.config)))
-    fms_run = _attempt(lambda: _fms_generate(sides.fms, prompt, steps))
+    hf_run = GenerationRun.of(lambda: _hf_generate(sides.hf, prompt, steps, cases._pad_id(sides.config)))
+    fms_run = GenerationRun.of(lambda: _fms_generate(sides.fms, prompt, steps))
     extra: dict = {"prompt_tokens": prompt.size(1), "new_tokens": steps}
     floors = None
-    if isinstance(hf_run, BaseException):
+    if hf_run.error is not None:
         _note_not_run(extra, "noise floors", "HF generate raised", "raised")
     else:
-        floors = _generation_floors(sides.hf64(sides.hf), prompt, hf_run[0], steps)
+        floors = _generation_floors(sides.hf64(sides.hf), prompt, hf_run.tokens, steps)
         extra["floors"] = "HF in float64 along HF's tokens"
-        extra["distinct_hf_tokens"] = len(set(hf_run[0].flatten().tolist()))
-
-    def step(run, k, part):
-        if isinstance(run, BaseException):
-            return run
-        tokens, logits = run
-        if part == "token":
-            return tokens[:, k] if k < tokens.size(1) else None
-        return logits[k] if k < len(logits) else None
-
+        extra["distinct_hf_tokens"] = len(set(hf_run.tokens.flatten().tolist()))
     rows = [(Probe(f"step.{k}.{part}", "generate", "generate", teacher=(), tolerance_class=klass),
-             step(hf_run, k, part), step(fms_run, k, part))
+             hf_run.value(k, part), fms_run.value(k, part))
             for k in range(steps) for part, klass in (("token", "exact"), ("logits", "logits"))]
     result = diff_captures(pair_from_values(rows), dtype=torch.float32, floors=floors)
     return result, extra
