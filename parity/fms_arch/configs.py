@@ -164,6 +164,6 @@ def compared(arch: Arch) -> str:
     inputs = {"decoder": "1 sequence + left-padded batch", "encoder": "1 sequence + right-padded batch",
               "vision": "1 image", "multimodal": "1 text-only sequence"}[arch.kind]
     parts = [inputs, "propagated + teacher-forced", "fp64 floors + formula", "bf16 + upcast audit"]
-    if arch.kind == "decoder":
-        parts.append("greedy generation")
+    if arch.kind in ("decoder", "multimodal"):
+        parts.append("greedy generation" + (" (text prompt)" if arch.kind == "multimodal" else ""))
     return "; ".join(parts)

@@ -8,7 +8,8 @@ Sections per architecture (the report's verdict is the worst):
 - model, float32, padded batch (decoders left-padded, encoders right-padded), compared at real tokens only;
 - model, bf16, one input: both loaded in bf16 from the same checkpoint, judged against HF's own bf16 rounding
   (floors from HF in float64 made from the bf16 weights), with the upcast audit;
-- generation (decoders): greedy tokens (exact) and every step's logits of FMS `generate` (KV cache) against HF
+- generation (decoders; multimodal ones on a text prompt): greedy tokens (exact) and every step's logits of FMS
+  `generate` (KV cache) against HF
   `generate`, with per-step floors (HF float64 teacher-forced along HF's tokens).
 A side that raises is a finding recorded on the module it was in, never the end of the run; an architecture FMS
 cannot load is a finding of its own (`LoadFailure`), recorded with the error.
@@ -334,7 +335,7 @@ def compare_architecture(arch: Arch, workdir: Path, *, dtype: torch.dtype = torc
         result, extra = model_section(sides, inputs, probes, run_dtype)
         extra["refused_probes"] = derivation.refused
         sections.append((f"{inputs.label} · {dtype_name(run_dtype)}", "model", result, extra))
-    if arch.kind == "decoder" and dtype == torch.float32:
+    if arch.kind in ("decoder", "multimodal") and dtype == torch.float32:  # multimodal: text-only prompt
         result, extra = generation_section(sides)
         sections.append(("greedy generation · float32", "generation", result, extra))
     facts["seconds"] = round(time.perf_counter() - start, 2)
