@@ -506,11 +506,11 @@ _GATE_NEEDS = re.compile(r"needs (\S+) x HF's own rounding error")  # parity.dif
 
 
 def _ratio(value: Any) -> str:
-    """A margin as a plain factor: 0.047, 0.31, 3.1, 120; non-finite as ∞ / NaN."""
+    """A margin as a plain factor: 0.047, 0.31, 3.1, 120, 2280, 1.0e+07; non-finite as ∞ / NaN."""
     number = _float(value)
-    if number is None:
-        return _num(value)
-    return f"{number:.2g}" if math.isfinite(number) and abs(number) < 100 else _num(number, 1)
+    if number is None or not math.isfinite(number) or abs(number) >= 1e6:
+        return _num(value if number is None else number, 1)
+    return f"{number:.2g}" if abs(number) < 100 else f"{number:.0f}"
 
 
 def _policy(report: Mapping) -> Policy:
@@ -952,10 +952,12 @@ def _provenance(meta: Mapping) -> dict:
 
 def header_margin(report: Mapping) -> str:
     """The report header's margin: a failing run's first divergence and the rule it breaks by how much (the culprit,
-    not the largest error downstream of it), then the worst probe; a passing run's worst probe."""
-    worst = margin_text(report["summary"].get("margin"), with_section=len(report["sections"]) > 1)
+    not the largest error downstream of it), then the worst probe; otherwise the margin to each rule
+    (`pass_margins`: the table's tolerance, the 16-bit gate, the noise floor)."""
     first = first_divergence_text(report)
-    return f"{first} · {worst}" if first else worst
+    if first is None:  # pass or incomplete: how far each rule that could fail it is (as the terminal's verdict line)
+        return "; ".join(pass_margins(report))
+    return f"{first} · {margin_text(report['summary'].get('margin'), with_section=len(report['sections']) > 1)}"
 
 
 def render_html(report: Mapping, *, title: Optional[str] = None) -> str:

@@ -363,7 +363,7 @@ def _growth_plot(diff: Mapping) -> dict:
     limit = diff["growth"]
     pseudo = []
     for k, r in enumerate(r for r in diff["probes"] if r["old"] and r["new"]):
-        factor = _float(r["growth"])
+        factor = None if r.get("from_zero") else _float(r["growth"])  # from zero: no factor, drawn at the top
         pseudo.append({"name": r["name"] if diff.get("single_section", True) else f"{r['section']}.{r['name']}",
                        "index": k, "order": k,
                        "propagated": {"status": "fail" if r["fails"] else _PASS,
