@@ -626,6 +626,9 @@ def headline(report: Mapping) -> str:
     verdict = str(summary["verdict"])
     extras = ([f"{summary['near_tie_flips']} near-tie flip(s) excused"] if summary.get("near_tie_flips") else [])
     extras += ["lenient: floor, formula and upcast findings do not fail"] if summary.get("lenient") else []
+    if summary.get("not_run") and verdict != "incomplete":  # incomplete names them itself
+        extras.append(f"{len(summary['not_run'])} planned check(s) not run "
+                      f"({len(summary.get('unaccepted') or ())} not asked for)")
     if verdict == "fail":
         parts = [first_divergence_text(report) or "no first divergence recorded", summary.get("why") or ""]
     elif verdict == "incomplete":

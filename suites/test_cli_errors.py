@@ -451,9 +451,9 @@ def compare_reports(tmp_path_factory):
     codes, outs, errs = {}, {}, {}
     for name, extra in (("pass", ["--save-captures", str(root / "hf")]),
                         ("fail", ["-v", "--atol", "0", "--rtol", "0", "--reference-captures", str(root / "hf")])):
-        proc = subprocess.run([sys.executable, "-m", "parity.granite", "compare", "--report", str(root / f"{name}.html"),
-                               "--json", str(root / f"{name}.json"), *extra], capture_output=True, text=True, env=env,
-                              cwd=root, timeout=1800)
+        argv = ["compare", "--report", str(root / f"{name}.html"), "--json", str(root / f"{name}.json"), *extra]
+        proc = subprocess.run([sys.executable, "-m", "parity.granite", *argv], capture_output=True, text=True,
+                              env=env, cwd=root, timeout=1800)
         codes[name], outs[name], errs[name] = proc.returncode, proc.stdout, proc.stderr
     return root, codes, outs, errs
 

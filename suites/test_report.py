@@ -327,7 +327,8 @@ def test_margin_line_names_the_first_divergence_not_the_worst_probe_downstream(f
     assert line.endswith("worst probe is at ∞ of its tolerance (generate.step.4 in greedy decode): outside"), line
     real = read_json(REAL)
     name, ratio = _worst(real)
-    assert _margin_line(render_html(real)) == f"worst probe at {ratio:.2g} of its tolerance ({name}); no noise floor measured"
+    expected = f"worst probe at {ratio:.2g} of its tolerance ({name}); no noise floor measured"
+    assert _margin_line(render_html(real)) == expected
 
 
 def test_failing_table_starts_with_the_first_divergence_then_model_order(failing):
@@ -421,6 +422,8 @@ def test_headline_of_an_incomplete_run_names_the_checks_not_run(real):
     line = headline(report)
     assert line.startswith("INCOMPLETE: 1 planned check(s) did not run, not asked for: noise floors (memory)")
     assert "every check that ran passed: worst probe at" in line
+    report["summary"].update(verdict="pass", unaccepted=[])  # asked for (--floors off): the line still counts it
+    assert headline(report).endswith("; 1 planned check(s) not run (0 not asked for)")
 
 
 def test_headline_of_a_failure_without_recorded_firsts_finds_the_first_rule_broken(failing):

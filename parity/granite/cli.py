@@ -95,7 +95,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import Case, compare_report, default_cases
-    from parity.report import headline, render_terminal, write_html, write_json
+    from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
     steps = StepProgress(verbosity, start=start)
@@ -163,6 +163,9 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     if verbosity >= 1:
         print(render_terminal(report))
     print(headline(report), flush=True)
+    if verbosity == 0:  # every planned check that did not run, with why (render_terminal has them under -v)
+        for line in not_run_lines(summary):
+            print(line)
     html_path, json_path = _write_outputs(
         [("--report", lambda p: write_html(report, p), run.report), ("--json", lambda p: write_json(report, p), run.json)],
         summary["verdict"].upper(),
