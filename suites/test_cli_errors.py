@@ -584,6 +584,11 @@ def test_step_progress_writes_a_line_per_finished_step():
     assert tty.getvalue() == "  … clip A"  # the running step, replaced in place when it finishes
     live.finish()
     assert re.fullmatch(r"  … clip A\r\x1b\[K  clip A  \d+\.\d s\n", tty.getvalue())
+    stopped = _Terminal()
+    with pytest.raises(KeyboardInterrupt), StepProgress(0, stream=stopped) as broken:
+        broken.message("case: clip A")
+        raise KeyboardInterrupt  # the error then printed starts on a line of its own, after where it stopped
+    assert re.fullmatch(r"  … clip A\r\x1b\[K  clip A  stopped after \d+\.\d s\n", stopped.getvalue())
     verbose = io.StringIO()
     loud = StepProgress(1, stream=verbose)
     loud.message("case: clip A")

@@ -129,6 +129,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                   step=f"checkpoint: seeded {run.model} (built or reused)")
         checkpoint = build_checkpoint(run.model, seed=run.seed)
     _progress(f"checkpoint {checkpoint}", start)
+    steps.finish()  # before any note of the memory plan, on a line of its own
     if run.clips:  # the user's clips: one case (a padded batch when several), generation included
         names = tuple(name for name, _ in run.clips)
         cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
@@ -145,13 +146,13 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                   "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
                   "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
     try:
-        report = compare_report(
-            checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
-            device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
-            overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
-            reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
-        )
-        steps.finish()
+        with steps:  # the last case's line; on an error, the case it stopped in
+            report = compare_report(
+                checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
+                device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
+                overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
+                reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
+            )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
     except ReferenceMismatch as err:  # another run's reference: the input is wrong, not the port

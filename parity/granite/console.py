@@ -73,13 +73,27 @@ class StepProgress:
 
     def finish(self) -> None:
         """Write the running step's line with its time (nothing when no step runs)."""
-        if self.step is None:
-            return
-        seconds = time.monotonic() - self.step_start
-        line = f"  {self.step}  {seconds:.1f} s\n"
-        if self.verbosity == 0:
+        self._close("{:.1f} s")
+
+    def stop(self) -> None:
+        """The run ended inside the running step (an error follows): say where, on a line of its own."""
+        self._close("stopped after {:.1f} s")
+
+    def _close(self, timing: str) -> None:
+        if self.step is not None and self.verbosity == 0:
+            line = f"  {self.step}  {timing.format(time.monotonic() - self.step_start)}\n"
             self._write(("\r\x1b[K" if self.live else "") + line)
         self.step = None
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """The last step's line; when the body raised, the step it stopped in (before the error is shown)."""
+        if kind is None:
+            self.finish()
+        else:
+            self.stop()
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
