@@ -421,7 +421,7 @@ def test_the_table_is_big_enough():
 def test_internal_error_exits_3_with_traceback_and_a_report_request(assets, monkeypatch, capsys):
     import parity.granite.cli as cli
 
-    def broken(run):
+    def broken(run, verbosity=0):
         raise RuntimeError("a bug in the run")
 
     monkeypatch.setattr(cli, "run_compare", broken)
