@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from parity.diff import FLOOR_GATE, Comparison, Metrics, ParityResult, ProbeResult, Status, _lenient
 from parity.tolerances import Tolerance
-from parity.verdict import FLOOR_FACTOR, Policy, run_verdict, section_verdict
+from parity.verdict import FLOOR_FACTOR, Policy, failing_rules, probe_rules, run_verdict, section_verdict
 
 SCHEMA = "parity-report/2"
 LEGACY_SCHEMAS = ("granite-speech-parity-report/1",)
@@ -499,6 +499,149 @@ def not_run_lines(summary: Mapping) -> List[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the verdict in one line, with the margin against the rule that decided it (the quiet `compare` prints only this)
+
+_GATE_NEEDS = re.compile(r"needs (\S+) x HF's own rounding error")  # parity.diff._floor_gate writes it
+
+
+def _ratio(value: Any) -> str:
+    """A margin as a plain factor: 0.047, 0.31, 3.1, 120, 2280, 1.0e+07; non-finite as ∞ / NaN."""
+    number = _float(value)
+    if number is None or not math.isfinite(number) or abs(number) >= 1e6:
+        return _num(value if number is None else number, 1)
+    return f"{number:.2g}" if abs(number) < 100 else f"{number:.0f}"
+
+
+def _policy(report: Mapping) -> Policy:
+    return Policy.from_dict((report.get("meta") or {}).get("policy"))
+
+
+def _records(report: Mapping) -> List[Tuple[str, Mapping]]:
+    return [(s["title"], p) for s in report["sections"] for p in _execution_order(s["result"]["probes"])]
+
+
+def _gate_needs(probe: Mapping) -> Optional[float]:
+    """How many times HF's own rounding error a 16-bit probe outside the dtype table needed (None: not gated)."""
+    match = _GATE_NEEDS.search(str(probe["propagated"].get("detail") or ""))
+    return _float(match.group(1).rstrip(";,")) if match else None
+
+
+def _floor_of(probe: Mapping) -> Optional[float]:
+    """The probe's error against its noise floor, the larger of the propagated and the own (teacher-forced)."""
+    ratios = [r for r in (_float(probe.get("floor_ratio")), _float(probe.get("own_floor_ratio"))) if r is not None]
+    return max(ratios, key=lambda r: math.inf if math.isnan(r) else r) if ratios else None
+
+
+def _worst(records: Sequence[Tuple[str, Mapping]], value: Callable[[Mapping], Optional[float]]):
+    """(value, section, probe) of the record with the largest value (NaN counts as largest); None when none has one."""
+    scored = [(v, title, p) for title, p in records if (v := value(p)) is not None]
+    return max(scored, key=lambda t: math.inf if math.isnan(t[0]) else t[0]) if scored else None
+
+
+def _where(title: str, probe: Mapping, several: bool) -> str:
+    return probe["name"] + (f" in {title}" if several else "")
+
+
+def pass_margins(report: Mapping) -> List[str]:
+    """How far a passing run stands from each rule that could have failed it: the dtype table's tolerance, the
+    measured 16-bit gate (probes outside the table), the noise floor."""
+    records, several = _records(report), len(report["sections"]) > 1
+    factor = _policy(report).floor_factor
+    gated = [(t, p) for t, p in records if _gate_needs(p) is not None and p["propagated"]["status"] == Status.PASS]
+    table = _worst([(t, p) for t, p in records if (t, p) not in gated], lambda p: _float(_metrics(p).get("tol_ratio")))
+    parts = [f"worst probe at {_ratio(table[0])} of its tolerance ({_where(table[1], table[2], several)})" if table
+             else "no probe has numbers to measure a margin"]
+    if gated:  # passed only through the 16-bit gate: that gate decided them
+        needs = _worst(gated, _gate_needs)
+        parts.append(f"{len(gated)} 16-bit probe(s) outside the dtype table within {_ratio(needs[0])}x HF's own "
+                     f"rounding error, {FLOOR_GATE:g}x allowed ({needs[2]['name']})")
+    floor = _worst(records, _floor_of)
+    parts.append(f"errors at most {_ratio(floor[0])}x their noise floor, {factor:g}x allowed ({floor[2]['name']})"
+                 if floor else "no noise floor measured")
+    return parts
+
+
+def rule_measures(probe: Mapping, policy: Policy = Policy()) -> List[str]:
+    """Each rule of `parity.verdict` the probe breaks, with by how much: 'gate: 12x its tolerance'."""
+    out = []
+    for rule in probe_rules(probe, policy):
+        if rule == "gate":
+            prop = probe["propagated"]
+            ratio = _metrics(probe).get("tol_ratio")
+            out.append(f"gate: {_ratio(ratio)}x its tolerance" if prop["status"] == Status.FAIL and ratio is not None
+                       else f"gate: {prop['status']} ({one_line_text(prop.get('detail'))})")
+        elif rule == "own":
+            teacher = probe["teacher"]
+            ratio = _metrics(probe, "teacher").get("tol_ratio")
+            out.append(f"own: its own (teacher-forced) error {_ratio(ratio)}x its tolerance" if ratio is not None
+                       else f"own: teacher-forced {teacher['status']}")
+        elif rule == "floor":
+            out.append(f"floor: {_ratio(_floor_of(probe))}x its noise floor, {policy.floor_factor:g}x allowed")
+        elif rule == "formula":
+            out.append(f"formula: max |d| {_num(_metrics(probe, 'float64').get('max_abs'))} with both sides in "
+                       "float64")
+        elif rule == "upcast":
+            out.append(f"upcast: FMS runs {', '.join(probe['missing_upcast'])} in 16 bits here, HF does not")
+    return out
+
+
+def one_line_text(text: Any, limit: int = 100) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+def _probe_record(report: Mapping, brief: Mapping) -> Optional[Mapping]:
+    for section in report["sections"]:
+        if section["title"] == brief.get("section", section["title"]):
+            for probe in section["result"]["probes"]:
+                if probe["name"] == brief["name"]:
+                    return probe
+    return None
+
+
+def first_divergence_text(report: Mapping) -> Optional[str]:
+    """'first divergence NAME (SECTION): gate: 12x its tolerance' of a failing run; None when it has none."""
+    summary, policy = report["summary"], _policy(report)
+    if summary.get("verdict") != "fail":
+        return None
+    brief = summary.get("first_divergence")
+    record = _probe_record(report, brief) if brief else None
+    if record is None:  # a report without the firsts (hand-made, older): the first record a rule fails, in order
+        failing = [(t, p) for s in report["sections"] if s["summary"]["verdict"] != "pass"
+                   for t, p in _records({"sections": [s]}) if failing_rules(p, policy)]
+        if not failing:
+            return None
+        brief, record = {"section": failing[0][0], "name": failing[0][1]["name"]}, failing[0][1]
+    measures = rule_measures(record, policy)
+    section = f" ({brief['section']})" if brief.get("section") and len(report["sections"]) > 1 else ""
+    return f"first divergence {brief['name']}{section}" + (f": {'; '.join(measures)}" if measures else "")
+
+
+def headline(report: Mapping) -> str:
+    """The verdict in one line with the margin against the rule that decided it: FAIL names the first divergence
+    and the rule it breaks, INCOMPLETE the checks that did not run, PASS how far each rule is."""
+    report = upgrade(report)
+    summary = report["summary"]
+    verdict = str(summary["verdict"])
+    extras = ([f"{summary['near_tie_flips']} near-tie flip(s) excused"] if summary.get("near_tie_flips") else [])
+    extras += ["lenient: floor, formula and upcast findings do not fail"] if summary.get("lenient") else []
+    if summary.get("not_run") and verdict != "incomplete":  # incomplete names them itself
+        extras.append(f"{len(summary['not_run'])} planned check(s) not run "
+                      f"({len(summary.get('unaccepted') or ())} not asked for)")
+    if verdict == "fail":
+        parts = [first_divergence_text(report) or "no first divergence recorded", summary.get("why") or ""]
+    elif verdict == "incomplete":
+        missing = summary.get("unaccepted") or []
+        named = ", ".join(f"{r.get('check')} ({r.get('cause')})" for r in missing[:3])
+        parts = [f"{len(missing)} planned check(s) did not run, not asked for: {named}"
+                 + (" …" if len(missing) > 3 else "") + " (--allow-partial accepts them)",
+                 "every check that ran passed: " + "; ".join(pass_margins(report))]
+    else:
+        parts = pass_margins(report)
+    return f"{verdict.upper()}: " + "; ".join(p for p in parts + extras if p)
+
+
 def render_terminal(report: Mapping, *, max_rows: int = 15, max_failing: int = 40, name_width: int = 34,
                     context: Optional[int] = None) -> str:
     """Text for pytest failure output: a verdict line with the margin, the firsts, then per section the `max_rows`
@@ -510,8 +653,8 @@ def render_terminal(report: Mapping, *, max_rows: int = 15, max_failing: int = 4
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["status_counts"].items()))
     first = summary.get("first_divergence")
     lines = [
-        verdict_line(summary) + f"  {margin_text(summary.get('margin'), with_section=several)}; "
-        f"first divergence: {first['name'] if first else 'none'}",
+        verdict_line(summary) + f"  {margin_text(summary.get('margin'), with_section=several)}"
+        + (f"; first divergence: {first['name']}" if first else ""),
         f"  {summary['probes']} probes: {counts}" + (f" in {len(sections)} sections" if several else "")
         + f"  (mode={meta.get('mode')}, dtype={meta.get('dtype')}, device={meta.get('device')})",
     ]
@@ -743,15 +886,28 @@ def _probe_view(probe: Mapping, anchor: str) -> dict:
             "zero": max_abs == 0 and status == Status.PASS, "ratio": ratio}
 
 
+def _flagged_views(views: List[dict], data: Mapping, first: Optional[str]) -> List[dict]:
+    """The rows of a section's flagged table, in execution order (the model's own order, so the culprit is read
+    before what it caused): the probes a rule breaks, the first divergence at the top and marked, then the other
+    probes with a non-zero error."""
+    policy = Policy(lenient=_lenient(data), floor_factor=data.get("floor_factor") or FLOOR_FACTOR)
+    for v in views:
+        v["broken"] = bool(probe_rules(v["p"], policy)) or v["bad"]
+        v["first"] = v["p"]["name"] == first
+    broken = sorted((v for v in views if v["broken"]), key=lambda v: not v["first"])  # stable: order kept
+    return broken + [v for v in views if not v["broken"] and (v["suspect"] or not v["zero"])]
+
+
 def _section_view(section: Mapping, k: int) -> dict:
     data = section["result"]
     anchor = f"s{k}"
     probes = _execution_order(data["probes"])
     views = [_probe_view(p, anchor) for p in probes]
     teacher_mode = data.get("mode") == "teacher_forced"
-    # failing first, then non-zero error worst first: the part of the table worth reading
-    flagged = sorted((v for v in views if v["bad"] or v["suspect"] or not v["zero"]),
-                     key=lambda v: (not v["bad"], not v["suspect"], -_ratio_key(v["p"])))
+    summary = dict(section["summary"])
+    if summary["verdict"] == Status.PASS:  # a passing section has no divergence (a lenient suspect is not one)
+        summary["first_divergence"] = None
+    flagged = _flagged_views(views, data, (summary.get("first_divergence") or {}).get("name"))
     components: List[dict] = []
     for key, start, stop in _layer_groups(probes):
         component = _component(key)
@@ -773,9 +929,10 @@ def _section_view(section: Mapping, k: int) -> dict:
                     worst=worst, bad=any(v["bad"] for v in members), zero=all(v["zero"] for v in members),
                     suspect=any(v["suspect"] for v in members))
     return {"title": section["title"], "kind": section["kind"], "extra": section.get("extra") or {},
-            "summary": section["summary"], "anchor": anchor, "mode": data.get("mode"), "teacher_mode": teacher_mode,
+            "summary": summary, "anchor": anchor, "mode": data.get("mode"), "teacher_mode": teacher_mode,
             "views": views, "flagged": flagged, "zeros": sum(1 for v in views if v["zero"]),
-            "components": components, "plot": _plot(probes, section["summary"], teacher_mode),
+            "broken": sum(1 for v in flagged if v["broken"]),
+            "components": components, "plot": _plot(probes, summary, teacher_mode),
             "floors": any(p.get("noise_floor") is not None for p in probes), "ids": {p["name"]: v["id"]
                                                                                    for p, v in zip(probes, views)}}
 
@@ -796,6 +953,16 @@ def _provenance(meta: Mapping) -> dict:
     }
 
 
+def header_margin(report: Mapping) -> str:
+    """The report header's margin: a failing run's first divergence and the rule it breaks by how much (the culprit,
+    not the largest error downstream of it), then the worst probe; otherwise the margin to each rule
+    (`pass_margins`: the table's tolerance, the 16-bit gate, the noise floor)."""
+    first = first_divergence_text(report)
+    if first is None:  # pass or incomplete: how far each rule that could fail it is (as the terminal's verdict line)
+        return "; ".join(pass_margins(report))
+    return f"{first} · {margin_text(report['summary'].get('margin'), with_section=len(report['sections']) > 1)}"
+
+
 def render_html(report: Mapping, *, title: Optional[str] = None) -> str:
     """The self-contained HTML page; `title` defaults to meta['title'] or the model-neutral 'Parity report'."""
     report = upgrade(report)
@@ -805,8 +972,7 @@ def render_html(report: Mapping, *, title: Optional[str] = None) -> str:
     ids = {(s["title"], name): anchor for s in sections for name, anchor in s["ids"].items()}
     return template_environment().get_template("report.html.j2").render(
         title=str(title), report=report, meta=meta, summary=report["summary"], sections=sections, ids=ids,
-        provenance=_provenance(meta), margin=margin_text(report["summary"].get("margin"),
-                                                         with_section=len(sections) > 1),
+        provenance=_provenance(meta), margin=header_margin(report),
         margin_for=margin_text, several=len(sections) > 1, ok=Status.PASS)
 
 

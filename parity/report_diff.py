@@ -38,6 +38,47 @@ _PASS = "pass"
 _ABSENT = {"status": "absent", "max_abs": None, "tol_ratio": None}  # the missing side of an unmatched row (HTML)
 
 
+class ReportFieldError(ValueError):
+    """A report lacks a field the diff reads, or holds it with another type; `field` is its path in the JSON."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field} {problem}")
+        self.field = field
+
+
+_TYPES = {Mapping: "an object", list: "a list", str: "a string"}
+
+
+def _need(container: Mapping, key: str, kind: type, where: str) -> object:
+    path = f"{where}.{key}" if where else key
+    if key not in container:
+        raise ReportFieldError(path, "is missing")
+    if not isinstance(container[key], kind):
+        raise ReportFieldError(path, f"is {type(container[key]).__name__}, expected {_TYPES[kind]}")
+    return container[key]
+
+
+def check_report_fields(report: Mapping) -> None:
+    """Raise ReportFieldError naming the first field the diff reads that `report` (schema 2, or upgraded from 1)
+    lacks: the summary's and every section's verdict, section titles, each probe's name and propagated status."""
+    _need(_need(report, "summary", Mapping, ""), "verdict", str, "summary")
+    for i, section in enumerate(_need(report, "sections", list, "")):
+        where = f"sections[{i}]"
+        if not isinstance(section, Mapping):
+            raise ReportFieldError(where, f"is {type(section).__name__}, expected an object")
+        _need(section, "title", str, where)
+        _need(_need(section, "summary", Mapping, where), "verdict", str, f"{where}.summary")
+        for j, probe in enumerate(_need(_need(section, "result", Mapping, where), "probes", list, f"{where}.result")):
+            at = f"{where}.result.probes[{j}]"
+            if not isinstance(probe, Mapping):
+                raise ReportFieldError(at, f"is {type(probe).__name__}, expected an object")
+            _need(probe, "name", str, at)
+            propagated = _need(probe, "propagated", Mapping, at)
+            _need(propagated, "status", str, f"{at}.propagated")
+            if propagated.get("metrics") is not None:
+                _need(propagated, "metrics", Mapping, f"{at}.propagated")
+
+
 def _info(report: Mapping) -> dict:
     meta, summary = report.get("meta") or {}, report["summary"]
     return {"created": meta.get("created"), "git_commit": meta.get("git_commit"), "device": meta.get("device"),
@@ -71,7 +112,7 @@ def _bound(old_abs: float, noise_floor: Optional[float], *, growth: float, floor
 
 def _row(title: str, name: str, old: Optional[dict], new: Optional[dict]) -> dict:
     """A diff row before judgement: unmatched rows fail when a probe disappeared or appeared without passing."""
-    return {"section": title, "name": name, "old": old, "new": new, "growth": None, "bound": None,
+    return {"section": title, "name": name, "old": old, "new": new, "growth": None, "from_zero": False, "bound": None,
             "noise_floor": None if old is None else old["noise_floor"], "grew": False, "status_changed": False,
             "regressed": False, "fixed": False, "only_in_old": new is None, "only_in_new": old is None,
             "fails": new is None or (old is None and new["status"] != _PASS)}
@@ -85,6 +126,8 @@ def _judge(row: dict, *, growth: float, floor_abs: float, floor_factor: float) -
         # both sides floored: 0 -> 0 and 0 -> 1e-12 are "no change" (1x), not 0x or a huge factor
         factor = max(new_abs, floor_abs) / max(old_abs, floor_abs) if not math.isnan(old_abs) else math.nan
         row["growth"] = _jfloat(factor)
+        # from (about) zero a ratio only measures floor_abs: such a change is shown as old -> new, never as a factor
+        row["from_zero"] = bool(old_abs <= floor_abs < new_abs)
         if not math.isnan(old_abs):
             bound = _bound(old_abs, _float(o["noise_floor"]), growth=growth, floor_abs=floor_abs,
                            floor_factor=floor_factor)
@@ -123,7 +166,9 @@ def _section_rows(old: Mapping, new: Mapping, single: bool) -> List[dict]:
 def _summary(rows: List[dict], sections: List[dict], report_regressed: bool) -> dict:
     matched = [r for r in rows if r["old"] and r["new"]]
     growths = [r for r in matched if _float(r["growth"]) is not None and not math.isnan(_float(r["growth"]))]
-    biggest = max(growths, key=lambda r: _float(r["growth"])) if growths else None
+    biggest = max((r for r in growths if not r.get("from_zero")), key=lambda r: _float(r["growth"]), default=None)
+    jumps = [r for r in matched if r.get("from_zero")]
+    jump = max(jumps, key=lambda r: _float(r["new"]["max_abs"])) if jumps else None
 
     def count(items: List[dict], key: str) -> int:
         return sum(bool(item[key]) for item in items)
@@ -145,6 +190,9 @@ def _summary(rows: List[dict], sections: List[dict], report_regressed: bool) -> 
         "report_regressed": report_regressed,
         "max_growth": None if biggest is None else {"section": biggest["section"], "name": biggest["name"],
                                                     "growth": biggest["growth"]},
+        # the largest error that appeared where the baseline had (about) none: an absolute change, not a factor
+        "max_from_zero": None if jump is None else {"section": jump["section"], "name": jump["name"],
+                                                    "old": jump["old"]["max_abs"], "new": jump["new"]["max_abs"]},
     }
 
 
@@ -154,6 +202,8 @@ def diff_reports(old: Mapping, new: Mapping, *, growth: float = 10.0, floor_abs:
     floored at `floor_abs`), the probe's bound and whether it `grew` past it, status change, presence; per section:
     verdict change and presence; the verdict (module docstring: what makes it 'regressed')."""
     old, new = upgrade(old), upgrade(new)
+    check_report_fields(old)
+    check_report_fields(new)
     single = len(old["sections"]) == 1 and len(new["sections"]) == 1
     olds = {key: (title, probe) for key, title, probe in _probes(old, single)}
     rows: List[dict] = []
@@ -171,6 +221,24 @@ def diff_reports(old: Mapping, new: Mapping, *, growth: float = 10.0, floor_abs:
     return {"schema": DIFF_SCHEMA, "growth": growth, "floor_abs": floor_abs, "floor_factor": floor_factor,
             "single_section": single, "old": before, "new": after,
             "summary": _summary(rows, sections, report_regressed), "sections": sections, "probes": rows}
+
+
+def growth_text(row: Mapping) -> str:
+    """A row's change: the factor new/old max |Δ| ('12×'), or from (about) zero the absolute change '0 → 0.16'."""
+    if row.get("from_zero"):
+        return f"{_num(row['old']['max_abs'])} → {_num(row['new']['max_abs'])}"
+    return _times(row.get("growth"))
+
+
+def _largest_change(summary: Mapping, single: bool) -> List[str]:
+    """'largest growth 12× at NAME', 'largest error from zero 0 → 0.16 at NAME' (where each exists)."""
+    out = []
+    for key, text in (("max_growth", lambda m: f"largest growth {_times(m['growth'])}"),
+                      ("max_from_zero", lambda m: f"largest error from zero {_num(m['old'])} → {_num(m['new'])}")):
+        item = summary.get(key)
+        if item:
+            out.append(f"{text(item)} at {item['name']}" + ("" if single else f" ({item['section']})"))
+    return out
 
 
 def _label(row: Mapping, single: bool) -> str:
@@ -248,6 +316,25 @@ def _verdict_line(diff: Mapping) -> str:
     return line
 
 
+def _table(rows: List[Mapping], single: bool, name_width: int) -> List[str]:
+    """The header and one line per row, grouped under a line per section (titles and names are never cut: a
+    truncated name hides which probe it is)."""
+    width = max([name_width] + [len(r["name"]) for r in rows])
+    header = (f"  {'probe':<{width}} {'old status':<14} {'new status':<14} {'old max|d|':>10} {'new max|d|':>10} "
+              f"{'bound':>10} {'growth':>10} {'old e/tol':>9} {'new e/tol':>9}")
+    lines, section = [header], None
+    for r in rows:
+        if not single and r["section"] != section:
+            section = r["section"]
+            lines.append(f"  [{section}]")
+        o, n = r["old"], r["new"]
+        flag = "!" if r["fails"] else ("*" if r["status_changed"] else " ")
+        lines.append(f"{flag} {r['name']:<{width}} {o['status']:<14} {n['status']:<14} {_num(o['max_abs']):>10} "
+                     f"{_num(n['max_abs']):>10} {_num(r['bound']):>10} {growth_text(r):>10} "
+                     f"{_pct(o['tol_ratio']):>9} {_pct(n['tol_ratio']):>9}")
+    return lines
+
+
 def render_diff_terminal(diff: Mapping, *, max_rows: int = 40, context: int = 5, name_width: int = 40) -> str:
     """Verdict line, sections and probes that disappeared / appeared / changed verdict, the flagged probes (grew
     past their bound / status changed), then the largest growth factors among the rest."""
@@ -255,30 +342,19 @@ def render_diff_terminal(diff: Mapping, *, max_rows: int = 40, context: int = 5,
     lines = [_verdict_line(diff)] + [
         f"  {side}: {diff[side]['verdict']} {diff[side]['probes']} probes, {diff[side]['created']}, commit "
         f"{diff[side]['git_commit']}; {diff[side]['margin']}" for side in ("old", "new")]
-    header = (f"  {'probe':<{name_width}} {'old status':<14} {'new status':<14} {'old max|d|':>10} {'new max|d|':>10} "
-              f"{'bound':>10} {'growth':>8} {'old e/tol':>9} {'new e/tol':>9}")
-
-    def row(r: Mapping) -> str:
-        o, n = r["old"], r["new"]
-        name = _label(r, single)
-        name = name if len(name) <= name_width else "…" + name[-(name_width - 1):]
-        flag = "!" if r["fails"] else ("*" if r["status_changed"] else " ")
-        return (f"{flag} {name:<{name_width}} {o['status']:<14} {n['status']:<14} {_num(o['max_abs']):>10} "
-                f"{_num(n['max_abs']):>10} {_num(r['bound']):>10} {_times(r['growth']):>8} "
-                f"{_pct(o['tol_ratio']):>9} {_pct(n['tol_ratio']):>9}")
-
+    lines += [f"  {text}" for text in _largest_change(diff["summary"], single)]
     lines += _presence_lines(diff, single)
     flagged = _flagged(diff)
     if flagged:
-        lines += [f"flagged ({len(flagged)}; ! = regression, * = other status change):", header]
-        lines += [row(r) for r in flagged[:max_rows]]
+        lines.append(f"flagged ({len(flagged)}; ! = regression, * = other status change):")
+        lines += _table(flagged[:max_rows], single, name_width)
         if len(flagged) > max_rows:
             lines.append(f"  ... {len(flagged) - max_rows} more")
     shown = {id(r) for r in flagged}
     rest = sorted((r for r in diff["probes"] if id(r) not in shown and r["old"] and r["new"]), key=_growth_key,
                   reverse=True)[:context]
     if rest:
-        lines += ["largest growth among the other probes:", header] + [row(r) for r in rest]
+        lines += ["largest growth among the other probes:"] + _table(rest, single, name_width)
     return "\n".join(lines)
 
 
@@ -287,7 +363,7 @@ def _growth_plot(diff: Mapping) -> dict:
     limit = diff["growth"]
     pseudo = []
     for k, r in enumerate(r for r in diff["probes"] if r["old"] and r["new"]):
-        factor = _float(r["growth"])
+        factor = None if r.get("from_zero") else _float(r["growth"])  # from zero: no factor, drawn at the top
         pseudo.append({"name": r["name"] if diff.get("single_section", True) else f"{r['section']}.{r['name']}",
                        "index": k, "order": k,
                        "propagated": {"status": "fail" if r["fails"] else _PASS,
@@ -327,7 +403,7 @@ def render_diff_html(diff: Mapping, *, title: str = "Parity report diff") -> str
         title=title, diff=diff, summary=diff["summary"], flagged=_html_flagged(diff, single), matched=matched,
         only_old=[r for r in diff["probes"] if r["only_in_old"]], only_new=[r for r in diff["probes"] if r["only_in_new"]],
         plot=_growth_plot(diff) if matched else None, label=lambda r: r.get("label") or _label(r, single),
-        times=_times)
+        growth_text=growth_text, largest=_largest_change(diff["summary"], single))
 
 
 def write_diff_html(diff: Mapping, path: Union[str, Path], *, title: str = "Parity report diff") -> Path:

@@ -11,6 +11,7 @@ turn into exit 2 (UsageError / AudioInputError / CheckpointFormatError / FileNot
 weight is read) and its message. A few cases run the real entry points in a subprocess.
 """
 
+import io
 import json
 import os
 import re
@@ -135,6 +136,19 @@ class Assets:
         self.not_a_report.write_text(json.dumps({"schema": "something-else/1"}))
         self.minimal_report = reports / "minimal.json"  # enough to be read as a report
         self.minimal_report.write_text(json.dumps({"schema": "parity-report/2", "summary": {}, "sections": []}))
+        # complete enough for a diff but for one field each (a hand-edited or truncated report): exit 2, not a KeyError
+        probe = {"name": "logits", "propagated": {"status": "pass", "metrics": {"max_abs": 0.0}}}
+        whole = {"schema": "parity-report/2", "summary": {"verdict": "pass"},
+                 "sections": [{"title": "clip", "summary": {"verdict": "pass"}, "result": {"probes": [probe]}}]}
+        self.complete_report = reports / "complete.json"
+        self.complete_report.write_text(json.dumps(whole))
+        self.no_section_verdict = reports / "no-section-verdict.json"
+        self.no_section_verdict.write_text(json.dumps({**whole, "sections": [
+            {"title": "clip", "summary": {}, "result": {"probes": [probe]}}]}))
+        self.no_probe_status = reports / "no-probe-status.json"
+        self.no_probe_status.write_text(json.dumps({**whole, "sections": [
+            {"title": "clip", "summary": {"verdict": "pass"}, "result": {"probes": [{"name": "logits",
+                                                                                     "propagated": {}}]}}]}))
         self.out = root / "out"
         self.full_folder = root / "full"
         self.full_folder.mkdir()
@@ -367,6 +381,15 @@ CASES = [
     Case("d-report-overwrites-old", "diff", lambda a: _c(a, a.minimal_report, a.minimal_report, "--report",
                                                           a.minimal_report), 2,
          r"--report and OLD are both \S+minimal\.json; give them different paths"),
+    Case("d-json-overwrites-old", "diff", lambda a: _c(a, a.complete_report, a.no_probe_status, "--json",
+                                                       a.complete_report), 2,
+         r"--json and OLD are both \S+complete\.json; give them different paths"),
+    Case("d-old-missing-section-verdict", "diff", lambda a: _c(a, a.no_section_verdict, a.complete_report), 2,
+         r"OLD \S+no-section-verdict\.json is not a complete parity report JSON: field sections\[0\]\.summary\."
+         r"verdict is missing"),
+    Case("d-new-missing-probe-status", "diff", lambda a: _c(a, a.complete_report, a.no_probe_status), 2,
+         r"NEW \S+no-probe-status\.json is not a complete parity report JSON: field sections\[0\]\.result\."
+         r"probes\[0\]\.propagated\.status is missing"),
     Case("d-report-is-a-folder", "diff", lambda a: _c(a, a.minimal_report, a.minimal_report, "--report", a.root), 2,
          r"--report \S+ is a folder; expected a file path such as \S+/diff\.html"),
     Case("d-growth-below-one", "diff", lambda a: _c(a, a.not_json, a.not_json, "--growth", "0.5"), 2,
@@ -398,7 +421,7 @@ def test_the_table_is_big_enough():
 def test_internal_error_exits_3_with_traceback_and_a_report_request(assets, monkeypatch, capsys):
     import parity.granite.cli as cli
 
-    def broken(run):
+    def broken(run, verbosity=0):
         raise RuntimeError("a bug in the run")
 
     monkeypatch.setattr(cli, "run_compare", broken)
@@ -420,32 +443,29 @@ def test_transcribe_internal_error_exits_3(assets, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def compare_reports(tmp_path_factory):
     """One passing and one failing compare run on the tiny fixture (the failing one: zero tolerances, against the
-    HF side the passing one saved, so HF runs once): (folder, exit codes, stdouts)."""
-    import contextlib
-    import io
-
-    from parity.granite.cli import main
-
+    HF side the passing one saved, so HF runs once), each in its own process as users run it, so stdout and stderr
+    are what a terminal or a CI log shows (library progress bars included): (folder, exit codes, stdouts, stderrs).
+    The failing run is -v."""
     root = tmp_path_factory.mktemp("compare")
-    codes, outs = {}, {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    codes, outs, errs = {}, {}, {}
     for name, extra in (("pass", ["--save-captures", str(root / "hf")]),
-                        ("fail", ["--atol", "0", "--rtol", "0", "--reference-captures", str(root / "hf")])):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            codes[name] = main(["compare", "--report", str(root / f"{name}.html"), "--json",
-                                str(root / f"{name}.json"), *extra])
-        outs[name] = out.getvalue()
-    return root, codes, outs
+                        ("fail", ["-v", "--atol", "0", "--rtol", "0", "--reference-captures", str(root / "hf")])):
+        argv = ["compare", "--report", str(root / f"{name}.html"), "--json", str(root / f"{name}.json"), *extra]
+        proc = subprocess.run([sys.executable, "-m", "parity.granite", *argv], capture_output=True, text=True,
+                              env=env, cwd=root, timeout=1800)
+        codes[name], outs[name], errs[name] = proc.returncode, proc.stdout, proc.stderr
+    return root, codes, outs, errs
 
 
 def test_compare_exits_0_when_parity_holds_and_1_when_it_fails(compare_reports):
-    root, codes, _ = compare_reports
-    assert codes == {"pass": 0, "fail": 1}
+    root, codes, _, errs = compare_reports
+    assert codes == {"pass": 0, "fail": 1}, errs
     assert all((root / f"{n}.{ext}").is_file() for n in ("pass", "fail") for ext in ("html", "json"))
 
 
 def test_compare_runs_transcribe_with_both_decoders_against_hfs_recipe(compare_reports):
-    root, _, _ = compare_reports
+    root, _, _, _ = compare_reports
     report = json.loads((root / "pass.json").read_text())
     [section] = [s for s in report["sections"] if " · transcribe: " in s["title"]]
     probes = {p["name"]: p for p in section["result"]["probes"]}
@@ -479,17 +499,109 @@ def test_compare_in_bf16_passes_a_correct_port_with_default_flags(tmp_path):
 
 
 def test_compare_prints_the_verdict_then_where_reports_went(compare_reports):
-    root, _, outs = compare_reports
-    for name, verdict in (("pass", "PASS: "), ("fail", "FAIL (first divergence: ")):
+    root, _, outs, _ = compare_reports
+    for name, verdict in (("pass", "PASS: worst probe at "), ("fail", "FAIL: first divergence ")):
         lines = outs[name].splitlines()
         at = next(i for i, line in enumerate(lines) if line.startswith(verdict))
         assert lines[at + 1:at + 3] == [f"report: {root / (name + '.html')}", f"json: {root / (name + '.json')}"]
 
 
+# the library output the quiet default must not show: transformers' "Loading weights" bars and any tqdm bar
+LIBRARY_CHATTER = re.compile(r"Loading weights|\d+it/s|\d+/\d+ \[\d\d:\d\d|%\|")
+
+
+def test_default_compare_output_is_one_line_per_case_then_the_verdict(compare_reports):
+    """Quiet by default: the passing run printed 289 lines before (transformers' loading bars, per-probe tables of
+    27 sections); now one line per input case (with its time), the verdict line and the two report paths."""
+    from parity.granite.pipeline import default_cases
+    from parity.report import headline
+
+    root, _, outs, errs = compare_reports
+    out, err = outs["pass"].splitlines(), errs["pass"].splitlines()
+    assert out == [headline(json.loads((root / "pass.json").read_text())), f"report: {root / 'pass.html'}",
+                   f"json: {root / 'pass.json'}", f"captures: {root / 'hf'}"], outs["pass"]
+    assert not LIBRARY_CHATTER.search(outs["pass"] + errs["pass"]), errs["pass"]
+    steps = [m.group(1) for m in map(re.compile(r"^  (.+)  \d+\.\d s$").match, err) if m]
+    assert steps == ["checkpoint: seeded tiny (built or reused)"] + [c.name for c in default_cases()], err
+    notes = [line for line in err if not re.match(r"^  (.+)  \d+\.\d s$", line)]
+    # at most the built-in stereo clip's two notes, until the pipeline reads it silently (the xfail below)
+    assert len(notes) <= 2 and all("stereo-44k.wav: " in n for n in notes), err
+    assert len(out) + len(err) <= len(default_cases()) + 7
+
+
+@pytest.mark.xfail(strict=True, reason="needs the lead's one-line change in parity/granite/pipeline.py "
+                                       "_audio_rows: read_audio(..., notify=...) silent for the built-in clips")
+def test_the_built_in_stereo_clip_is_read_without_a_note(compare_reports):
+    """The built-in stereo clip's down-mix / resample note read like a warning about the user's file."""
+    _, _, _, errs = compare_reports
+    assert "down-mixed" not in errs["pass"] and "resampling" not in errs["pass"], errs["pass"]
+
+
+def test_verbose_compare_adds_the_per_probe_tables_and_progress(compare_reports):
+    _, _, outs, errs = compare_reports
+    assert "PARITY FAIL" in outs["fail"] and re.search(r"worst \d+ of \d+ probes by error/tolerance", outs["fail"])
+    assert re.search(r"^\[\s*\d+\.\ds\] case: ", errs["fail"], re.M), errs["fail"]  # every progress message
+    assert outs["fail"].splitlines()[-3].startswith("FAIL: first divergence ")
+
+
+def test_quiet_libraries_silences_transformers_and_restores_it():
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from parity.granite.console import quiet_libraries
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    with pytest.raises(RuntimeError):  # restored also when the run raises
+        with quiet_libraries():
+            assert hf_logging.get_verbosity() == hf_logging.ERROR
+            assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+            raise RuntimeError("boom")
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+    with quiet_libraries(enabled=False):  # -vv: untouched
+        assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_step_progress_writes_a_line_per_finished_step():
+    from parity.granite.console import StepProgress
+
+    log = io.StringIO()
+    steps = StepProgress(0, stream=log)
+    for message in ("case: clip A", "transcribe section not run: memory", "case: batch B"):
+        steps.message(message)
+    assert re.fullmatch(r"  clip A  \d+\.\d s\n", log.getvalue())  # B still runs; other messages only under -v
+    steps.finish()
+    steps.finish()  # idempotent: no step runs
+    assert re.fullmatch(r"  clip A  \d+\.\d s\n  batch B  \d+\.\d s\n", log.getvalue())
+    tty = _Terminal()
+    live = StepProgress(0, stream=tty)
+    live.message("case: clip A")
+    assert tty.getvalue() == "  … clip A"  # the running step, replaced in place when it finishes
+    live.finish()
+    assert re.fullmatch(r"  … clip A\r\x1b\[K  clip A  \d+\.\d s\n", tty.getvalue())
+    stopped = _Terminal()
+    with pytest.raises(KeyboardInterrupt), StepProgress(0, stream=stopped) as broken:
+        broken.message("case: clip A")
+        raise KeyboardInterrupt  # the error then printed starts on a line of its own, after where it stopped
+    assert re.fullmatch(r"  … clip A\r\x1b\[K  clip A  stopped after \d+\.\d s\n", stopped.getvalue())
+    verbose = io.StringIO()
+    loud = StepProgress(1, stream=verbose)
+    loud.message("case: clip A")
+    loud.message("transcribe section not run: memory")
+    loud.finish()
+    assert re.fullmatch(r"\[\s*\d+\.\ds\] case: clip A\n\[\s*\d+\.\ds\] transcribe section not run: memory\n",
+                        verbose.getvalue())
+
+
 def test_diff_exits_0_when_nothing_grew_and_1_on_regression(compare_reports, capsys):
     from parity.granite.cli import main
 
-    root, _, _ = compare_reports
+    root, _, _, _ = compare_reports
     assert main(["diff", str(root / "pass.json"), str(root / "pass.json"), "--json", str(root / "same.json")]) == 0
     assert json.loads((root / "same.json").read_text())["summary"]["verdict"] == "ok"
     capsys.readouterr()

@@ -220,7 +220,8 @@ def test_failing_report_header_plot_markers_and_folding(failing):
     page = render_html(failing)
     assert "<title>FAIL · Parity report · 53 probes</title>" in page
     text = _text(page)
-    # the margin is the worst probe over all sections; the generation section's exact mismatch is infinite
+    # the margin names the first divergence (the culprit) first, then the worst probe over all sections (the
+    # generation section's exact mismatch is infinite)
     assert "worst probe is at ∞ of its tolerance (generate.step.4 in greedy decode): outside" in text
     ratio = expected_ratio(42, 5e-2)  # logits: probe index 42 of the model section, eps 5e-2
     assert ratio > 1 and f"{ratio * 100:.0f}%" in text  # percentages >= 100% are printed as integers
@@ -233,7 +234,7 @@ def test_failing_report_header_plot_markers_and_folding(failing):
     assert re.search(r'<details class="grp">\s*<summary><span class="mono">decoder\.layer\.1</span>', page)
     assert 'class="hz"' in page and ".hz:checked ~ .layers .zero" in page
     # the failing-only list comes before the per-layer view and holds the failing element
-    failing_list = page[page.index("Failing and non-zero probes", page.index('id="s1"')):page.index("All probes", page.index('id="s1"'))]
+    failing_list = page[page.index("Failing probes in execution order", page.index('id="s1"')):page.index("All probes", page.index('id="s1"'))]
     assert "decoder.layer.5.attn" in failing_list and "[1, 3]" in failing_list
     assert "seeded random weights" in text and "ab" * 32 in text and "0123456789abcdef" in text
     assert "9001-101-0000.flac" in text and "3.25" in text and "peft" in text
@@ -299,3 +300,139 @@ def test_terminal_lists_every_failing_probe_per_section(failing):
     for name in failing_names:
         assert re.search(rf"^\s*\d+ {re.escape(name)}\s", text, re.M), name
     assert "suspect" in text and "×" in text  # floor ratios when present
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the culprit first: margin line, failing table, passing sections, the one-line verdict (issue #24)
+
+
+def _section_html(page: str, k: int) -> str:
+    """The HTML of section `k` (from its anchor to the next section's)."""
+    start = page.index(f'id="s{k}"')
+    end = page.find('<details class="sec"', start)
+    return page[start:end if end != -1 else len(page)]
+
+
+def _margin_line(page: str) -> str:
+    return _text(re.search(r'<div class="margin"><b>Margin:</b>(.*?)</div>', page, re.S).group(1)).strip()
+
+
+def test_margin_line_names_the_first_divergence_not_the_worst_probe_downstream(failing):
+    """The margin named generate.step.4 (infinite, downstream) while the fault was decoder.layer.5.attn."""
+    line = _margin_line(render_html(failing))
+    gate = expected_ratio(33, 1e-2)  # decoder.layer.5.attn: index 33, eps 1e-2 (model_rows)
+    own = expected_ratio(33 + 1000, 5e-3)  # its teacher-forced re-run: _pair(index + 1000, 5e-3)
+    assert line.startswith(f"first divergence decoder.layer.5.attn (clip 9001-101-0000): gate: {gate:.2g}x its "
+                           f"tolerance; own: its own (teacher-forced) error {own:.2g}x its tolerance"), line
+    assert line.endswith("worst probe is at ∞ of its tolerance (generate.step.4 in greedy decode): outside"), line
+    real = read_json(REAL)
+    name, ratio = _worst(real)
+    expected = f"worst probe at {ratio:.2g} of its tolerance ({name}); no noise floor measured"
+    assert _margin_line(render_html(real)) == expected
+
+
+def test_failing_table_starts_with_the_first_divergence_then_model_order(failing):
+    """Worst-first put the culprit at row 17 of 19 behind the larger errors it caused downstream."""
+    section = _section_html(render_html(failing), 1)
+    table = section[section.index("<tbody>"):section.index("</tbody>")]
+    rows = re.findall(r'<tr class="([^"]*)"><td>(\d+)</td><td class="l"><a class="mono"[^>]*>([^<]+)</a>', table)
+    names = [name for _, _, name in rows]
+    assert names[0] == "decoder.layer.5.attn" and "first" in rows[0][0].split()
+    assert '<span class="chip s-first">first divergence</span>' in table and table.count("s-first") == 1
+    probes = {p["name"]: p for p in failing["sections"][1]["result"]["probes"]}
+    # a rule breaks them: outside tolerance, or (strict) more than 8x above the noise floor (the planted suspect)
+    broken = [n for n in probes if probes[n]["propagated"]["status"] != "pass"
+              or float(probes[n].get("floor_ratio") or 0) > 8]
+    rest = sorted((n for n in broken if n != "decoder.layer.5.attn"), key=lambda n: probes[n]["order"])
+    assert names[:len(broken)] == ["decoder.layer.5.attn"] + rest  # the recorded culprit, then execution order
+    assert all(probes[n]["propagated"]["status"] == "pass" for n in names[len(broken):])  # then non-zero passing
+    ratios = [float(probes[n]["propagated"]["metrics"]["tol_ratio"]) for n in names[:len(broken)]]
+    assert ratios != sorted(ratios, reverse=True)  # not worst-first: the culprit is not the largest error here
+
+
+def _lenient_report_with_a_suspect() -> dict:
+    """A passing (lenient) report whose model section records a first divergence: its suspect, far above the floor."""
+    from parity.verdict import Policy
+
+    data = _with_floors(_result("teacher_forced", model_rows(99)), suspect="decoder.layer.2.mlp")
+    data.update(first_divergence="decoder.layer.2.mlp", lenient=True)
+    pre = _result("propagated", [("features.fbank", 2e-7, {})])
+    return build_multi_report([("features", "preprocessing", pre, None), ("clip", "model", data, None)],
+                              {"mode": "teacher_forced"}, policy=Policy(lenient=True))
+
+
+def test_a_passing_section_shows_no_first_divergence():
+    report = _lenient_report_with_a_suspect()
+    assert report["sections"][1]["summary"]["verdict"] == "pass"
+    assert report["sections"][1]["summary"]["first_divergence"]["name"] == "decoder.layer.2.mlp"  # in the record
+    page = render_html(report)
+    section = _section_html(page, 1)
+    assert "first divergence" not in _text(section).lower(), "a passing section names a first divergence"
+    assert "first suspect" in section  # what it is: a suspect, still marked
+    sections_table = page[page.index("<h2>Sections</h2>"):page.index("<h2>Provenance</h2>")]
+    assert "decoder.layer.2.mlp</a>" not in sections_table
+    assert "first divergence" not in render_terminal(report).lower()
+
+
+def test_inputs_card_spans_the_whole_row(failing):
+    """The inputs table (audio, seconds, tokens, ...) was squeezed into one grid column."""
+    page = render_html(failing)
+    assert re.search(r'<div class="card wide"><h3>Inputs</h3>', page)
+    assert re.search(r"\.prov \.card\.wide \{ grid-column: 1 / -1; \}", page)
+
+
+def test_headline_passes_with_the_margin_of_each_rule(real):
+    from parity.report import headline
+
+    name, ratio = _worst(real)
+    assert headline(real) == f"PASS: worst probe at {ratio:.2g} of its tolerance ({name}); no noise floor measured"
+    report = _lenient_report_with_a_suspect()
+    report["summary"]["verdict"] = "pass"
+    line = headline(report)
+    # the planted suspect: max |d| 3e-6 (decoder layer 2, 1e-6 * (2 + 1)) over its floor 1e-8 (_with_floors)
+    assert "errors at most 300x their noise floor, 8x allowed (decoder.layer.2.mlp)" in line
+    assert line.endswith("lenient: floor, formula and upcast findings do not fail")
+
+
+def test_headline_of_a_16_bit_pass_names_the_gate_that_passed_probes_outside_the_table(real):
+    from parity.report import headline
+
+    report = copy.deepcopy(real)
+    probes = report["sections"][0]["result"]["probes"]
+    gated = {"decoder.layer.3": 3.2, "decoder.layer.7": 5.5}
+    for probe in probes:
+        if probe["name"] in gated:  # what parity.diff records on a bf16 probe outside the table inside the gate
+            probe["propagated"]["metrics"]["tol_ratio"] = 40.0
+            probe["propagated"]["detail"] = (f"max |d| above tolerance; needs {gated[probe['name']]:.3g} x HF's own "
+                                             "rounding error (the largest row floor, 0.26); passes the measured "
+                                             "16-bit gate")
+    inside = max(float(p["propagated"]["metrics"]["tol_ratio"]) for p in probes if p["name"] not in gated)
+    line = headline(report)
+    assert line.startswith(f"PASS: worst probe at {inside:.2g} of its tolerance"), line  # not the gated 40x
+    assert "2 16-bit probe(s) outside the dtype table within 5.5x HF's own rounding error, 8x allowed " \
+           "(decoder.layer.7)" in line
+
+
+def test_headline_of_an_incomplete_run_names_the_checks_not_run(real):
+    from parity.report import headline
+
+    report = copy.deepcopy(real)
+    missing = {"check": "noise floors", "why": "HF in float64 does not fit", "cause": "memory"}
+    report["summary"].update(verdict="incomplete", not_run=[missing], unaccepted=[missing])
+    line = headline(report)
+    assert line.startswith("INCOMPLETE: 1 planned check(s) did not run, not asked for: noise floors (memory)")
+    assert "every check that ran passed: worst probe at" in line
+    report["summary"].update(verdict="pass", unaccepted=[])  # asked for (--floors off): the line still counts it
+    assert headline(report).endswith("; 1 planned check(s) not run (0 not asked for)")
+
+
+def test_headline_of_a_failure_without_recorded_firsts_finds_the_first_rule_broken(failing):
+    from parity.report import headline
+
+    report = copy.deepcopy(failing)
+    report["summary"]["first_divergence"] = None  # an older or hand-made report
+    for section in report["sections"]:
+        section["summary"]["first_divergence"] = None
+    # by the rules, not by status: the planted suspect (300x its floor, strict) comes before decoder.layer.5.attn
+    assert headline(report) == ("FAIL: first divergence decoder.layer.2.mlp (clip 9001-101-0000): floor: 300x its "
+                                "noise floor, 8x allowed; 2 of 3 section(s) fail")

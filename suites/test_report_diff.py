@@ -14,7 +14,8 @@ import torch
 from parity.diff import Comparison, ParityResult, ProbeResult, Status, compare
 from parity.granite.cli import main
 from parity.report import build_multi_report, read_json, write_json
-from parity.report_diff import assert_no_growth, diff_reports, render_diff_html, render_diff_terminal
+from parity.report_diff import (ReportFieldError, assert_no_growth, diff_reports, render_diff_html,
+                                render_diff_terminal)
 from parity.tolerances import Tolerance, regression_bound
 
 pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # hand-made reports
@@ -178,7 +179,7 @@ def test_logits_at_2e7_growing_100x_are_flagged_under_every_global_bound():
     assert logits["growth"] == pytest.approx(100.0)
     assert logits["bound"] == pytest.approx(2e-6) and logits["noise_floor"] == 1e-7  # 10 x 2e-7 > 8 x 1e-7
     assert logits["grew"] and logits["fails"] and diff["summary"]["verdict"] == "regressed"
-    assert "! clip A / logits" in render_diff_terminal(diff)
+    assert re.search(r"^  \[clip A\]\n! logits ", render_diff_terminal(diff), re.M)  # under its section
 
 
 def test_a_2x_growth_is_not_flagged():
@@ -209,6 +210,50 @@ def test_values_near_zero_use_floor_abs_not_a_huge_factor():
     diff = diff_reports(old, report({**BASELINE, "features": {"features.fbank": 2e-7, "input_ids": 1e-12}}))
     row = _rows(diff)[("features", "input_ids")]
     assert row["growth"] == pytest.approx(1.0) and not row["grew"] and diff["summary"]["verdict"] == "ok"
+
+
+def test_a_growth_from_zero_is_shown_as_an_absolute_change_not_a_ratio():
+    """0 -> 0.16 read as 'largest growth 1.6e+08x' (0.16 over the 1e-9 floor): a ratio from zero measures nothing."""
+    old = report(BASELINE)  # input_ids: 0
+    new = report({**BASELINE, "features": {"features.fbank": 4e-7, "input_ids": 0.16}})
+    diff = diff_reports(old, new)
+    row = _rows(diff)[("features", "input_ids")]
+    assert row["from_zero"] and row["grew"] and diff["summary"]["verdict"] == "regressed"
+    assert diff["summary"]["max_from_zero"] == {"section": "features", "name": "input_ids", "old": 0.0, "new": 0.16}
+    assert diff["summary"]["max_growth"]["name"] == "features.fbank"  # the largest real factor: 2x
+    term, page = render_diff_terminal(diff), _text(render_diff_html(diff))
+    for text in (term, page):
+        assert "largest error from zero 0 → 0.16 at input_ids (features)" in text
+        assert "largest growth 2× at features.fbank (features)" in text
+        assert not re.search(r"1\.60?\s?e\+?0?8|160000000", text), "a growth from zero printed as a ratio"
+    assert re.search(r"^! input_ids +pass +fail +0 +0\.16 .* 0 → 0\.16 ", term, re.M)
+    assert "features / input_ids pass fail 0 0.16 0 → 0.16" in page  # the flagged table: old -> new, no factor
+
+
+def test_terminal_names_sections_and_probes_whole():
+    """Names longer than the column were cut from the left ('…processing / features.audio_embed_sizes'), which hid
+    the section."""
+    long = "padded batch of 3 (window + 1, on window, tiny block + 1) · preprocessing"
+    name = "features.audio_embed_sizes.of.a.rather.long.probe.name"
+    old = report({long: {name: 1e-7, "input_ids": 0.0}, "clip A": MODEL})
+    diff = diff_reports(old, report({long: {name: 1e-4, "input_ids": 0.0}, "clip A": MODEL}))
+    term = render_diff_terminal(diff)
+    assert f"  [{long}]" in term and re.search(rf"^! {re.escape(name)} ", term, re.M)
+    assert "…" not in term
+
+
+def test_a_report_missing_a_field_is_named_not_a_key_error():
+    old = report(BASELINE)
+    broken = copy.deepcopy(old)
+    del broken["sections"][1]["result"]["probes"][2]["propagated"]["status"]
+    with pytest.raises(ReportFieldError, match=r"field sections\[1\]\.result\.probes\[2\]\.propagated\.status "
+                                               r"is missing") as err:
+        diff_reports(old, broken)
+    assert err.value.field == "sections[1].result.probes[2].propagated.status"
+    broken = copy.deepcopy(old)
+    broken["sections"][0]["summary"]["verdict"] = ["pass"]
+    with pytest.raises(ReportFieldError, match=r"field sections\[0\]\.summary\.verdict is list, expected a string"):
+        diff_reports(broken, old)
 
 
 def test_a_probe_that_stops_passing_regresses():
@@ -264,7 +309,7 @@ def test_diff_flags_a_100x_growth_and_not_a_2x_one(real):
     assert diff["summary"]["verdict"] == "regressed" and diff["summary"]["grew"] == 1
     assert diff["summary"]["matched"] == 345 and diff["summary"]["max_growth"]["name"] == "decoder.layer.20.mlp"
     term = render_diff_terminal(diff)
-    assert term.startswith("REPORT DIFF REGRESSED") and "decoder.layer.20.mlp" in term.split("largest growth")[0]
+    assert term.startswith("REPORT DIFF REGRESSED") and "decoder.layer.20.mlp" in term.split("largest growth among")[0]
     page = render_diff_html(diff)
     assert "<title>REGRESSED · Parity report diff · 345 probes matched</title>" in page
     assert page.count("<svg") == 1 and "decoder.layer.20.mlp" in page

@@ -53,10 +53,6 @@ TOP_EXIT = exit_codes_epilog(ok=" (compare: parity holds; diff: nothing grew or 
 VERDICT_EXIT = {"pass": 0, "fail": 1, "incomplete": 4}
 
 
-def _print_progress(message: str, start: float) -> None:
-    print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
 def _write_outputs(writes, verdict: str) -> list:
     """Write the outputs after the verdict was printed; a failure keeps the verdict visible and exits 2."""
     written = []
@@ -69,35 +65,49 @@ def _write_outputs(writes, verdict: str) -> list:
     return written
 
 
-def run_compare(run: CompareRun) -> int:
+def run_compare(run: CompareRun, verbosity: int = 0) -> int:
     """The run of a checked `compare`: 0 when parity holds, 1 when it fails, 4 when a planned check did not run
-    unasked (the same on every rank with --tp)."""
+    unasked (the same on every rank with --tp). `verbosity` 0 prints a line per finished input case, the verdict
+    line and the report paths; 1 (-v) the per-probe tables and every progress message too; 2 (-vv) also the
+    libraries' own output (parity.granite.console)."""
+    from parity.granite.console import quiet_libraries
+
     start = time.monotonic()
     device, dtype = run.device, run.dtype
-    if run.tp > 1:
-        from parity.granite import tp
+    with quiet_libraries(enabled=verbosity < 2):
+        if run.tp > 1:
+            from parity.granite import tp
 
-        device = tp.start(device)
-        try:
-            return _compare(run, device, dtype, start, quiet=not tp.is_writer())
-        finally:
-            tp.stop()
-    return _compare(run, device, dtype, start)
+            device = tp.start(device)
+            try:
+                return _compare(run, device, dtype, start, quiet=not tp.is_writer(), verbosity=verbosity)
+            finally:
+                tp.stop()
+        return _compare(run, device, dtype, start, verbosity=verbosity)
 
 
-def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: float, quiet: bool = False) -> int:
+def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: float, quiet: bool = False,
+             verbosity: int = 0) -> int:
     """`compare` in this process; `quiet` (a tensor-parallel rank other than 0) computes the same verdict and
     neither prints nor writes."""
     from granite_speech.checkpoint import CheckpointCoverageError
     from parity.capture import available_bytes, checkpoint_param_bytes
+    from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import Case, compare_report, default_cases
-    from parity.report import render_terminal, write_html, write_json
+    from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
-    def _progress(message: str, start: float) -> None:
-        if not quiet:
-            _print_progress(message, start)
+    steps = StepProgress(verbosity, start=start)
+
+    def _progress(message: str, start: float, step: Optional[str] = None) -> None:
+        """A progress message (shown under -v); `step` also names a step of the quiet display."""
+        if quiet:
+            return
+        if step is not None and verbosity == 0:
+            steps.begin(step)
+        else:
+            steps.message(message)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -112,12 +122,14 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
 
         where = device if run.model in REAL_FAMILY else torch.device("cpu")
         _progress(f"building (or reusing) the seeded {run.model} family checkpoint (weights drawn on {where.type})",
-                  start)
+                  start, step=f"checkpoint: seeded {run.model} (built or reused)")
         checkpoint = build_family_checkpoint(run.model, seed=run.seed, device=where)
     else:
-        _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start)
+        _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start,
+                  step=f"checkpoint: seeded {run.model} (built or reused)")
         checkpoint = build_checkpoint(run.model, seed=run.seed)
     _progress(f"checkpoint {checkpoint}", start)
+    steps.finish()  # before any note of the memory plan, on a line of its own
     if run.clips:  # the user's clips: one case (a padded batch when several), generation included
         names = tuple(name for name, _ in run.clips)
         cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
@@ -134,12 +146,13 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                   "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
                   "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
     try:
-        report = compare_report(
-            checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
-            device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
-            overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
-            reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
-        )
+        with steps:  # the last case's line; on an error, the case it stopped in
+            report = compare_report(
+                checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
+                device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
+                overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
+                reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
+            )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
     except ReferenceMismatch as err:  # another run's reference: the input is wrong, not the port
@@ -148,21 +161,20 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     code = VERDICT_EXIT[summary["verdict"]]
     if quiet:
         return code
-    print(render_terminal(report))
-    first = summary.get("first_divergence") or {}
-    verdict = summary["verdict"].upper() + (f" (first divergence: {first.get('name')} in {first.get('section')})"
-                                            if code == 1 else "")
-    if code == 4:
-        verdict += f" ({len(summary['unaccepted'])} planned check(s) not run: see 'not run' above)"
-    print(f"{verdict}: {summary['probes']} probes in {len(report['sections'])} sections", flush=True)
+    if verbosity >= 1:
+        print(render_terminal(report))
+    print(headline(report), flush=True)
+    if verbosity == 0:  # every planned check that did not run, with why (render_terminal has them under -v)
+        for line in not_run_lines(summary):
+            print(line)
     html_path, json_path = _write_outputs(
         [("--report", lambda p: write_html(report, p), run.report), ("--json", lambda p: write_json(report, p), run.json)],
-        verdict.split(" ")[0],
+        summary["verdict"].upper(),
     )
     print(f"report: {html_path}\njson: {json_path}")
     if run.save_captures is not None:
         print(f"captures: {run.save_captures}")
-    _progress("done", start)
+    _progress(f"done: {summary['probes']} probes in {len(report['sections'])} sections", start)
     return code
 
 
@@ -182,8 +194,15 @@ def run_diff(run: DiffRun) -> int:
     bound or stopped passing, a section stopped passing, a probe or section disappeared: parity.report_diff)."""
     import json
 
-    from parity.report_diff import diff_reports, render_diff_html, render_diff_terminal
+    from parity.report import upgrade
+    from parity.report_diff import (ReportFieldError, check_report_fields, diff_reports, render_diff_html,
+                                    render_diff_terminal)
 
+    for option, path, report in (("OLD", run.old_path, run.old), ("NEW", run.new_path, run.new)):
+        try:  # a hand-edited or truncated report: say which file and which field, before any output
+            check_report_fields(upgrade(report))
+        except ReportFieldError as err:
+            raise UsageError(f"{option} {path} is not a complete parity report JSON: {err}") from err
     diff = diff_reports(run.old, run.new, growth=run.growth)
     print(render_diff_terminal(diff), flush=True)
     verdict = diff["summary"]["verdict"]
@@ -204,7 +223,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def compare(args: argparse.Namespace) -> int:
-    return run_compare(check_compare_args(args))
+    return run_compare(check_compare_args(args), verbosity=args.verbose)
 
 
 def diff(args: argparse.Namespace) -> int:
@@ -281,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HTML report to write (default: %(default)s)")
     cmp.add_argument("--json", type=Path, default=Path("out/report.json"), metavar="FILE",
                      help="JSON report to write, the input of `diff` (default: %(default)s)")
+    cmp.add_argument("-v", "--verbose", action="count", default=0,
+                     help="-v: also the per-probe tables of every section and each progress message as it comes; "
+                          "-vv: also the libraries' own output (transformers' loading bars and warnings). Default: "
+                          "one line per input case as it finishes, the verdict line and where the reports went")
     cmp.add_argument("--save-captures", type=Path, default=None, metavar="DIR",
                      help="also save the HF reference's captures as safetensors in DIR (new or empty), to compare "
                           "against later, in another process or on another machine")
