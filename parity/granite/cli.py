@@ -30,7 +30,7 @@ from granite_speech.cli_errors import (
     version_string,
 )
 from granite_speech.config import VARIANTS
-from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args
+from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args, check_fixture_checkpoint
 from parity.granite.fixtures.family import FAMILY_VARIANTS
 
 MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family's
@@ -118,6 +118,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
         _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start)
         checkpoint = build_checkpoint(run.model, seed=run.seed)
     _progress(f"checkpoint {checkpoint}", start)
+    check_fixture_checkpoint(run, checkpoint)  # a cached fixture's shards, before any model loads
     if run.clips:  # the user's clips: one case (a padded batch when several), generation included
         names = tuple(name for name, _ in run.clips)
         cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
