@@ -342,15 +342,15 @@ def check_model_folder(folder, option: str = "--checkpoint") -> Path:
     return folder
 
 
-def check_utf8_path(path, option: str) -> None:
-    """A path the libraries below can open: safetensors and tokenizers take UTF-8 paths only (POSIX file names may
-    hold any bytes; Python keeps the others as lone surrogates)."""
+def check_utf8_path(path, option: str, reader: str = "safetensors and the tokenizer") -> None:
+    """A path `reader` can open: safetensors, tokenizers and transformers' load_audio take UTF-8 paths only (POSIX
+    file names may hold any bytes; Python keeps the others as lone surrogates)."""
     text = str(path)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise UsageError(f"{option} {printable(text)}: the path is not valid UTF-8; safetensors and the tokenizer "
-                         f"open UTF-8 paths only: rename (or link) it to a UTF-8 name") from None
+        raise UsageError(f"{option} {printable(text)}: the path is not valid UTF-8 (needed by {reader}); rename (or "
+                         f"link) it to a UTF-8 name") from None
 
 
 def _read_json_object(path: Path, required: bool = True):

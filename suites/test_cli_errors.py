@@ -108,6 +108,8 @@ class Assets:
         self.not_a_folder.write_text("x")
         self.fifo = audio / "pipe.wav"  # reading it would block until a writer comes: forever
         os.mkfifo(self.fifo)
+        self.non_utf8_clip = Path(os.fsdecode(os.fsencode(str(audio)) + b"/clip-\xff.flac"))
+        shutil.copy(CLIP, self.non_utf8_clip)
         self.loud_wav = _wav(audio / "loud.wav", noise[:16000] * 1e30, subtype="FLOAT")
         self.loud_edge_wav = _wav(audio / "loud-edge.wav", np.clip(noise[:16000] * 1e4, -999, 999), subtype="FLOAT")
 
@@ -296,7 +298,8 @@ CASES = [
          r"the adapter of \S*adapter-pickle holds only pickle weights \(adapter_model\.bin\)"),
     # ---- transcribe: checkpoint files the processor and the loader read (issue #24: tracebacks or late errors)
     Case("t-checkpoint-path-not-utf8", "transcribe", lambda a: _t(a, checkpoint=a.non_utf8_ckpt), 2,
-         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8; .* rename"),
+         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8 \(needed by safetensors and the tokenizer\); "
+         r"rename \(or link\) it to a UTF-8 name"),
     Case("t-tokenizer-not-json", "transcribe", lambda a: _t(a, checkpoint=a.tokenizer_not_json), 2,
          r"--checkpoint: \S+tokenizer-not-json/tokenizer\.json is not valid JSON"),
     Case("t-tokenizer-unreadable", "transcribe", lambda a: _t(a, checkpoint=a.tokenizer_unreadable), 2,
@@ -326,7 +329,7 @@ CASES = [
     Case("c-checkpoint-tensor-missing", "compare", lambda a: _c(a, "--checkpoint", a.missing_tensor), 2,
          r"missing-tensor does not fit its config\.json: .*in_proj\.key\.weight'\] missing"),
     Case("c-checkpoint-path-not-utf8", "compare", lambda a: _c(a, "--checkpoint", a.non_utf8_ckpt), 2,
-         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8"),
+         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8 \(needed by safetensors"),
     Case("c-preprocessor-rate-text", "compare", lambda a: _c(a, "--checkpoint", a.rate_text), 2,
          r"preprocessor_config\.json: feature extractor sampling_rate must be a positive int, got '16000'"),
     Case("t-max-new-tokens-over-the-context", "transcribe", lambda a: _t(a, "--max-new-tokens", "100000000000"), 2,
@@ -358,6 +361,9 @@ CASES = [
          r"pipe\.wav is a named pipe \(FIFO\), not a regular file; expected an audio file"),
     Case("c-audio-named-pipe", "compare", lambda a: _c(a, "--audio", a.fifo), 2,
          r"pipe\.wav is a named pipe \(FIFO\), not a regular file"),
+    Case("c-audio-name-not-utf8", "compare", lambda a: _c(a, "--audio", a.non_utf8_clip), 2,
+         r"--audio \S+/clip-\\xff\.flac: the path is not valid UTF-8 \(needed by the HF reference's audio "
+         r"loading \(transformers load_audio\)\)"),
     Case("t-audio-amplitude-1e30", "transcribe", lambda a: _t(a, clips=[a.loud_wav]), 2,
          r"loud\.wav has samples of amplitude [0-9.]+e\+(29|30), beyond \+-1000; expected samples in \[-1, 1\]"),
     Case("t-audio-bad-second-clip", "transcribe", lambda a: _t(a, clips=[CLIP, a.text_audio]), 2,

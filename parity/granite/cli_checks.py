@@ -23,6 +23,7 @@ from granite_speech.cli_errors import (
     check_output_file,
     check_output_folder,
     check_prompt,
+    check_utf8_path,
     one_line,
 )
 from parity.store import REFERENCE_FILE, ReferenceMismatch, read_fingerprint
@@ -178,6 +179,8 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
     checkpoint = None if args.checkpoint is None else check_model_folder(args.checkpoint)
     rate, audio_token, _, _ = _audio_config(checkpoint, model)
     prompt = check_prompt(args.prompt, audio_token)
+    for path in args.audio or ():  # FMS reads any POSIX name; the HF reference's load_audio opens UTF-8 paths only
+        check_utf8_path(path, "--audio", "the HF reference's audio loading (transformers load_audio)")
     clips: List[Tuple[str, torch.Tensor]] = [
         (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
     ]
