@@ -232,6 +232,9 @@ def _check_output_file(path: Path, option: str, example: str) -> Path:
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; expected a file path such as {path / Path(example).name}")
     if path.exists():
+        if path.is_fifo() or path.is_socket():  # opening it would block until a reader comes, or fail
+            raise UsageError(f"{option} {path} is a named pipe or socket; expected a regular file path such as "
+                             f"{example}")
         if not os.access(path, os.W_OK):
             raise UsageError(f"{option} {path} exists and is not writable")
         with open(path, "ab"):  # appends nothing: opening for writing is the test (EROFS, EACCES as root)

@@ -441,6 +441,8 @@ CASES = [
     Case("c-json-in-a-read-only-folder", "compare", lambda a: _c(a, "--json", a.read_only / "sub" / "r.json"), 2,
          r"--json \S+/read-only/sub/r\.json: cannot write in \S+/read-only \(permission denied\)",
          skip="running as root: a mode-555 folder is writable for root" if os.geteuid() == 0 else None),
+    Case("c-json-a-named-pipe", "compare", lambda a: _c(a, "--json", a.fifo), 2,
+         r"--json \S+/pipe\.wav is a named pipe or socket; expected a regular file path such as out/report\.json"),
     Case("c-report-same-as-json", "compare", lambda a: _c(a, "--report", a.out / "r", "--json", a.out / "r"), 2,
          r"--report and --json are both \S+; give them different paths"),
     Case("c-checkpoint-missing", "compare", lambda a: _c(a, "--checkpoint", a.missing_ckpt), 2,
