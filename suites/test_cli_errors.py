@@ -198,12 +198,12 @@ class Assets:
                    lambda c: c["text_config"].update(intermediate_size=2 * c["text_config"]["intermediate_size"]))
         self.other_member = self._copy("other-member")  # the tiny 4.1-plus config over 3.3 weights
         shutil.copy(REPO_ROOT / "parity/granite/fixtures/configs/tiny-plus.json", self.other_member / "config.json")
-        key = "language_model.model.layers.0.self_attn.k_proj.weight"
+        missing = "language_model.model.layers.0.self_attn.k_proj.weight"
         self.missing_tensor = self._copy("missing-tensor")
-        _edit_shard(self.missing_tensor, key, lambda t: t.pop(key))
+        _edit_shard(self.missing_tensor, missing, lambda t: t.pop(missing))
         self.int_weights = self._copy("int-weights")
-        _edit_shard(self.int_weights, "encoder.input_linear.weight",
-                    lambda t: t.update({"encoder.input_linear.weight": t["encoder.input_linear.weight"].to(torch.int8)}))
+        integer = "encoder.input_linear.weight"
+        _edit_shard(self.int_weights, integer, lambda t: t.update({integer: t[integer].to(torch.int8)}))
 
     def _copy(self, name: str) -> Path:
         return Path(shutil.copytree(self.good, self.root / "checkpoints" / name))
