@@ -1,11 +1,14 @@
 """`granite-speech transcribe --checkpoint DIR clip.flac ...` (also `python -m granite_speech transcribe`): feature
-extraction -> FMS generate -> decode, one line `clip<TAB>transcript` per clip.
+extraction -> FMS generate -> decode, one line `clip<TAB>transcript` per clip. A backslash, newline, carriage return
+or tab inside a clip's name or transcript is written as \\\\, \\n, \\r or \\t (and file-name bytes that are not UTF-8
+as \\xNN), so every clip stays one line.
 
 Every family member, by the checkpoint's config.json: the LLM members (3.3, 4.0-1b, 4.1-2b, 4.1-2b-plus) generate
 from the prompt; the CTC member (5.0-470m) has no prompt and no token budget: its features -> CTC logits -> greedy CTC
 decoding (`ctc5.transcribe`).
 
-Every input (checkpoint folder, audio files, prompt, device, dtype, token budget) is checked before the model loads;
+Every input (checkpoint folder, audio files, prompt, device, dtype, token budget: at most the text model's
+max_position_embeddings) is checked before the model loads;
 a bad one exits 2 with one line `error: ...`. Clips are down-mixed to mono and resampled to the model's rate (said on
 stderr). Rows of a batch end at their own eos, as with HF `generate`.
 """
@@ -25,11 +28,13 @@ from granite_speech.cli_errors import (
     adapter_warning,
     check_device,
     check_dtype,
+    check_feature_config,
     check_model_folder,
     check_prompt,
     exit_codes_epilog,
     one_line,
     positive_int,
+    printable,
     positive_seconds,
     run_main,
     version_string,
@@ -53,15 +58,39 @@ def build_prompt(tokenizer, instruction: str) -> str:
 
 
 def _audio_settings(folder: Path) -> tuple:
-    """(sampling rate, audio placeholder) from the folder's processor files, without building the processor."""
+    """(sampling rate, audio placeholder) from the folder's processor files (checked), without building the
+    processor."""
     import json
 
-    rate = json.loads((folder / "preprocessor_config.json").read_text()).get("sampling_rate", 16000)
+    rate = check_feature_config(folder).sampling_rate
     token = "<|audio|>"
     processor_config = folder / "processor_config.json"
     if processor_config.is_file():
         token = json.loads(processor_config.read_text()).get("audio_token") or token
-    return int(rate), token
+    return rate, token
+
+
+def max_new_tokens_bound(folder: Path) -> int:
+    """The most tokens `--max-new-tokens` may ask for: the text model's `max_position_embeddings` (the context it
+    was trained for: 131072 for granite-speech-3.3, 4096 for 4.x). Each generated token costs output and KV-cache
+    memory, so a larger budget is refused before the model loads rather than attempted (1e11 tokens would allocate
+    hundreds of GB for the output ids alone)."""
+    import json
+
+    text = json.loads((folder / "config.json").read_text()).get("text_config") or {}
+    limit = text.get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        from transformers import GraniteConfig
+
+        limit = GraniteConfig().max_position_embeddings  # what HF reads when config.json leaves it out
+    return limit
+
+
+def escape_transcript(text: str) -> str:
+    """One output field on one line: backslash, newline, carriage return and tab as \\\\, \\n, \\r, \\t (the
+    escapes of PostgreSQL's COPY text format); bytes of a file name that are not UTF-8 as \\xNN."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return printable(text)
 
 
 CTC_MEMBER = "granite_speech5_ctc"
@@ -121,8 +150,13 @@ def check_transcribe_inputs(
     folder = check_model_folder(checkpoint, opt("--checkpoint", "checkpoint"))
     member = _member(folder)
     rate, audio_token = _audio_settings(folder)
-    if member != CTC_MEMBER:  # the CTC model takes no prompt
+    if member != CTC_MEMBER:  # the CTC model takes no prompt and no token budget
         check_prompt(instruction, audio_token)
+        bound = max_new_tokens_bound(folder)
+        if max_new_tokens > bound:
+            raise UsageError(f"{opt('--max-new-tokens', 'max_new_tokens')} {max_new_tokens} is over this model's "
+                             f"context: expected at most {bound} (text_config.max_position_embeddings of "
+                             f"{printable(folder / 'config.json')})")
     audio = [read_audio(Path(clip), rate, max_seconds=max_audio_seconds, notify=notify) for clip in clips]
     if member == CTC_MEMBER:
         if requested == "fast":
@@ -147,7 +181,7 @@ def _run_ctc_transcription(job: TranscribeJob, notify: Callable[[str], None]) ->
         model = get_model("hf_pretrained", model_path=str(job.checkpoint), device_type=job.device.type,
                           data_type=job.dtype).to(job.device).eval()
     except CheckpointCoverageError as err:
-        raise UsageError(f"checkpoint {job.checkpoint} does not fit its config.json: {one_line(err)}") from err
+        raise UsageError(load_error(job.checkpoint, err)) from err
     texts = ctc5.transcribe(model, processor, job.audio, device=job.device)
     for name, text in zip(job.names, texts):
         if not text.strip():
@@ -170,8 +204,17 @@ def run_transcription(job: TranscribeJob, notify: Callable[[str], None] = _stder
     try:
         model = load_model(job.checkpoint, dtype=job.dtype, device=job.device)
     except CheckpointCoverageError as err:
-        raise UsageError(f"checkpoint {job.checkpoint} does not fit its config.json: {one_line(err)}") from err
+        raise UsageError(load_error(job.checkpoint, err)) from err
     return transcribe_loaded(model, processor, job, notify)
+
+
+def load_error(folder: Path, err: Exception) -> str:
+    """The one line for a checkpoint the load refused: its values (NaN / Inf weights) or its fit to config.json."""
+    from granite_speech.checkpoint.coverage import CheckpointValuesError
+
+    if isinstance(err, CheckpointValuesError):
+        return f"checkpoint {printable(folder)} holds weights that cannot be used: {one_line(err)}"
+    return f"checkpoint {printable(folder)} does not fit its config.json: {one_line(err)}"
 
 
 def transcribe_loaded(model, processor, job: TranscribeJob, notify: Callable[[str], None] = _stderr) -> List[str]:
@@ -261,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user instruction, with <|audio|> exactly once where the clip goes; the checkpoint's chat "
                          "template wraps it (default: %(default)r)")
     tr.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
-                    help="at most N generated tokens per clip, each clip stopping at its own end-of-text "
-                         "(default: %(default)s)")
+                    help="at most N generated tokens per clip, each clip stopping at its own end-of-text; N is at "
+                         "most the model's text_config.max_position_embeddings (default: %(default)s)")
     tr.add_argument("--device", default=None, metavar="DEVICE",
                     help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     tr.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -283,7 +326,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     )
     texts = run_transcription(job)
     for name, text in zip(job.names, texts):
-        print(f"{name}\t{text}")
+        print(f"{escape_transcript(name)}\t{escape_transcript(text)}")
     return 0
 
 

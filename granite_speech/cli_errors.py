@@ -96,9 +96,16 @@ def run_main(body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
 
 
 def one_line(err: BaseException) -> str:
-    """The message of an error on one line (multi-line messages are joined with '; ')."""
+    """The message of an error on one line (multi-line messages are joined with '; '). Bytes of a file name that
+    are not UTF-8 (lone surrogates in Python's text) are shown as backslash escapes, so the line can be printed."""
     text = str(err).strip() or type(err).__name__
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "; ".join(re.sub(r"^\s*-\s+", "", part).strip() for part in text.splitlines() if part.strip())
+
+
+def printable(text: str) -> str:
+    """Text with non-UTF-8 file-name bytes (lone surrogates) as backslash escapes: safe to print on any stream."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------------------------- argparse types
@@ -204,39 +211,75 @@ def _first_existing_ancestor(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
             return candidate
-    return Path(".")
+    return Path(".").resolve()
 
 
 def check_output_file(path, option: str, example: str) -> Path:
-    """An output file path that can be written: not a folder, its folder creatable and writable. Nothing is
-    created here."""
+    """An output file path that can be written: not a folder, its folder creatable and writable, every name within
+    the file system's length limit. Probed, not assumed (root passes permission bits, not a read-only or virtual
+    file system): a temporary file is created and removed in the nearest existing folder. Nothing else is made."""
     path = Path(path).expanduser()
     if str(path) in ("", "."):
         raise UsageError(f"{option} is empty; expected a file path such as {example}")
+    try:
+        return _check_output_file(path, option, example)
+    except OSError as err:  # ENAMETOOLONG from a stat, EROFS / EACCES from the probe
+        raise UsageError(f"{option} {printable(path)} cannot be written ({err.strerror or err}); expected a "
+                         f"writable file path such as {example}") from None
+
+
+def _check_output_file(path: Path, option: str, example: str) -> Path:
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; expected a file path such as {path / Path(example).name}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{option} {path} exists and is not writable")
+    if path.exists():
+        if path.is_fifo() or path.is_socket():  # opening it would block until a reader comes, or fail
+            raise UsageError(f"{option} {path} is a named pipe or socket; expected a regular file path such as "
+                             f"{example}")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{option} {path} exists and is not writable")
+        with open(path, "ab"):  # appends nothing: opening for writing is the test (EROFS, EACCES as root)
+            pass
+        return path
     ancestor = _first_existing_ancestor(path.parent)
     if not ancestor.is_dir():
         raise UsageError(f"{option} {path}: {ancestor} is a file, so the folder {path.parent} cannot be made")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+    _probe_names(path, ancestor, option)
     return path
 
 
+def _probe_names(path: Path, ancestor: Path, option: str) -> None:
+    """The names still to be created under `ancestor` fit the file system, and a file can be created there."""
+    import tempfile
+
+    limit = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    new_parts = path.relative_to(ancestor).parts if path.is_absolute() == ancestor.is_absolute() else path.parts
+    for part in new_parts:
+        if len(os.fsencode(part)) > limit:
+            raise UsageError(f"{option} {printable(path)}: the name {printable(part)[:40]}... is "
+                             f"{len(os.fsencode(part))} bytes, over this file system's limit of {limit}")
+    with tempfile.TemporaryFile(dir=ancestor):  # a read-only or virtual file system refuses this
+        pass
+
+
 def check_output_folder(path, option: str) -> Path:
-    """A folder to write into: new, or existing and empty."""
+    """A folder to write into: new, or existing and empty (probed as check_output_file probes)."""
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{option} {path} is a file; expected a folder (new or empty)")
-    if path.is_dir() and any(path.iterdir()):
-        raise UsageError(f"{option} {path} is not empty; expected a new or empty folder (files there would mix)")
-    ancestor = _first_existing_ancestor(path)
-    if not ancestor.is_dir():
-        raise UsageError(f"{option} {path}: {ancestor} is a file, so the folder cannot be made")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {path} is a file; expected a folder (new or empty)")
+        if path.is_dir() and any(path.iterdir()):
+            raise UsageError(f"{option} {path} is not empty; expected a new or empty folder (files there would mix)")
+        ancestor = _first_existing_ancestor(path)
+        if not ancestor.is_dir():
+            raise UsageError(f"{option} {path}: {ancestor} is a file, so the folder cannot be made")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+        _probe_names(path, ancestor, option)
+    except OSError as err:
+        raise UsageError(f"{option} {printable(path)} cannot be written ({err.strerror or err}); expected a "
+                         f"writable folder (new or empty)") from None
     return path
 
 
@@ -265,31 +308,89 @@ def check_prompt(prompt: str, audio_token: str = "<|audio|>") -> str:
 def check_model_folder(folder, option: str = "--checkpoint") -> Path:
     """A checkpoint folder the CLIs can run: weight files (safetensors only), config.json consistent with FMS's
     config rules, adapter config, tokenizer and feature-extractor files. UsageError naming what is wrong."""
-    import json
-
     from granite_speech.checkpoint.files import check_checkpoint_folder, check_processor_files
+
+    check_utf8_path(folder, option)
     try:
         folder = check_checkpoint_folder(folder)
         check_processor_files(folder)
         for name in ("config.json", "adapter_config.json", "preprocessor_config.json", "processor_config.json",
-                     "tokenizer_config.json"):
-            path = folder / name
-            if path.is_file():
-                try:
-                    json.loads(path.read_text())
-                except ValueError as err:
-                    raise ValueError(f"{path} is not valid JSON ({err})") from err
+                     "tokenizer_config.json", "tokenizer.json"):
+            _read_json_object(folder / name, required=False)
     except (OSError, ValueError) as err:
         raise UsageError(f"{option}: {one_line(err)}") from err
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's type checks of config fields
+    except ImportError:  # pragma: no cover  (older huggingface_hub: transformers 4.57 raises ValueError / TypeError)
+        StrictDataclassError = ValueError
     try:
         from granite_speech.members import check_member_config
 
         check_member_config(folder)  # config.json (+ adapter_config.json) of its family member: checked, not loaded
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # malformed files, not bugs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as err:  # malformed files
         message = one_line(err)
         where = "" if str(folder) in message else f"{folder / 'config.json'}: "
         raise UsageError(f"{option}: {where}{message}") from err
+    check_feature_config(folder, option)
+    try:  # the tensors' names, dtypes and shapes against the model of this config, from the safetensors headers
+        from granite_speech.checkpoint.preflight import check_folder_before_loading
+
+        check_folder_before_loading(folder)
+    except (OSError, ValueError) as err:  # CheckpointCoverageError, CheckpointDtypeError: ValueErrors
+        from granite_speech.checkpoint.preflight import CheckpointDtypeError
+
+        what = "holds weights that cannot be loaded" if isinstance(err, CheckpointDtypeError) else \
+            "does not fit its config.json"
+        raise UsageError(f"{option}: checkpoint {folder} {what}: {one_line(err)}") from err
     return folder
+
+
+def check_utf8_path(path, option: str, reader: str = "safetensors and the tokenizer") -> None:
+    """A path `reader` can open: safetensors, tokenizers and transformers' load_audio take UTF-8 paths only (POSIX
+    file names may hold any bytes; Python keeps the others as lone surrogates)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option} {printable(text)}: the path is not valid UTF-8 (needed by {reader}); rename (or "
+                         f"link) it to a UTF-8 name") from None
+
+
+def _read_json_object(path: Path, required: bool = True):
+    """The JSON object of `path`; ValueError naming the file when it is unreadable, not JSON or not an object."""
+    import json
+
+    if not required and not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror})") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object ({{...}})")
+    return data
+
+
+def check_feature_config(folder: Path, option: str = "--checkpoint"):
+    """The feature extractor's settings of the folder's family member (preprocessor_config.json), built as the
+    processor will build them: the checked config (its `sampling_rate` a whole number > 0)."""
+    from granite_speech.members import member_of_folder
+
+    try:
+        if member_of_folder(folder) == "granite_speech5_ctc":
+            from granite_speech.features5 import GraniteSpeech5FeatureConfig as Config, read_feature_config
+        else:
+            from granite_speech.features import GraniteSpeechFeatureConfig as Config, read_feature_config
+        data = read_feature_config(folder)
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}; expected a JSON object ({{...}})")
+        return Config.from_dict(data)
+    except (OSError, ValueError, TypeError) as err:
+        message = one_line(err)
+        where = "" if "preprocessor_config.json" in message else f"{folder / 'preprocessor_config.json'}: "
+        raise UsageError(f"{option}: {where}{message}") from err
 
 
 def adapter_warning(folder: Path, lora_mode: str = "merged") -> Optional[str]:

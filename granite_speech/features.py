@@ -66,6 +66,9 @@ class GraniteSpeechFeatureConfig:
         values = {}
         for name in ("sampling_rate", "n_fft", "win_length", "hop_length", "n_mels"):
             flat, nested = config.pop(name, None), melspec.pop(name, None)
+            for value in (flat, nested):  # the type first: '16000' != 16000 would read as a conflict
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"feature extractor {name} must be a positive int, got {value!r}")
             if flat is not None and nested is not None and flat != nested:
                 raise ValueError(f"feature extractor config gives {name}={flat} but melspec_kwargs gives {nested}")
             if flat is not None or nested is not None:

@@ -395,3 +395,96 @@ def test_cli_missing_checkpoint_folder(tmp_path, capsys):
     assert code == 2
     assert f"checkpoint folder {missing} does not exist" in err, err[-2000:]
     assert "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------- get_model (#24)
+class WeightsRead(BaseException):
+    """FMS started reading weights: a BaseException, so no `except Exception` in between can swallow it."""
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    from fms.utils import serialization
+
+    def tripwire(*args, **kwargs):
+        raise WeightsRead("FMS read the weights before the input was refused")
+
+    monkeypatch.setattr(serialization, "load_state_dict_into_model", tripwire)
+
+
+def test_get_model_on_a_missing_folder_names_it(tmp_path, no_weight_reads):
+    # was: the hub's repo-id validation error (nothing is fetched: model_path is a local folder)
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(FileNotFoundError, match=rf"model_path {missing} does not exist; expected a local Hugging Face "
+                                                rf"checkpoint folder \(nothing is fetched from the hub\)"):
+        get_model("hf_pretrained", model_path=str(missing))
+
+
+def test_get_model_on_a_file_says_it_is_not_a_folder(tiny_checkpoint, no_weight_reads):
+    # was: "... holds only pickle weights (config.json)"
+    config = tiny_checkpoint / "config.json"
+    with pytest.raises(NotADirectoryError, match=rf"model_path {config} is a file, not a folder; expected the Hugging "
+                                                 rf"Face checkpoint folder that holds it \({tiny_checkpoint}\)"):
+        get_model("hf_pretrained", model_path=str(config))
+
+
+@pytest.mark.parametrize("data_type", ["int8", torch.int64, torch.bool])
+def test_get_model_with_an_integer_dtype_is_a_value_error(tiny_checkpoint, no_weight_reads, data_type):
+    # was: a TypeError from torch.set_default_dtype
+    with pytest.raises(ValueError, match=r"data_type torch\.(int8|int64|bool) is not supported by granite_speech: "
+                                         r"expected a floating-point dtype \(torch\.float32, torch\.bfloat16, "
+                                         r"torch\.float16, torch\.float64\)"):
+        get_model("hf_pretrained", model_path=str(tiny_checkpoint), data_type=data_type)
+
+
+def _fit_member_config(folder: Path) -> None:
+    shutil.copy(Path(__file__).resolve().parents[1] / "parity/granite/fixtures/configs/tiny-plus.json",
+                folder / "config.json")
+
+
+@pytest.mark.parametrize(
+    "edit, error, message",
+    [
+        pytest.param(lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(
+            intermediate_size=2 * c["text_config"]["intermediate_size"])), CheckpointCoverageError,
+            r"(?s)shape mismatch .*layers\.0\.ff_sub_layer\.w2\.weight: checkpoint \[64, 128\], model \[64, 256\]",
+            id="shape-mismatch"),
+        pytest.param(lambda f: _edit_safetensors(_shard_of(f, "language_model.model.layers.1.mlp.down_proj.weight"),
+                                                 lambda t: t.pop("language_model.model.layers.1.mlp.down_proj.weight")),
+                     CheckpointCoverageError, r"1 model tensors missing from the checkpoint: "
+                     r"\['language_model\.base_model\.layers\.1\.ff_sub_layer\.w2\.weight'\]", id="missing-tensor"),
+        pytest.param(_fit_member_config, CheckpointCoverageError, r"(shape mismatch|does not match the model)",
+                     id="config-of-another-member"),
+        pytest.param(lambda f: _edit_safetensors(_shard_of(f, "encoder.input_linear.weight"), lambda t: t.update(
+            {"encoder.input_linear.weight": t["encoder.input_linear.weight"].to(torch.uint8)})), ValueError,
+            r"1 weight tensor\(s\) are not floating point: encoder\.input_linear\.weight \(U8, in model-\S+\); "
+            r"expected F16, BF16, F32, F64", id="integer-dtype"),
+        pytest.param(lambda f: _edit_json(f / "config.json", lambda c: c["encoder_config"].update(num_layers=0)),
+                     ValueError, r"encoder_config\.num_layers=0 is not supported .*supported: a whole number >= 1",
+                     id="zero-encoder-layers"),
+    ],
+)
+def test_checkpoint_and_config_disagreeing_raise_before_any_weight_is_read(ckpt_copy, no_weight_reads, edit, error,
+                                                                           message):
+    """Checks that came only after every weight was read (the coverage audit in post_init) run on the safetensors
+    headers: the same adapter steps and audit, on meta tensors."""
+    edit(ckpt_copy)
+    with pytest.raises(error, match=message):
+        get_model("hf_pretrained", model_path=str(ckpt_copy))
+
+
+def test_nan_weights_are_named_at_load(ckpt_copy):
+    key = "language_model.model.layers.1.self_attn.o_proj.weight"
+    _edit_safetensors(_shard_of(ckpt_copy, key), lambda t: t[key].__setitem__((0, 3), float("inf")))
+    with pytest.raises(ValueError, match=r"tensor language_model\.base_model\.layers\.1\.attn\.dense\.weight \(FMS "
+                                         r"name\) holds 1 NaN/Inf value\(s\), the first at index \[0, 3\]"):
+        load_model(ckpt_copy)
+
+
+def test_the_finite_check_passes_large_finite_weights(ckpt_copy):
+    """Its control: the fast path (a non-finite sum) overflows on huge finite weights; the exact test lets them
+    load."""
+    key = "language_model.model.layers.1.self_attn.o_proj.weight"
+    _edit_safetensors(_shard_of(ckpt_copy, key), lambda t: t[key].fill_(3e38))
+    model = load_model(ckpt_copy)
+    assert float(model.language_model.base_model.layers[1].attn.dense.weight.detach().max()) == pytest.approx(3e38)

@@ -54,6 +54,16 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def _edit_shard(folder: Path, key: str, edit) -> None:
+    """Edit the tensors of the shard holding `key` (the index is left as it is)."""
+    from safetensors.torch import save_file
+
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(str(shard))
+    edit(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
 def _pickle_only(src: Path, dst: Path) -> Path:
     """The checkpoint with its weights as pytorch_model.bin + adapter_model.bin (what transformers wrote before
     safetensors): every loader must refuse it before reading a byte of pickle."""
@@ -97,6 +107,12 @@ class Assets:
         self.stereo_44k = _wav(audio / "stereo-44k.wav", np.stack([noise, 0.5 * noise], axis=1), rate=44100)
         self.not_a_folder = audio / "file.txt"
         self.not_a_folder.write_text("x")
+        self.fifo = audio / "pipe.wav"  # reading it would block until a writer comes: forever
+        os.mkfifo(self.fifo)
+        self.non_utf8_clip = Path(os.fsdecode(os.fsencode(str(audio)) + b"/clip-\xff.flac"))
+        shutil.copy(CLIP, self.non_utf8_clip)
+        self.loud_wav = _wav(audio / "loud.wav", noise[:16000] * 1e30, subtype="FLOAT")
+        self.loud_edge_wav = _wav(audio / "loud-edge.wav", np.clip(noise[:16000] * 1e4, -999, 999), subtype="FLOAT")
 
         ckpt = root / "checkpoints"
         ckpt.mkdir()
@@ -123,6 +139,10 @@ class Assets:
         _edit_json(self.ia3 / "adapter_config.json", lambda c: c.update(peft_type="IA3"))
         self.adapter_config_only = self._copy("adapter-config-only")
         (self.adapter_config_only / "adapter_model.safetensors").unlink()
+        self._bad_processor_files()
+        self._bad_tensors()
+        self.non_utf8_ckpt = Path(os.fsdecode(os.fsencode(str(ckpt)) + b"/ckpt-\xfe"))  # a name POSIX allows
+        shutil.copytree(os.fsencode(str(tiny)), os.fsencode(str(self.non_utf8_ckpt)))
         self.adapter_pickle = self._copy("adapter-pickle")
         adapter = self.adapter_pickle / "adapter_model.safetensors"
         torch.save(load_file(str(adapter)), self.adapter_pickle / "adapter_model.bin")
@@ -150,6 +170,9 @@ class Assets:
             {"title": "clip", "summary": {"verdict": "pass"}, "result": {"probes": [{"name": "logits",
                                                                                      "propagated": {}}]}}]}))
         self.out = root / "out"
+        self.read_only = root / "read-only"
+        self.read_only.mkdir()
+        self.read_only.chmod(0o555)
         self.full_folder = root / "full"
         self.full_folder.mkdir()
         (self.full_folder / "keep.txt").write_text("x")
@@ -165,6 +188,36 @@ class Assets:
         fms = Captures("fms")
         fms.put("encoder.input_linear", torch.zeros(2, 3))
         fms.save(self.captures_fms / "hf_captures.safetensors")
+
+    def _bad_processor_files(self):
+        self.tokenizer_not_json = self._copy("tokenizer-not-json")
+        (self.tokenizer_not_json / "tokenizer.json").write_text("{ not json")
+        self.tokenizer_unreadable = self._copy("tokenizer-unreadable")
+        (self.tokenizer_unreadable / "tokenizer.json").chmod(0)
+        for name, edit in (("rate-text", lambda c: c.update(sampling_rate="16000")),
+                           ("rate-zero", lambda c: c.update(sampling_rate=0))):
+            setattr(self, name.replace("-", "_"), self._copy(name))
+            _edit_json(getattr(self, name.replace("-", "_")) / "preprocessor_config.json", edit)
+        self.preprocessor_list = self._copy("preprocessor-list")
+        (self.preprocessor_list / "preprocessor_config.json").write_text("[16000]")
+
+    def _bad_tensors(self):
+        """Checkpoints whose config.json and tensors disagree: every one is refused from the headers alone."""
+        self.config_text_number = self._copy("config-text-number")
+        _edit_json(self.config_text_number / "config.json", lambda c: c["text_config"].update(hidden_size="64"))
+        self.layers_negative = self._copy("layers-negative")
+        _edit_json(self.layers_negative / "config.json", lambda c: c["text_config"].update(num_hidden_layers=-1))
+        self.shape_mismatch = self._copy("shape-mismatch")
+        _edit_json(self.shape_mismatch / "config.json",
+                   lambda c: c["text_config"].update(intermediate_size=2 * c["text_config"]["intermediate_size"]))
+        self.other_member = self._copy("other-member")  # the tiny 4.1-plus config over 3.3 weights
+        shutil.copy(REPO_ROOT / "parity/granite/fixtures/configs/tiny-plus.json", self.other_member / "config.json")
+        missing = "language_model.model.layers.0.self_attn.k_proj.weight"
+        self.missing_tensor = self._copy("missing-tensor")
+        _edit_shard(self.missing_tensor, missing, lambda t: t.pop(missing))
+        self.int_weights = self._copy("int-weights")
+        integer = "encoder.input_linear.weight"
+        _edit_shard(self.int_weights, integer, lambda t: t.update({integer: t[integer].to(torch.int8)}))
 
     def _copy(self, name: str) -> Path:
         return Path(shutil.copytree(self.good, self.root / "checkpoints" / name))
@@ -191,8 +244,10 @@ def no_models(monkeypatch):
     def tripwire(*args, **kwargs):
         raise ModelLoaded(f"a model was loaded before the input was refused: {args} {kwargs}")
 
+    from fms.utils import serialization
+
     for module, name in ((checkpoint, "load_model"), (loading, "load_model"), (hf, "load_hf_model"),
-                         (fixtures, "build_checkpoint")):
+                         (fixtures, "build_checkpoint"), (serialization, "load_state_dict_into_model")):
         monkeypatch.setattr(module, name, tripwire)
     monkeypatch.setattr(torch, "load", tripwire)
 
@@ -255,6 +310,45 @@ CASES = [
          r"has adapter_config\.json but no adapter_model\.safetensors"),
     Case("t-adapter-pickle-only", "transcribe", lambda a: _t(a, checkpoint=a.adapter_pickle), 2,
          r"the adapter of \S*adapter-pickle holds only pickle weights \(adapter_model\.bin\)"),
+    # ---- transcribe: checkpoint files the processor and the loader read (issue #24: tracebacks or late errors)
+    Case("t-checkpoint-path-not-utf8", "transcribe", lambda a: _t(a, checkpoint=a.non_utf8_ckpt), 2,
+         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8 \(needed by safetensors and the tokenizer\); "
+         r"rename \(or link\) it to a UTF-8 name"),
+    Case("t-tokenizer-not-json", "transcribe", lambda a: _t(a, checkpoint=a.tokenizer_not_json), 2,
+         r"--checkpoint: \S+tokenizer-not-json/tokenizer\.json is not valid JSON"),
+    Case("t-tokenizer-unreadable", "transcribe", lambda a: _t(a, checkpoint=a.tokenizer_unreadable), 2,
+         r"\S+tokenizer-unreadable/tokenizer\.json cannot be read \(Permission denied\)",
+         skip="running as root: chmod 000 does not stop root reading" if os.geteuid() == 0 else None),
+    Case("t-preprocessor-rate-text", "transcribe", lambda a: _t(a, checkpoint=a.rate_text), 2,
+         r"rate-text/preprocessor_config\.json: feature extractor sampling_rate must be a positive int, got '16000'"),
+    Case("t-preprocessor-rate-zero", "transcribe", lambda a: _t(a, checkpoint=a.rate_zero), 2,
+         r"rate-zero/preprocessor_config\.json: feature extractor sampling_rate must be a positive int, got 0"),
+    Case("t-preprocessor-a-list", "transcribe", lambda a: _t(a, checkpoint=a.preprocessor_list), 2,
+         r"preprocessor-list/preprocessor_config\.json holds a JSON list; expected a JSON object"),
+    Case("t-config-text-for-a-number", "transcribe", lambda a: _t(a, checkpoint=a.config_text_number), 2,
+         r"config-text-number/config\.json: .*'hidden_size'.* expected int, got str \(value: '64'\)"),
+    Case("t-config-layers-negative", "transcribe", lambda a: _t(a, checkpoint=a.layers_negative), 2,
+         r"layers-negative/config\.json: text_config\.num_hidden_layers=-1 is not supported .* supported: a whole "
+         r"number >= 1"),
+    Case("t-tensor-shape-mismatch", "transcribe", lambda a: _t(a, checkpoint=a.shape_mismatch), 2,
+         r"shape-mismatch does not fit its config\.json: shape mismatch .*\.layers\.0\.ff_sub_layer\.w2\.weight: "
+         r"checkpoint \[\d+, \d+\], model \[\d+, \d+\]"),
+    Case("t-tensor-missing", "transcribe", lambda a: _t(a, checkpoint=a.missing_tensor), 2,
+         r"missing-tensor does not fit its config\.json: .*layers\.0\.attn\.in_proj\.key\.weight'\] missing"),
+    Case("t-config-of-another-member", "transcribe", lambda a: _t(a, checkpoint=a.other_member), 2,
+         r"other-member does not fit its config\.json: (shape mismatch|checkpoint does not match the model)"),
+    Case("t-tensor-integer-dtype", "transcribe", lambda a: _t(a, checkpoint=a.int_weights), 2,
+         r"int-weights holds weights that cannot be loaded: 1 weight tensor\(s\) are not floating point: "
+         r"encoder\.input_linear\.weight \(I8, in model-\S+\.safetensors\); expected F16, BF16, F32, F64"),
+    Case("c-checkpoint-tensor-missing", "compare", lambda a: _c(a, "--checkpoint", a.missing_tensor), 2,
+         r"missing-tensor does not fit its config\.json: .*in_proj\.key\.weight'\] missing"),
+    Case("c-checkpoint-path-not-utf8", "compare", lambda a: _c(a, "--checkpoint", a.non_utf8_ckpt), 2,
+         r"--checkpoint \S+/ckpt-\\xfe: the path is not valid UTF-8 \(needed by safetensors"),
+    Case("c-preprocessor-rate-text", "compare", lambda a: _c(a, "--checkpoint", a.rate_text), 2,
+         r"preprocessor_config\.json: feature extractor sampling_rate must be a positive int, got '16000'"),
+    Case("t-max-new-tokens-over-the-context", "transcribe", lambda a: _t(a, "--max-new-tokens", "100000000000"), 2,
+         r"--max-new-tokens 100000000000 is over this model's context: expected at most 4096 "
+         r"\(text_config\.max_position_embeddings of \S+config\.json\)"),
     # ---- transcribe: audio
     Case("t-audio-missing", "transcribe", lambda a: _t(a, clips=[a.missing_audio]), 2,
          r"no such audio file: \S*missing\.flac"),
@@ -277,6 +371,15 @@ CASES = [
     Case("t-audio-too-long", "transcribe", lambda a: _t(a, "--max-audio-seconds", "1.5", clips=[a.two_seconds]), 2,
          r"two-seconds\.wav is 2\.0 s long, over the 1\.5 s limit; split it, or raise the limit with "
          r"--max-audio-seconds"),
+    Case("t-audio-named-pipe", "transcribe", lambda a: _t(a, clips=[a.fifo]), 2,
+         r"pipe\.wav is a named pipe \(FIFO\), not a regular file; expected an audio file"),
+    Case("c-audio-named-pipe", "compare", lambda a: _c(a, "--audio", a.fifo), 2,
+         r"pipe\.wav is a named pipe \(FIFO\), not a regular file"),
+    Case("c-audio-name-not-utf8", "compare", lambda a: _c(a, "--audio", a.non_utf8_clip), 2,
+         r"--audio \S+/clip-\\xff\.flac: the path is not valid UTF-8 \(needed by the HF reference's audio "
+         r"loading \(transformers load_audio\)\)"),
+    Case("t-audio-amplitude-1e30", "transcribe", lambda a: _t(a, clips=[a.loud_wav]), 2,
+         r"loud\.wav has samples of amplitude [0-9.]+e\+(29|30), beyond \+-1000; expected samples in \[-1, 1\]"),
     Case("t-audio-bad-second-clip", "transcribe", lambda a: _t(a, clips=[CLIP, a.text_audio]), 2,
          r"notes\.wav is not a readable audio file"),
     # ---- transcribe: options
@@ -344,6 +447,16 @@ CASES = [
          r"--json \S+ is a folder; expected a file path such as \S+/report\.json"),
     Case("c-report-under-a-file", "compare", lambda a: _c(a, "--report", a.not_a_folder / "r.html"), 2,
          r"--report \S+: \S*file\.txt is a file, so the folder \S+ cannot be made"),
+    Case("c-report-name-too-long", "compare", lambda a: _c(a, "--report", a.out / ("r" * 300 + ".html")), 2,
+         r"--report \S+/r{300}\.html cannot be written \(File name too long\)|the name r+\.\.\. is 305 bytes"),
+    Case("c-json-on-a-virtual-file-system", "compare", lambda a: _c(a, "--json", "/proc/granite-speech/r.json"), 2,
+         r"--json /proc/granite-speech/r\.json cannot be written \(",
+         skip=None if Path("/proc/self").is_dir() else "no /proc here"),
+    Case("c-json-in-a-read-only-folder", "compare", lambda a: _c(a, "--json", a.read_only / "sub" / "r.json"), 2,
+         r"--json \S+/read-only/sub/r\.json: cannot write in \S+/read-only \(permission denied\)",
+         skip="running as root: a mode-555 folder is writable for root" if os.geteuid() == 0 else None),
+    Case("c-json-a-named-pipe", "compare", lambda a: _c(a, "--json", a.fifo), 2,
+         r"--json \S+/pipe\.wav is a named pipe or socket; expected a regular file path such as out/report\.json"),
     Case("c-report-same-as-json", "compare", lambda a: _c(a, "--report", a.out / "r", "--json", a.out / "r"), 2,
          r"--report and --json are both \S+; give them different paths"),
     Case("c-checkpoint-missing", "compare", lambda a: _c(a, "--checkpoint", a.missing_ckpt), 2,
@@ -673,12 +786,30 @@ def test_real_entry_point_bad_input_is_one_line(assets):
         pytest.param("short_wav", {}, r"is too short: 100 samples", id="too-short"),
         pytest.param("nan_wav", {}, r"contains 2 NaN/Inf samples", id="nan"),
         pytest.param("two_seconds", {"max_seconds": 1.0}, r"is 2\.0 s long, over the 1 s limit", id="too-long"),
+        pytest.param("fifo", {}, r"is a named pipe \(FIFO\), not a regular file", id="named-pipe"),
+        pytest.param("loud_wav", {}, r"has samples of amplitude \S+, beyond \+-1000", id="amplitude-1e30"),
     ],
 )
 def test_read_audio_refuses(assets, path, kwargs, message):
     with pytest.raises(AudioInputError, match=message) as excinfo:
         read_audio(getattr(assets, path), 16000, **kwargs)
     assert isinstance(excinfo.value, ValueError) and "\n" not in str(excinfo.value)
+
+
+def test_read_audio_accepts_loud_audio_within_the_bound(assets):
+    """The control of the amplitude bound: float samples up to +-999 (clipping headroom of a float file) load."""
+    audio = read_audio(assets.loud_edge_wav, 16000)
+    assert 990 < float(audio.abs().max()) <= 999
+
+
+def test_read_audio_reads_a_file_name_that_is_not_utf8(assets, tmp_path):
+    """POSIX file names are bytes: one that is not UTF-8 is read (through its bytes), and named with escapes."""
+    name = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/clip-\xff.wav"))
+    shutil.copy(assets.one_second, name)
+    notes = []
+    audio = read_audio(name, 8000, notify=notes.append)
+    torch.testing.assert_close(audio, read_audio(assets.one_second, 8000, notify=lambda _: None), rtol=0, atol=0)
+    assert notes == [f"{tmp_path}/clip-\\xff.wav: resampling 16000 Hz -> 8000 Hz"]
 
 
 @pytest.mark.parametrize("max_seconds", [-1, 0, float("nan"), "600"])
@@ -710,6 +841,9 @@ def test_read_audio_down_mixes_and_resamples_and_says_so(assets):
         pytest.param({"clips": []}, r"no audio clips given", id="no-clips"),
         pytest.param({"dtype": torch.float64}, r"dtype 'float64' is not supported", id="dtype"),
         pytest.param({"clips": ["text_audio"]}, r"is not a readable audio file", id="audio"),
+        pytest.param({"max_new_tokens": 10**11}, r"max_new_tokens 100000000000 is over this model's context: "
+                     r"expected at most 4096", id="max-new-tokens-over-the-context"),
+        pytest.param({"clips": ["fifo"]}, r"is a named pipe", id="named-pipe"),
     ],
 )
 def test_transcribe_api_refuses_before_loading(assets, no_models, kwargs, message):
@@ -854,3 +988,72 @@ def test_a_bad_fixture_cache_bound_is_a_usage_error_before_any_build(bad, monkey
     assert main(["compare"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {CACHE_MAX_ENV} must be a positive number") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- issue #24, item 3
+def test_transcripts_and_names_stay_one_line_per_clip(assets, tmp_path, monkeypatch, capsys):
+    """A transcript holding a newline (or a tab, or a backslash) broke `clip<TAB>transcript`, one line per clip; a
+    clip name that is not UTF-8 was a traceback on print (exit 3). Both are escaped (backslash escapes)."""
+    import granite_speech.__main__ as speech
+
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/clip-\xff.flac"))
+    shutil.copy(CLIP, odd)
+    monkeypatch.setattr(speech, "run_transcription", lambda job: ["one\ntwo", "a\\n is\ttwo\rchars"])
+    assert speech.main(["transcribe", "--checkpoint", str(assets.good), str(odd), str(CLIP)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{tmp_path}/clip-\\xff.flac\tone\\ntwo\n{CLIP}\ta\\\\n is\\ttwo\\rchars\n"
+
+
+def test_a_fixture_cache_that_is_a_file_is_refused_before_any_build(assets, no_models, monkeypatch, capsys):
+    from parity.granite.cli import main
+    from parity.granite.fixtures import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(assets.not_a_folder))
+    assert main(["compare", "--json", str(assets.out / "c.json"), "--report", str(assets.out / "c.html")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {CACHE_ENV}={assets.not_a_folder} is a file; expected a folder (new or existing) for the "
+                   f"seeded fixture checkpoints\n")
+
+
+def test_a_damaged_cached_fixture_is_named_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """A cached fixture whose shard was truncated after it was built (a full disk): the shard is named and the fix
+    said, before either model loads (was: a traceback, exit 3)."""
+    import granite_speech.checkpoint.loading as loading
+    import parity.granite.hf as hf
+    from fms.utils import serialization
+
+    from parity.granite.cli import main
+    from parity.granite.fixtures import CACHE_ENV
+
+    cached = build_checkpoint("tiny")
+    copy = Path(shutil.copytree(cached, tmp_path / "cache" / cached.name))
+    shard = copy / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded("a model was loaded before the damaged fixture was named")
+
+    for module, name in ((loading, "load_model"), (hf, "load_hf_model"), (serialization, "load_state_dict_into_model")):
+        monkeypatch.setattr(module, name, tripwire)
+    assert main(["compare", "--json", str(tmp_path / "c.json"), "--report", str(tmp_path / "c.html")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: the cached fixture checkpoint {copy} is damaged: {shard.name} in {copy} is "
+                            f"truncated or corrupt"), error
+    assert error.endswith("delete that folder and run again (it is rebuilt)"), error
+
+
+def test_nan_weights_are_named_at_load_not_an_empty_transcript(assets, tmp_path, capsys):
+    """NaN in a weight gave exit 0 and an 'empty transcript' warning: the tensor is named at load (exit 2)."""
+    from granite_speech.__main__ import main
+
+    folder = Path(shutil.copytree(assets.good, tmp_path / "nan-weights"))
+    _edit_shard(folder, "encoder.input_linear.weight",
+                lambda t: t["encoder.input_linear.weight"].__setitem__((1, 2), float("nan")))
+    assert main(["transcribe", "--checkpoint", str(folder), str(CLIP)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines()[-1] == (
+        f"error: checkpoint {folder} holds weights that cannot be used: tensor encoder.input_linear.weight (FMS name) "
+        f"holds 1 NaN/Inf value(s), the first at index [1, 2]; expected finite weights (is the checkpoint damaged, or "
+        f"saved from a diverged run?)")

@@ -109,6 +109,17 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+def _whole_positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def size(note: str, example: Any) -> Rule:
+    """A mapped layer count or dimension: a whole number >= 1 (0 or -1 layers would build a model the checkpoint's
+    tensors cannot fill, and fail only after every weight was read)."""
+    return mapped(note, _whole_positive, "a whole number >= 1", example=example,
+                  reason="a count or dimension of the model")
+
+
 _NONE_OR_EMPTY = "unset (null or empty)"
 _GENERATION = irrelevant("generation default read by HF generate(); FMS generation takes its own arguments")
 _OUTPUT = irrelevant("selects which outputs HF returns, not their values")
@@ -195,8 +206,8 @@ TOP_RULES: Dict[str, Rule] = {
     "audio_token_index": mapped("audio_token_index", example=7),
     "audio_token_id": mapped("audio_token_index (alias)", example=7),
     "has_lora_adapter": irrelevant("HF only warns when peft is missing; the adapter is adapter_config.json's"),
-    "downsample_rate": mapped("projector_config.downsample_rate", example=3),
-    "window_size": mapped("projector_config.window_size", example=30),
+    "downsample_rate": size("projector_config.downsample_rate", example=3),
+    "window_size": size("projector_config.window_size", example=30),
     # 5.10+ ties on this flag, 4.57 on text_config's; a checkpoint's lm_head decides which one wrote it
     "tie_word_embeddings": mapped("text_config.tie_heads (with text_config.tie_word_embeddings and whether the "
                                   "checkpoint holds an lm_head)"),
@@ -205,32 +216,32 @@ TOP_RULES: Dict[str, Rule] = {
 
 ENCODER_RULES: Dict[str, Rule] = {
     "model_type": _model_type("granite_speech_encoder"),
-    "input_dim": mapped("encoder_config.input_dim", example=80),
-    "num_layers": mapped("encoder_config.nlayers", example=3),
-    "hidden_dim": mapped("encoder_config.emb_dim", example=512),
+    "input_dim": size("encoder_config.input_dim", example=80),
+    "num_layers": size("encoder_config.nlayers", example=3),
+    "hidden_dim": size("encoder_config.emb_dim", example=512),
     "feedforward_mult": mapped("encoder_config.hidden_grow_factor", example=2),
-    "num_heads": mapped("encoder_config.nheads", example=2),
-    "dim_head": mapped("encoder_config.head_dim", example=64),
-    "output_dim": mapped("encoder_config.output_dim", example=348),
-    "context_size": mapped("encoder_config.context_size", example=20),
-    "max_pos_emb": mapped("encoder_config.max_pos_emb", example=256),
+    "num_heads": size("encoder_config.nheads", example=2),
+    "dim_head": size("encoder_config.head_dim", example=64),
+    "output_dim": size("encoder_config.output_dim", example=348),
+    "context_size": size("encoder_config.context_size", example=20),
+    "max_pos_emb": size("encoder_config.max_pos_emb", example=256),
     "dropout": mapped("encoder_config.p_dropout (inactive at inference)", example=0.2),
-    "conv_kernel_size": mapped("encoder_config.conv_kernel_size", example=8),
-    "conv_expansion_factor": mapped("encoder_config.conv_expansion_factor", example=1),
+    "conv_kernel_size": size("encoder_config.conv_kernel_size", example=8),
+    "conv_expansion_factor": size("encoder_config.conv_expansion_factor", example=1),
 }
 
 PROJECTOR_RULES: Dict[str, Rule] = {
     "model_type": _model_type("blip_2_qformer"),
-    "hidden_size": mapped("projector_config.emb_dim", example=512),
-    "num_hidden_layers": mapped("projector_config.nlayers", example=3),
-    "num_attention_heads": mapped("projector_config.nheads", example=8),
-    "intermediate_size": mapped("projector_config.hidden_dim", example=1024),
+    "hidden_size": size("projector_config.emb_dim", example=512),
+    "num_hidden_layers": size("projector_config.nlayers", example=3),
+    "num_attention_heads": size("projector_config.nheads", example=8),
+    "intermediate_size": size("projector_config.hidden_dim", example=1024),
     "hidden_act": _activation("projector_config.activation_fn"),
     "hidden_dropout_prob": mapped("projector_config.p_dropout (inactive at inference)", example=0.2),
     "attention_probs_dropout_prob": _DROPOUT_OFF,
     "layer_norm_eps": mapped("projector_config.layer_norm_eps", example=1e-6),
-    "cross_attention_frequency": mapped("projector_config.cross_attention_frequency", example=2),
-    "encoder_hidden_size": mapped("projector_config.encoder_dim", example=512),
+    "cross_attention_frequency": size("projector_config.cross_attention_frequency", example=2),
+    "encoder_hidden_size": size("projector_config.encoder_dim", example=512),
     "max_position_embeddings": irrelevant("the Q-Former's position embeddings exist only with text input "
                                           "(use_qformer_text_input, refused)"),
     "vocab_size": irrelevant("the Q-Former's word embeddings exist only with text input (use_qformer_text_input, "
@@ -287,16 +298,16 @@ def _check_partial_rotary(path: str, value: Any) -> List[Tuple[str, Any]]:
 
 TEXT_RULES: Dict[str, Rule] = {
     "model_type": _model_type("granite"),
-    "vocab_size": mapped("text_config.src_vocab_size", example=1000),
-    "hidden_size": mapped("text_config.emb_dim", example=512),
-    "intermediate_size": mapped("text_config.hidden_grow_factor (= intermediate_size / hidden_size, multiple_of 1)",
+    "vocab_size": size("text_config.src_vocab_size", example=1000),
+    "hidden_size": size("text_config.emb_dim", example=512),
+    "intermediate_size": size("text_config.hidden_grow_factor (= intermediate_size / hidden_size, multiple_of 1)",
                                 example=777),
-    "num_hidden_layers": mapped("text_config.nlayers", example=3),
-    "num_attention_heads": mapped("text_config.nheads", example=8),
-    "num_key_value_heads": mapped("text_config.kvheads (must divide num_attention_heads)", example=1),
+    "num_hidden_layers": size("text_config.nlayers", example=3),
+    "num_attention_heads": size("text_config.nheads", example=8),
+    "num_key_value_heads": size("text_config.kvheads (must divide num_attention_heads)", example=1),
     "head_dim": mapped("text_config.head_dim (HF reads it when present, else hidden_size // heads)", example=32),
     "hidden_act": _activation("text_config.activation_fn"),
-    "max_position_embeddings": mapped("text_config.max_expected_seq_len: the initial RoPE table; longer sequences "
+    "max_position_embeddings": size("text_config.max_expected_seq_len: the initial RoPE table; longer sequences "
                                       "grow it, as HF computes RoPE for any position", example=77),
     "rms_norm_eps": mapped("text_config.norm_eps", example=1e-3),
     "pad_token_id": mapped("text_config.pad_id (nn.Embedding padding_idx: gradients only)", example=3),

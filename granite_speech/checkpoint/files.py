@@ -15,11 +15,14 @@ import json
 from pathlib import Path
 from typing import List, Union
 
+import torch
+
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ARCHITECTURE = "granite_speech"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CheckpointFormatError(ValueError):
@@ -66,8 +69,11 @@ def check_weight_files(path: Union[str, Path]) -> List[Path]:
             _check_readable(shard, root)
         return files
     if root.is_file():
-        if root.suffix != ".safetensors":
+        if root.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(str(root), [root.name])
+        if root.suffix != ".safetensors":
+            raise CheckpointFormatError(f"{root} is neither a folder nor a *.safetensors file; expected a checkpoint "
+                                        f"folder (or one of its safetensors files)")
         _check_readable(root, root.parent)
         return [root]
     if not root.is_dir():
@@ -127,35 +133,70 @@ def check_processor_files(folder: Union[str, Path]) -> Path:
 
 # ---------------------------------------------------------------------------------------------- the FMS guard
 _INFER = "__maybe_infer_model_variant"  # fms.models: resolves architecture/variant/model_path/source first
+_BUILD = "_get_model_instance"  # fms.models: builds the model (meta device, data_type) before the weights load
+FAMILY_ARCHITECTURES = ("granite_speech", "granite_speech_plus", "granite_speech5")
 
 
 def install_fms_guard() -> None:
-    """Make `fms.models.get_model` refuse non-safetensors weights for `granite_speech` before reading them.
+    """Make `fms.models.get_model` check a Granite Speech checkpoint before reading any weight.
 
     FMS 1.13's `get_model` calls, in order: the architecture resolver (`__maybe_infer_model_variant`), then
-    `serialization.load_state_dict` (which globs `*.bin` and `torch.load`s it when no safetensors exist), then the
-    model factory. The resolver is the one step that sees both the architecture and the weight path before any read,
-    so it is wrapped here (idempotently); for other architectures it behaves exactly as before."""
+    `serialization.load_state_dict` (which globs `*.bin` and `torch.load`s it when no safetensors exist), then
+    `_get_model_instance` (the model on the meta device, in `data_type`), then the weights. The resolver is the one
+    step that sees both the architecture and the weight path before any read, so it is wrapped here (idempotently):
+    for the family's architectures it refuses anything but safetensors (`check_weight_files`) and runs the
+    weight-coverage audit on the safetensors headers (`preflight`); `model_path` of `hf_pretrained` must be a local
+    folder (FMS reads it as one; a missing one would otherwise be looked up on the hub as a repo id). The model
+    builder is wrapped to refuse a non-floating `data_type` for the family with a ValueError. Other architectures
+    are untouched."""
     import fms.models as fms_models
 
     original = fms_models.__dict__.get(_INFER)
-    if original is None:
+    build = fms_models.__dict__.get(_BUILD)
+    if original is None or build is None:
         raise ImportError(
-            f"fms.models has no {_INFER} (ibm-fms {getattr(fms_models, '__version__', '?')}): the safetensors-only "
-            f"guard of granite_speech cannot be installed; this package is pinned to ibm-fms 1.13.1"
+            f"fms.models has no {_INFER} / {_BUILD} (ibm-fms {getattr(fms_models, '__version__', '?')}): the "
+            f"safetensors-only guard of granite_speech cannot be installed; this package is pinned to ibm-fms 1.13.1"
         )
     if getattr(original, "_granite_speech_guard", False):
         return
 
     def guarded(architecture, variant, model_path, source, **kwargs):
+        if architecture == "hf_pretrained" and variant is None and model_path is not None:
+            check_local_folder(model_path)
         resolved = original(architecture, variant, model_path, source, **kwargs)
-        if resolved[0] == ARCHITECTURE and resolved[2] is not None:
-            check_weight_files(resolved[2])
+        if resolved[0] in FAMILY_ARCHITECTURES and resolved[2] is not None:
+            from granite_speech.checkpoint.preflight import check_headers_cover_model
+
+            files = check_weight_files(resolved[2])
+            check_headers_cover_model(resolved[0], resolved[1], resolved[3], resolved[4], files)
         return resolved
+
+    def guarded_build(architecture, variant, *, dtype=None, **kwargs):
+        if architecture in FAMILY_ARCHITECTURES and dtype is not None and not (
+                isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"data_type {dtype} is not supported by {architecture}: expected a floating-point dtype "
+                             f"({', '.join(map(str, SUPPORTED_DTYPES))})")
+        return build(architecture, variant, dtype=dtype, **kwargs)
 
     guarded._granite_speech_guard = True
     guarded.__wrapped__ = original
+    guarded_build.__wrapped__ = build
     setattr(fms_models, _INFER, guarded)
+    setattr(fms_models, _BUILD, guarded_build)
+
+
+def check_local_folder(model_path) -> Path:
+    """`get_model("hf_pretrained", model_path=...)` reads a local folder, never the hub: a missing path is a
+    FileNotFoundError and a file a NotADirectoryError (both OSError), each naming the path."""
+    folder = Path(str(model_path)).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model_path {folder} does not exist; expected a local Hugging Face checkpoint folder "
+                                f"(nothing is fetched from the hub)")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"model_path {folder} is a file, not a folder; expected the Hugging Face checkpoint "
+                                 f"folder that holds it ({folder.parent})")
+    return folder
 
 
 install_fms_guard()

@@ -30,7 +30,7 @@ from granite_speech.cli_errors import (
     version_string,
 )
 from granite_speech.config import VARIANTS
-from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args
+from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args, check_fixture_checkpoint
 from parity.granite.fixtures.family import FAMILY_VARIANTS
 
 MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family's
@@ -129,6 +129,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                   step=f"checkpoint: seeded {run.model} (built or reused)")
         checkpoint = build_checkpoint(run.model, seed=run.seed)
     _progress(f"checkpoint {checkpoint}", start)
+    check_fixture_checkpoint(run, checkpoint)  # a cached fixture's shards, before any model loads
     steps.finish()  # before any note of the memory plan, on a line of its own
     if run.clips:  # the user's clips: one case (a padded batch when several), generation included
         names = tuple(name for name, _ in run.clips)

@@ -5,6 +5,7 @@ checked, typed runs; the CLI then hands those to the run (`cli.run_compare`, `cl
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -17,10 +18,12 @@ from granite_speech.cli_errors import (
     check_device,
     check_distinct_outputs,
     check_dtype,
+    check_feature_config,
     check_model_folder,
     check_output_file,
     check_output_folder,
     check_prompt,
+    check_utf8_path,
     one_line,
 )
 from parity.store import REFERENCE_FILE, ReferenceMismatch, read_fingerprint
@@ -79,8 +82,7 @@ def _audio_config(checkpoint: Optional[Path], model: str) -> Tuple[int, str, int
         projector = VARIANTS[model].projector_config
         return DEFAULT_SAMPLING_RATE, "<|audio|>", projector.window_size, projector.downsample_rate
     config = json.loads((checkpoint / "config.json").read_text())
-    rate = json.loads((checkpoint / "preprocessor_config.json").read_text()).get("sampling_rate",
-                                                                                 DEFAULT_SAMPLING_RATE)
+    rate = check_feature_config(checkpoint).sampling_rate  # checked: a whole number > 0
     token = "<|audio|>"
     if (checkpoint / "processor_config.json").is_file():
         token = json.loads((checkpoint / "processor_config.json").read_text()).get("audio_token") or token
@@ -121,13 +123,40 @@ def check_reference_captures(folder: Path, option: str = "--reference-captures")
 
 
 def check_fixture_cache_limit() -> None:
-    """The fixture cache's bound (an environment variable) read now, not when the fixture is built after the checks."""
-    from parity.granite.fixtures import cache_limit_bytes
+    """The fixture cache's bound (an environment variable) read now, not when the fixture is built after the checks;
+    and its folder (GRANITE_SPEECH_FIXTURE_CACHE) one the fixture can be written in."""
+    from parity.granite.fixtures import CACHE_ENV, cache_limit_bytes, default_cache_dir
 
     try:
         cache_limit_bytes()
     except ValueError as err:
         raise UsageError(one_line(err)) from err
+    cache = default_cache_dir()
+    try:
+        if cache.exists() and not cache.is_dir():
+            raise UsageError(f"{CACHE_ENV}={cache} is a file; expected a folder (new or existing) for the seeded "
+                             f"fixture checkpoints")
+        if not cache.exists():
+            check_output_folder(cache, CACHE_ENV)
+        elif not os.access(cache, os.W_OK | os.X_OK):
+            raise UsageError(f"{CACHE_ENV}={cache}: cannot write in it (permission denied)")
+    except OSError as err:
+        raise UsageError(f"{CACHE_ENV}={cache} cannot be used ({err.strerror or err}); expected a writable folder")\
+            from None
+
+
+def check_fixture_checkpoint(run: "CompareRun", checkpoint: Path) -> None:
+    """A seeded fixture taken from the cache is checked before a model loads: a shard truncated or deleted since
+    it was built (a full disk, an interrupted copy) is named, with the fix. A --checkpoint was checked already."""
+    from granite_speech.checkpoint.files import check_checkpoint_folder
+
+    if run.checkpoint is not None:
+        return
+    try:
+        check_checkpoint_folder(checkpoint)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"the cached fixture checkpoint {checkpoint} is damaged: {one_line(err)}; delete that "
+                         f"folder and run again (it is rebuilt)") from err
 
 
 def check_compare_args(args: argparse.Namespace) -> CompareRun:
@@ -150,6 +179,8 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
     checkpoint = None if args.checkpoint is None else check_model_folder(args.checkpoint)
     rate, audio_token, _, _ = _audio_config(checkpoint, model)
     prompt = check_prompt(args.prompt, audio_token)
+    for path in args.audio or ():  # FMS reads any POSIX name; the HF reference's load_audio opens UTF-8 paths only
+        check_utf8_path(path, "--audio", "the HF reference's audio loading (transformers load_audio)")
     clips: List[Tuple[str, torch.Tensor]] = [
         (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
     ]
