@@ -637,13 +637,10 @@ def test_default_compare_output_is_one_line_per_case_then_the_verdict(compare_re
     steps = [m.group(1) for m in map(re.compile(r"^  (.+)  \d+\.\d s$").match, err) if m]
     assert steps == ["checkpoint: seeded tiny (built or reused)"] + [c.name for c in default_cases()], err
     notes = [line for line in err if not re.match(r"^  (.+)  \d+\.\d s$", line)]
-    # at most the built-in stereo clip's two notes, until the pipeline reads it silently (the xfail below)
-    assert len(notes) <= 2 and all("stereo-44k.wav: " in n for n in notes), err
+    assert notes == [], err  # the built-in stereo clip is read without a note
     assert len(out) + len(err) <= len(default_cases()) + 7
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's one-line change in parity/granite/pipeline.py "
-                                       "_audio_rows: read_audio(..., notify=...) silent for the built-in clips")
 def test_the_built_in_stereo_clip_is_read_without_a_note(compare_reports):
     """The built-in stereo clip's down-mix / resample note read like a warning about the user's file."""
     _, _, _, errs = compare_reports
