@@ -65,10 +65,13 @@ def _options(session: dict) -> dict:
     ({"--model": "2b"}, ["session", "unmarked"]),  # real size on the CPU: the tiny-untied test repeats the gate
     ({"--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked"]),
     ({"--model": "tiny", "--dtype": "bfloat16"}, ["session", "unmarked"]),  # fp32 on the CPU is the gate's
-    ({"--model": "4.1-2b-plus", "--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked"]),
+    # a family member: the 3.3 session model's tests are left out (the family suites run the member)
+    ({"--model": "4.1-2b-plus", "--device": "cuda"}, ["fixed_size_session_device", "unmarked"]),
+    ({"--model": "4.1-2b-plus", "--checkpoint": "/models/plus"}, ["session", "unmarked"]),
     ({**GPU_GATE, "--keep-cpu-gate-tests": True}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device",
                                                     "session", "unmarked"]),
-], ids=["cpu-gate", "gpu-gate", "2b-on-cpu", "tiny-on-cuda", "tiny-bf16", "plus-on-cuda", "kept-on-request"])
+], ids=["cpu-gate", "gpu-gate", "2b-on-cpu", "tiny-on-cuda", "tiny-bf16", "plus-on-cuda", "plus-checkpoint",
+        "kept-on-request"])
 def test_deselection_keeps_what_depends_on_the_options(options, kept):
     config, items = Config(**_options(options)), _items()
     deselect_cpu_gate_repeats(config, items)
@@ -85,6 +88,16 @@ def test_the_reason_names_the_scope_and_the_gate():
     assert "not coverage of these options" in reason
     assert cpu_gate_repeat_reason(Config(**GPU_GATE), Item("x", "session").marker) is None
     assert cpu_gate_repeat_reason(Config(**GPU_GATE), None) is None
+
+
+def test_a_family_member_leaves_out_the_session_models_tests_and_says_why():
+    from parity.granite.plugin import family_member_reason
+
+    config = Config(**{"--model": "5.0-470m", "--device": "cuda"})
+    reason = family_member_reason(config, Item("x", "session").marker)
+    assert "--model 5.0-470m is a family member" in reason and "test_family_" in reason
+    assert family_member_reason(config, Item("x", "tiny-untied", dtype="float32").marker) is None
+    assert family_member_reason(Config(**GPU_GATE), Item("x", "session").marker) is None
 
 
 def test_the_cpu_gate_is_tiny_on_the_cpu_in_fp32_without_a_checkpoint():

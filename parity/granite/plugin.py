@@ -376,10 +376,23 @@ def cpu_gate_repeat_reason(config, marker) -> Optional[str]:
             f"(pytest suites/ --model tiny), which runs it; not coverage of these options")
 
 
+def family_member_reason(config, marker) -> Optional[str]:
+    """Why a test on the session's 3.3 model is left out when --model names a family member (no --checkpoint): the
+    3.3 suites' fixtures build 3.3 checkpoints only; the family suites (test_family_*) run that member."""
+    model = config.getoption("--model")
+    if marker is None or model not in FAMILY_VARIANTS or config.getoption("--checkpoint"):
+        return None
+    if (marker.args[0] if marker.args else marker.kwargs.get("size", "session")) != "session":
+        return None
+    return (f"runs on the session's 3.3 model, and --model {model} is a family member: its own suites "
+            f"(suites/test_family_*.py) run it at these options")
+
+
 def deselect_cpu_gate_repeats(config, items) -> None:
     left_out, kept = {}, []
     for item in items:
-        reason = cpu_gate_repeat_reason(config, item.get_closest_marker("runs_at"))
+        marker = item.get_closest_marker("runs_at")
+        reason = family_member_reason(config, marker) or cpu_gate_repeat_reason(config, marker)
         if reason is None:
             kept.append(item)
         else:
@@ -395,7 +408,8 @@ def pytest_terminal_summary_cpu_gate(terminalreporter, config):  # a second one,
     left_out = config.stash.get(_LEFT_OUT, {})
     if not left_out:
         return
-    terminalreporter.write_sep("-", "deselected: repeats of the CPU gate (--keep-cpu-gate-tests runs them)")
+    terminalreporter.write_sep("-", "deselected, each with its reason (--keep-cpu-gate-tests runs the CPU gate's "
+                                    "repeats)")
     for reason, nodeids in sorted(left_out.items()):
         terminalreporter.write_line(f"{len(nodeids)} test(s): {reason}")
         terminalreporter.write_line("    " + ", ".join(sorted({nodeid.split("::")[0] for nodeid in nodeids})))
