@@ -1,6 +1,6 @@
 """The folder tree is the data flow: the engine (`parity/` top level) knows no model family and no transformers;
-the model family (`granite_speech/`) knows nothing of the harness; the glue (`parity/granite/`, `parity/granite_lm.py`)
-is the only place they meet; no import cycles. Checked on the source (every import statement, lazy ones included)."""
+the model family (`granite_speech/`) knows nothing of the harness; the glues (`parity/granite/`, `parity/granite_lm.py`,
+`parity/fms_arch/` for every FMS architecture) are the only places they meet; no import cycles. Checked on the source (every import statement, lazy ones included)."""
 
 import ast
 from pathlib import Path
@@ -12,7 +12,7 @@ from granite_speech.config import VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.runs_at("no-model", device="cpu", dtype="float32")  # source and configs only
 PACKAGES = ("granite_speech", "parity")
-GLUE = ("parity.granite", "parity.granite_lm")
+GLUE = ("parity.granite", "parity.granite_lm", "parity.fms_arch")
 ENGINE_FORBIDDEN = ("transformers", "granite_speech", "fms", "peft") + GLUE
 
 
