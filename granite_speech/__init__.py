@@ -7,7 +7,11 @@ Importing this package registers the `granite_speech` architecture (variants `ti
 `get_model("hf_pretrained", model_path=DIR)` and `get_model("granite_speech", "2b", model_path=DIR, source="hf")` work.
 """
 
-from granite_speech.config import (
+from granite_speech.torch_pair import check_torch_pair
+
+check_torch_pair()  # before transformers (via the imports below) loads torchaudio
+
+from granite_speech.config import (  # noqa: E402
     ConformerConfig,
     GraniteSpeechConfig,
     QFormerProjectorConfig,

@@ -3,7 +3,7 @@
 Every renderer, `ParityResult.passed`, the CLI's exit code and the pytest plugin read the verdict computed here from
 the plain records (a probe as `ProbeResult.to_dict()` writes it, a section's extras, the run's list of checks that
 did not run), so a report re-read from JSON gets the same verdict as the run that wrote it. The rules, in the order
-a probe is judged (README "How to read a verdict" gives each one's measured basis):
+a probe is judged (docs/verdict.md "How to read a verdict" gives each one's measured basis):
 
   gate     the propagated comparison is not `pass`: outside the dtype table's tolerance (16-bit: and beyond 8x
            HF's own rounding error, `parity.diff.FLOOR_GATE`), non-finite where the other side is finite, another

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from parity.granite.cli import main as parity_main
+from parity.granite.fixtures import SPEECH_DIR
 from parity.granite.plugin import early_launch, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
 
-CLIP = Path(__file__).resolve().parents[1] / "parity" / "granite" / "fixtures" / "speech" / "9002-102-0000.flac"
+CLIP = SPEECH_DIR / "9002-102-0000.flac"
 
 # each planted bug replaces one attribute (module, name) in every rank by `replacement`, defined by the source
 # (which sees the attribute's `original`) for one `compare` run, then puts the original back

@@ -103,7 +103,7 @@ def by_name(names: Sequence[str]) -> List[Mutant]:
 
 def _tree(workdir: Path) -> Path:
     """A mini checkout: parity/ (to mutate), granite_speech/, the suites, the pytest configuration, results/."""
-    for name in ("parity", "granite_speech", "suites"):
+    for name in ("parity", "granite_speech", "suites", "fixtures"):  # fixtures/: the data parity's builders read
         shutil.copytree(REPO_ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("conftest.py", "pyproject.toml"):
         shutil.copy2(REPO_ROOT / name, workdir / name)

@@ -149,6 +149,8 @@ class Snapshot:
         self.parity_path = root / "harness"  # on PYTHONPATH: holds parity/ only, so granite_speech never comes from it
         shutil.copytree(PACKAGE_DIR, self.package, ignore=_IGNORE)
         shutil.copytree(REPO_ROOT / "parity", self.parity_path / "parity", ignore=_IGNORE)
+        # the fixtures' data, where the copy of parity/granite/fixtures/paths.py looks (the checkout's fixtures/)
+        shutil.copytree(REPO_ROOT / "fixtures", self.parity_path / "fixtures", ignore=_IGNORE)
         shutil.copytree(REPO_ROOT / "suites", root / "suites", ignore=_IGNORE)
         for name in ("conftest.py", "pyproject.toml"):
             shutil.copy2(REPO_ROOT / name, root / name)
