@@ -333,9 +333,7 @@ def check_model_folder(folder, option: str = "--checkpoint") -> Path:
         raise UsageError(f"{option}: {where}{message}") from err
     check_feature_config(folder, option)
     try:  # the tensors' names, dtypes and shapes against the model of this config, from the safetensors headers
-        from granite_speech.checkpoint.preflight import check_folder_before_loading
-
-        check_folder_before_loading(folder)
+        _check_folder_before_loading(folder)
     except (OSError, ValueError) as err:  # CheckpointCoverageError, CheckpointDtypeError: ValueErrors
         from granite_speech.checkpoint.preflight import CheckpointDtypeError
 
@@ -419,3 +417,15 @@ def _declares_no_adapter(folder: Path) -> bool:
 
     config = json.loads((Path(folder) / "config.json").read_text())
     return config.get("has_lora_adapter") is False or ("encoder_config" in config and "text_config" not in config)
+
+
+def _check_folder_before_loading(folder: Path) -> None:
+    """What `get_model("hf_pretrained", model_path=folder)` checks before it reads a weight (config audit, weight
+    files, the safetensors header audit of `checkpoint.preflight`), run on its own: FMS's resolver step, as
+    `checkpoint.files.install_fms_guard` wraps it."""
+    import fms.models as fms_models
+
+    import granite_speech  # noqa: F401  (registers every member's architecture, adapter and HF config mapping)
+    from granite_speech.checkpoint.files import _INFER
+
+    fms_models.__dict__[_INFER]("hf_pretrained", None, str(folder), None)

@@ -39,7 +39,7 @@ from fms.utils.activation import str_to_activation
 from fms.utils.config import ModelConfig
 
 from granite_speech import family
-from granite_speech.checkpoint import coverage
+from granite_speech.checkpoint import coverage, preflight
 
 _LINEAR_INIT_STD = 0.02  # HF initializer_range
 FEATURES_PER_MEL_BIN = 4  # each mel bin and its delta, two frames stacked (see features5)
@@ -632,6 +632,11 @@ def _audit_loaded_checkpoint(model: GraniteSpeech5ForCTC) -> None:
         return
     tied = {"head.weight", "head.bias"} if model.config.tie_heads else set()  # HF writes no ctc_head when tied
     coverage.raise_problems(coverage.coverage_problems(seen, model, tied))
+
+
+# the header audit (`preflight`) audits a meta model of this member with this audit, then drops its BatchNorm stash
+preflight.MEMBER_AUDITS["granite_speech5"] = (_audit_loaded_checkpoint,
+                                              lambda model: _FP32_BATCH_NORM.pop(id(model.config), None))
 
 
 _STEPS = {

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from parity.granite.fixtures.paths import CONFIGS_DIR
 import torch
 from fms.models import get_model
 from safetensors.torch import load_file, save_file
@@ -438,7 +440,7 @@ def test_get_model_with_an_integer_dtype_is_a_value_error(tiny_checkpoint, no_we
 
 
 def _fit_member_config(folder: Path) -> None:
-    shutil.copy(Path(__file__).resolve().parents[1] / "parity/granite/fixtures/configs/tiny-plus.json",
+    shutil.copy(CONFIGS_DIR / "tiny-plus.json",
                 folder / "config.json")
 
 

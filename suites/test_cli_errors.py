@@ -25,6 +25,8 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import pytest
+
+from parity.granite.fixtures.paths import CONFIGS_DIR
 import soundfile
 import torch
 from safetensors.torch import load_file
@@ -211,7 +213,7 @@ class Assets:
         _edit_json(self.shape_mismatch / "config.json",
                    lambda c: c["text_config"].update(intermediate_size=2 * c["text_config"]["intermediate_size"]))
         self.other_member = self._copy("other-member")  # the tiny 4.1-plus config over 3.3 weights
-        shutil.copy(REPO_ROOT / "parity/granite/fixtures/configs/tiny-plus.json", self.other_member / "config.json")
+        shutil.copy(CONFIGS_DIR / "tiny-plus.json", self.other_member / "config.json")
         missing = "language_model.model.layers.0.self_attn.k_proj.weight"
         self.missing_tensor = self._copy("missing-tensor")
         _edit_shard(self.missing_tensor, missing, lambda t: t.pop(missing))

@@ -53,12 +53,9 @@ def check_dtypes(headers: Dict[str, Tuple[str, Tuple[int, ...], Path]]) -> None:
         )
 
 
-def _audit_for(architecture: str) -> Callable[[torch.nn.Module], None]:
-    if architecture == "granite_speech5":
-        from granite_speech import ctc5
-
-        return ctc5._audit_loaded_checkpoint
-    return coverage.audit_loaded_checkpoint
+# architecture -> (its weight-coverage audit, the cleanup after auditing a meta model), for members whose audit is
+# not `coverage.audit_loaded_checkpoint`: registered by the member's module (the CTC member: granite_speech.ctc5)
+MEMBER_AUDITS: Dict[str, Tuple[Callable[[torch.nn.Module], None], Callable[[torch.nn.Module], None]]] = {}
 
 
 def check_headers_cover_model(architecture: str, variant: str, source: str, extra_args: dict,
@@ -75,23 +72,10 @@ def check_headers_cover_model(architecture: str, variant: str, source: str, extr
     for key, (dtype, shape, _) in headers.items():
         state[key] = torch.empty(shape, dtype=FLOAT_DTYPES.get(dtype, torch.int64), device="meta")
     adapter = serialization._get_adapter(architecture, source)
+    audit, cleanup = MEMBER_AUDITS.get(architecture, (coverage.audit_loaded_checkpoint, lambda model: None))
     try:
         adapter(state, model_config=model.config)
-        _audit_for(architecture)(model)
+        audit(model)
     finally:
         coverage.close_ledger(model)  # a meta model's ledger (and a CTC model's BatchNorm stash) must not linger
-        if architecture == "granite_speech5":
-            from granite_speech import ctc5
-
-            ctc5._FP32_BATCH_NORM.pop(id(model.config), None)
-
-
-def check_folder_before_loading(folder: Union[str, Path]) -> None:
-    """What `get_model("hf_pretrained", model_path=folder)` checks before it reads a weight (config audit, weight
-    files, this module's header audit), run on its own: FMS's resolver step, as `files.install_fms_guard` wraps it."""
-    import fms.models as fms_models
-
-    import granite_speech  # noqa: F401  (registers every member's architecture, adapter and HF config mapping)
-    from granite_speech.checkpoint.files import _INFER
-
-    fms_models.__dict__[_INFER]("hf_pretrained", None, str(folder), None)
+        cleanup(model)

@@ -11,7 +11,6 @@ or input error (one `error:` line, before any model loads), 3 internal error, 4 
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -131,20 +130,11 @@ def run_compare(args) -> int:
     if arch.refused:
         print(f"{arch.name}: refused: {arch.refused}", file=sys.stderr)
         return VERDICT_EXIT["incomplete"]
+    from parity.fms_arch.run import compare_report
+
     report = compare_report(arch, dtype=dtype, overrides=overrides, checkpoint=checkpoint, seed=args.seed,
                             bf16_case=not args.no_bf16)
     return _emit(report, args.report, args.json)
-
-
-def compare_report(arch, *, dtype, overrides=None, checkpoint=None, seed: int = 0, bf16_case: bool = True) -> dict:
-    from parity.fms_arch.run import compare_architecture
-    from parity.report import build_multi_report, run_metadata
-
-    with tempfile.TemporaryDirectory(prefix="fms-parity-") as workdir:
-        sections, facts = compare_architecture(arch, Path(workdir), dtype=dtype, bf16_case=bf16_case,
-                                               config_overrides=overrides, checkpoint=checkpoint, seed=seed)
-    meta = {**run_metadata(device="cpu", dtype=dtype, seed=None if checkpoint else seed), **facts}
-    return build_multi_report(sections, meta)
 
 
 def _emit(report: dict, html: Optional[Path], json_path: Optional[Path]) -> int:

@@ -16,6 +16,7 @@ cannot load is a finding of its own (`LoadFailure`), recorded with the error.
 """
 
 import copy
+import tempfile
 import glob
 import time
 from dataclasses import dataclass, field
@@ -356,3 +357,13 @@ class _Downcasts(torch.overrides.TorchFunctionMode):
                 isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
             self.cut = len(self.completed)
         return out
+
+
+def compare_report(arch, *, dtype, overrides=None, checkpoint=None, seed: int = 0, bf16_case: bool = True) -> dict:
+    from parity.report import build_multi_report, run_metadata
+
+    with tempfile.TemporaryDirectory(prefix="fms-parity-") as workdir:
+        sections, facts = compare_architecture(arch, Path(workdir), dtype=dtype, bf16_case=bf16_case,
+                                               config_overrides=overrides, checkpoint=checkpoint, seed=seed)
+    meta = {**run_metadata(device="cpu", dtype=dtype, seed=None if checkpoint else seed), **facts}
+    return build_multi_report(sections, meta)

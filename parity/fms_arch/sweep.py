@@ -36,7 +36,7 @@ def _row(name: str, report: Optional[dict], seconds: float, error: Optional[str]
 
 def sweep(out: Path, names: Optional[Sequence[str]] = None,
           progress: Callable[[str], None] = lambda message: None) -> List[dict]:
-    from parity.fms_arch.cli import compare_report
+    from parity.fms_arch.run import compare_report
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
