@@ -70,19 +70,17 @@ class Sides:
         return self._copies[key]
 
     def fms_at(self, dtype: torch.dtype) -> torch.nn.Module:
-        if dtype == torch.float32:
-            return self.fms
-        key = f"fms:{dtype}"
-        if key not in self._copies:
-            self._copies[key] = load_fms(self.arch, self.folder, dtype)[0]
-        return self._copies[key]
+        return self.fms if dtype == torch.float32 else self._loaded(
+            f"fms:{dtype}", lambda: load_fms(self.arch, self.folder, dtype)[0])
 
     def hf_at(self, dtype: torch.dtype) -> torch.nn.Module:
-        if dtype == torch.float32:
-            return self.hf
-        key = f"hf:{dtype}"
+        return self.hf if dtype == torch.float32 else self._loaded(
+            f"hf:{dtype}", lambda: load_hf(self.arch, self.folder, dtype))
+
+    def _loaded(self, key: str, load) -> torch.nn.Module:
+        """A copy in another dtype, loaded once from the checkpoint folder (each side by its own loader)."""
         if key not in self._copies:
-            self._copies[key] = load_hf(self.arch, self.folder, dtype)
+            self._copies[key] = load()
         return self._copies[key]
 
 
