@@ -891,7 +891,7 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
                                floors=floor_captures, masks=masks, upcasts=upcasts)
         extra = {"new_tokens": case.generate, "floors": floors_why, **copy.deepcopy(ending_extra)}
         _note_not_run(extra, "noise floors", floors_why, floors_cause)
-        _generation_extras(extra, models, store, hf_run, hf_ops, ops.get(label), upcasts, ties)
+        _generation_extras(extra, models, store, hf_run, hf_ops, ops.get(label, {}), upcasts, ties)
         sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result, extra))
     return sections
 
