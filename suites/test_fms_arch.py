@@ -8,13 +8,17 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from parity.fms_arch import cases
-from parity.fms_arch.cli import main
+from parity.fms_arch.cli import MIN_TRANSFORMERS, main
 from parity.fms_arch.configs import ARCHITECTURES, BY_NAME
 from parity.fms_arch.run import LoadFailure, build_sides, derive_table, model_section
 
-pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
+pytestmark = [pytest.mark.runs_at("tiny", device="cpu", dtype="float32")]
+NEEDS_5 = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < MIN_TRANSFORMERS,
+                             reason=f"fms-parity refuses transformers {transformers.__version__} (needs >= "
+                                    f"{MIN_TRANSFORMERS}: its configs are in 5.x's schema); not covered on this line")
 
 # The verdict of the float32 one-sequence section of each architecture: absent = PASS; ("own", module) = FAIL with
 # that module the first own error (FMS computes it wrongly on HF's own inputs); ("divergence", probe) = FAIL first
@@ -51,6 +55,7 @@ def _section(name: str, workdir, arch=None, mutate=None, floors: bool = True):
     return sides, derivation, result
 
 
+@NEEDS_5
 @pytest.mark.parametrize("name", [arch.name for arch in ARCHITECTURES])
 def test_architecture_verdict(name, tmp_path, record_property):
     expected = FINDINGS.get(name)
@@ -72,6 +77,7 @@ def test_architecture_verdict(name, tmp_path, record_property):
     assert (result.first_own_error if kind == "own" else result.first_divergence) == where
 
 
+@NEEDS_5
 def test_derived_table_covers_each_layer(tmp_path):
     """Per layer: the residual stream, attention and MLP blocks, their projections (q / k / v / gate / up as slices
     of FMS's fused tensors, q / k with the RoPE permutation read from the adapter); embedding, final norm, head."""
@@ -90,6 +96,7 @@ def test_derived_table_covers_each_layer(tmp_path):
     assert derivation.refused == []
 
 
+@NEEDS_5
 def test_unpairable_modules_are_refused_with_a_reason(tmp_path):
     sides = build_sides(BY_NAME["roberta"], tmp_path)
     _, derivation = derive_table(sides, cases.single(sides.arch, sides.config))
@@ -120,6 +127,7 @@ def _patch_builder(monkeypatch, hf_class: str, drop: str, value=None):
     monkeypatch.setitem(registry.model_param_builders, hf_class, builder)
 
 
+@NEEDS_5
 def test_planted_dense_rope_theta_ignored(tmp_path, monkeypatch):
     _patch_builder(monkeypatch, "LlamaForCausalLM", "rope_theta")  # FMS's default 10000 instead of 5000
     _, _, result = _section("llama", tmp_path)
@@ -127,6 +135,7 @@ def test_planted_dense_rope_theta_ignored(tmp_path, monkeypatch):
     assert result.first_own_error == "base_model.layers.0.attn"
 
 
+@NEEDS_5
 def test_planted_encoder_norm_eps_misread(tmp_path, monkeypatch):
     _patch_builder(monkeypatch, "RobertaForMaskedLM", "norm_eps", 0.5)  # an eps read from the wrong field
     _, _, result = _section("roberta", tmp_path)
@@ -134,6 +143,7 @@ def test_planted_encoder_norm_eps_misread(tmp_path, monkeypatch):
     assert result.first_divergence == result.first_own_error == "base_model.enc_norm"
 
 
+@NEEDS_5
 def test_planted_hybrid_gated_norm_order(tmp_path, monkeypatch):
     """Bamba's gated RMSNorm normalising before gating (Mamba-2 gates first): must fail at the mixer's norm."""
     from fms.modules import ssm
@@ -163,6 +173,7 @@ def _moe_own_errors(result):
             if "ff_sub_layer" in p.name and p.teacher.status not in ("pass", "not_applicable", "not_run")]
 
 
+@NEEDS_5
 def test_planted_moe_router_bias_not_loaded(tmp_path):
     """gpt_oss, the MoE FMS loads from an HF checkpoint (its findings upstream: RoPE, experts): the router bias of
     layer 0 left unloaded must be FMS's own error at that router, the first own error of any MoE module."""
@@ -181,6 +192,7 @@ def test_planted_moe_router_bias_not_loaded(tmp_path):
 # the command line
 
 
+@NEEDS_5
 def test_cli_list_names_every_architecture(capsys, tmp_path):
     out = tmp_path / "archs.json"
     assert main(["list", "--json", str(out)]) == 0
@@ -193,6 +205,7 @@ def test_cli_list_names_every_architecture(capsys, tmp_path):
     assert "Qwen3ForCausalLM" in capsys.readouterr().out
 
 
+@NEEDS_5
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--architecture", "nope"], "not an FMS architecture"),
     (["compare", "--architecture", "llama", "--dtype", "float8"], "--dtype"),
@@ -205,6 +218,7 @@ def test_cli_usage_errors_exit_2(argv, message, capsys):
     assert err.startswith("error:") and message in err and err.count("\n") == 1
 
 
+@NEEDS_5
 def test_cli_refuses_a_pickle_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
@@ -215,6 +229,7 @@ def test_cli_refuses_a_pickle_checkpoint(tmp_path, capsys):
     assert "declares 'BertForMaskedLM'" in capsys.readouterr().err
 
 
+@NEEDS_5
 def test_cli_compare_exit_code_and_reports(tmp_path, capsys):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 1,
@@ -234,3 +249,10 @@ def test_cli_compare_exit_code_and_reports(tmp_path, capsys):
                  str(report)])
     assert code == 1  # the rope_theta finding (theta 5000 here, FMS keeps 1e6)
     assert json.loads(report.read_text())["summary"]["first_own_error"]["name"] == "base_model.layers.0.attn"
+
+
+def test_cli_refuses_transformers_4_before_any_model(monkeypatch, capsys):
+    """On the 4.57 line the 5.x-schema configs would lose their RoPE settings silently: refused, exit 2."""
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    assert main(["compare", "--architecture", "llama"]) == 2
+    assert "fms-parity needs transformers >= 5" in capsys.readouterr().err

@@ -165,8 +165,23 @@ def run_sweep(args) -> int:
     return worst
 
 
+# The default configs (transformers 5's schema: `rope_parameters`), the derived tables and the findings were made on
+# transformers 5.x; on 4.57.6 the RoPE settings are ignored silently, and GraniteSWA / Ministral3 do not exist.
+MIN_TRANSFORMERS = 5
+
+
+def check_transformers() -> None:
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < MIN_TRANSFORMERS:
+        raise UsageError(f"fms-parity needs transformers >= {MIN_TRANSFORMERS} (its configs and tables are written "
+                         f"in 5.x's schema); found transformers {transformers.__version__}")
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "list":
+        check_transformers()
     return {"list": run_list, "compare": run_compare, "sweep": run_sweep}[args.command](args)
 
 
