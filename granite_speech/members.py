@@ -45,9 +45,14 @@ def check_member_config(folder: Union[str, Path]):
         from granite_speech import ctc5
 
         return ctc5.from_hf_config(data)
-    from transformers import GraniteSpeechPlusConfig as HFPlusConfig
+    import transformers
 
     from granite_speech import plus
+
+    HFPlusConfig = getattr(transformers, "GraniteSpeechPlusConfig", None)
+    if HFPlusConfig is None:  # the 4.57 line: the member's config cannot even be read
+        raise ValueError(f"{folder / 'config.json'} is a granite_speech_plus checkpoint (4.1-plus), which transformers "
+                         f"{transformers.__version__} does not know; expected transformers >= 5.x for this member")
 
     hf_config = HFPlusConfig.from_dict(data)
     hf_config._name_or_path = str(folder)

@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 
 from parity.granite.fixtures.paths import CONFIGS_DIR
+
+import transformers  # noqa: E402
+
+PLUS_IN_TRANSFORMERS = hasattr(transformers, "GraniteSpeechPlusForConditionalGeneration")
 import torch
 from fms.models import get_model
 from safetensors.torch import load_file, save_file
@@ -455,8 +459,9 @@ def _fit_member_config(folder: Path) -> None:
                                                  lambda t: t.pop("language_model.model.layers.1.mlp.down_proj.weight")),
                      CheckpointCoverageError, r"1 model tensors missing from the checkpoint: "
                      r"\['language_model\.base_model\.layers\.1\.ff_sub_layer\.w2\.weight'\]", id="missing-tensor"),
-        pytest.param(_fit_member_config, CheckpointCoverageError, r"(shape mismatch|does not match the model)",
-                     id="config-of-another-member"),
+        pytest.param(_fit_member_config, *((CheckpointCoverageError, r"(shape mismatch|does not match the model)")
+                                           if PLUS_IN_TRANSFORMERS else (ValueError, r"granite_speech_plus")),
+                     id="config-of-another-member"),  # 4.57 has no plus classes: its config is refused as unknown
         pytest.param(lambda f: _edit_safetensors(_shard_of(f, "encoder.input_linear.weight"), lambda t: t.update(
             {"encoder.input_linear.weight": t["encoder.input_linear.weight"].to(torch.uint8)})), ValueError,
             r"1 weight tensor\(s\) are not floating point: encoder\.input_linear\.weight \(U8, in model-\S+\); "
