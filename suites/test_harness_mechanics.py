@@ -798,3 +798,17 @@ def test_granite_speech_table_resolves_and_substitutes_on_both_real_models(
             assert probe.teacher.status == Status.NOT_APPLICABLE
         else:
             assert probe.teacher.metrics is not None, f"{probe.name}: {probe.teacher.status} {probe.teacher.detail}"
+
+
+def test_a_tensor_on_cuda_0_is_on_the_device_cuda(monkeypatch):
+    """`torch.device("cuda") != torch.device("cuda:0")`: the float64 room (parking the working models in host memory
+    on a small card) must still find the models a "cuda" run holds on its card."""
+    from types import SimpleNamespace
+
+    from parity.granite.pipeline import on_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = lambda where, device: on_device(SimpleNamespace(device=torch.device(where)), torch.device(device))  # noqa
+    assert on("cuda:0", "cuda") and on("cuda:0", "cuda:0") and on("cpu", "cpu")
+    assert not on("cuda:1", "cuda") and not on("cuda:0", "cuda:1") and not on("cpu", "cuda")
+    assert not on("cuda:0", "cpu")

@@ -158,6 +158,16 @@ def _attempt(fn: Callable[[], Any]) -> Any:
 # the run
 
 
+def on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" means the current card: tensors say "cuda:0", and the two devices
+    do not compare equal)."""
+    if tensor.device.type != device.type:
+        return False
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else None)
+    return index is None or tensor.device.index in (index, None)
+
+
 @dataclass
 class Models:
     """The loaded models of a run (loaded once, shared by the cases); `dtype` is the one in use (`at(dtype)`)."""
@@ -210,7 +220,7 @@ class Models:
     def device_bytes(self) -> int:
         """What the working models hold on the run device."""
         return sum(t.numel() * t.element_size() for model in self.working_models()
-                   for t in itertools.chain(model.parameters(), model.buffers()) if t.device == self.device)
+                   for t in itertools.chain(model.parameters(), model.buffers()) if on_device(t, self.device))
 
     @contextlib.contextmanager
     def float64_room(self, copies: float = 2):
@@ -221,7 +231,7 @@ class Models:
             yield
             return
         parked = [model for model in self.working_models()
-                  if any(t.device == self.device for t in model.parameters())]
+                  if any(on_device(t, self.device) for t in model.parameters())]
         for model in parked:
             model.to("cpu")
         free_memory()
