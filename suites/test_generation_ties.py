@@ -90,3 +90,17 @@ def test_no_stop_token_when_no_token_ends_two_rows_apart():
     assert pick_stop_token(_tokens([[1, 2], [1, 3]])) is None  # 1 ends both rows at step 0, 2 and 3 one row each
     assert pick_stop_token(_tokens([[1, 2], [2, 1]]), exclude=(1, 2)) is None
     assert pick_stop_token(_tokens([[1, 2, 3]])) is None  # one row cannot end apart from another
+
+
+def test_end_of_text_is_kept_where_it_already_ends_the_rows_apart():
+    from types import SimpleNamespace
+
+    from parity.granite.pipeline import Ending, ending_apart
+
+    tokenizer = SimpleNamespace(eos_token_id=9, pad_token_id=0)
+    ending, extra = ending_apart(_tokens([[4, 9, 0], [9, 0, 0], [4, 4, 5]]), tokenizer, "greedy")
+    assert ending == Ending(9, 0) and extra["rows_end"]["hf_end_steps"] == [1, 0, None]
+    ending, extra = ending_apart(_tokens([[4, 5, 6], [6, 5, 4]]), tokenizer, "greedy")  # 4 and 6 end apart; 4 first
+    assert ending == Ending(4, 0) and extra["rows_end"]["hf_end_steps"] == [0, 2]
+    ending, extra = ending_apart(_tokens([[4, 4], [4, 4]]), tokenizer, "transcribe")
+    assert ending is None and extra["not_run"][0]["cause"] == "inputs"

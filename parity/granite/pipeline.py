@@ -732,14 +732,23 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
 
 def _choose_ending(case: Case, models: Models, hf_inputs: dict, store: "ReferenceStore") -> Tuple[Optional[Ending],
                                                                                                    dict]:
-    """For a case whose rows must end apart: a stop token from HF's own greedy path (end-of-text suppressed), so that
-    every decoding loop is run over rows ending at different steps. (ending or None, extras)."""
+    """For a case whose rows must end apart: the ending of HF's own greedy path (end-of-text suppressed, so a stop
+    token of it), so that every decoding loop is run over rows ending at different steps. (ending or None, extras)."""
     hf_tokens, _ = _hf_generation(case, models, hf_inputs, store)
-    tokenizer = models.processors()[0].tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    picked = pick_stop_token(hf_tokens, exclude=(pad, tokenizer.eos_token_id))
+    return ending_apart(hf_tokens, models.processors()[0].tokenizer, "greedy")
+
+
+def ending_apart(tokens: torch.Tensor, tokenizer, path: str) -> Tuple[Optional[Ending], dict]:
+    """(the ending that makes HF's rows [B, S] end at different steps, or None; extras): end-of-text where it already
+    does, else a token of the path that does (`pick_stop_token`); None, and the check noted not run, where none does."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    ends = _row_ends(tokens, Ending(eos, pad))
+    if len({end for end in ends if end is not None}) >= 2:
+        return Ending(eos, pad), {"rows_end": {"stop_token": eos, "end_of_text": True, "hf_end_steps": ends}}
+    picked = pick_stop_token(tokens, exclude=(pad, eos))
     if picked is None:
-        extra = {"rows_end": "no token of HF's greedy path ends the rows at different steps"}
+        extra = {"rows_end": f"no token of HF's {path} path ends the rows at different steps"}
         _note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
         return None, extra
     return Ending(picked[0], pad), {"rows_end": {"stop_token": picked[0], "pad": pad, "hf_end_steps": picked[1]}}
@@ -1108,8 +1117,8 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
               for k, v in inputs.items()}
     with torch.no_grad():
         new = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False)[:, inputs["input_ids"].size(1):]
-    stop, extra = (None, {}) if not case.ends_apart else _transcript_ending(new, hf_processor.tokenizer)
-    if stop is not None:
+    stop, extra = (None, {}) if not case.ends_apart else ending_apart(new, hf_processor.tokenizer, "transcribe")
+    if stop is not None and stop.token != hf_processor.tokenizer.eos_token_id:  # a stop token of HF's path
         with torch.no_grad():
             new = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False, eos_token_id=stop.token,
                               pad_token_id=stop.pad)[:, inputs["input_ids"].size(1):]
@@ -1120,22 +1129,6 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
                                      for name, value in (("transcribe.text", texts),
                                                          ("transcribe.stop", stop_value))]).hf, recorded_from)
     return texts, stop, extra
-
-
-def _transcript_ending(new: torch.Tensor, tokenizer) -> Tuple[Optional[Ending], dict]:
-    """(the stop token FMS's transcribe must use, or None for end-of-text itself; extras): end-of-text when it already
-    ends HF's rows at different steps, else a token of HF's path that does (`pick_stop_token`)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    ends = _row_ends(new, Ending(eos, pad))
-    if len({end for end in ends if end is not None}) >= 2:
-        return None, {"rows_end": {"stop_token": eos, "end_of_text": True, "hf_end_steps": ends}}
-    picked = pick_stop_token(new, exclude=(pad, eos))
-    if picked is None:
-        extra = {"rows_end": "no token of HF's transcribe path ends the rows at different steps"}
-        _note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
-        return None, extra
-    return Ending(picked[0], pad), {"rows_end": {"stop_token": picked[0], "pad": pad, "hf_end_steps": picked[1]}}
 
 
 def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
