@@ -217,17 +217,32 @@ class Models:
         """The loaded models of the working dtypes (every one but HF's float64 copy)."""
         return [model for dtype, model in self.hf.items() if dtype != torch.float64] + list(self.fms.values())
 
-    def device_bytes(self) -> int:
-        """What the working models hold on the run device."""
-        return sum(t.numel() * t.element_size() for model in self.working_models()
+    def device_bytes(self, models: Optional[list] = None) -> int:
+        """What `models` (the working models by default) hold on the run device."""
+        return sum(t.numel() * t.element_size()
+                   for model in (self.working_models() if models is None else models)
                    for t in itertools.chain(model.parameters(), model.buffers()) if on_device(t, self.device))
 
+    def float64_bytes(self) -> int:
+        """What the float64 work holds at once: HF's float64 copy (the floors) and FMS's audio path in float64 (the
+        formula check, `audio_path_float64`). Counted on the loaded models, else (a run against saved references,
+        where HF is never loaded) on the checkpoint's headers with FMS's copy as large as HF's."""
+        fms = self.fms.get((self.dtype, "merged"))
+        audio = _values(fms) - _values(*decoder_blocks(fms)) if fms is not None else self.values()
+        return 8 * (self.values() + audio)
+
+    def values(self) -> int:
+        """How many values the model holds: counted on the loaded HF model, else (a run against saved references,
+        where HF is never loaded) on the checkpoint's safetensors headers."""
+        loaded = self.hf.get(self.dtype)
+        return _values(loaded) if loaded is not None else checkpoint_param_bytes(self.checkpoint, torch.uint8)
+
     @contextlib.contextmanager
-    def float64_room(self, copies: float = 2):
-        """Room on a GPU for `copies` float64 models: where they would not fit beside the working models, those wait
-        in host memory meanwhile and come back after; HF's float64 copy then waits there between uses. The floors and
-        the formula check thus run on a card that holds the float64 copy alone (2b on an 80 GB H100)."""
-        if self.device.type != "cuda" or not _shortfall(self, copies, 8):
+    def float64_room(self):
+        """Room on a GPU for the float64 copies: where they would not fit beside the working models, those wait in
+        host memory meanwhile and come back after; HF's float64 copy then waits there between uses. Where they fit,
+        HF's copy stays on the card for the whole run, made once per working dtype."""
+        if self.device.type != "cuda" or not _shortfall(self, self.float64_bytes()):
             yield
             return
         parked = [model for model in self.working_models()
@@ -470,22 +485,45 @@ def _model_inputs(batch: Any, models: Models) -> Any:
     return out
 
 
-def _shortfall(models: Models, copies: float, bytes_per_value: int, parked: bool = False) -> Optional[str]:
-    """None when `copies` more copies of the model at `bytes_per_value` fit on the run device (with 25% headroom),
-    else what they need and what is free. Counted on the loaded HF model, else (a run against saved references,
-    where HF is never loaded) from the checkpoint's safetensors headers. `parked`: with the working models moved to
-    host memory first (`Models.float64_room`), on a GPU."""
-    loaded = models.hf.get(models.dtype)
-    count = (sum(p.numel() for p in loaded.parameters()) if loaded is not None
-             else checkpoint_param_bytes(models.checkpoint, torch.uint8))  # one byte per value: the count
-    need = copies * count * bytes_per_value
+def _shortfall(models: Models, need: int, parked: bool = False) -> Optional[str]:
+    """None when `need` more bytes fit on the run device (with 25% headroom), else what they need and what is free.
+    HF's float64 copy already made counts as free (it is reused or replaced, never held twice). `parked`: with the
+    working models moved to host memory first (`Models.float64_room`), on a GPU."""
     free = available_bytes(models.device)
-    if free is not None and parked and models.device.type == "cuda":
-        free += models.device_bytes()
+    if free is not None and models.device.type == "cuda":
+        free += models.device_bytes([models.hf[torch.float64]]) if torch.float64 in models.hf else 0
+        free += models.device_bytes() if parked else 0
     if free is not None and need * 1.25 > free:
         return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free" + (" with the working models parked in "
                                                                           "host memory" if parked else "")
     return None
+
+
+def _values(*modules: torch.nn.Module) -> int:
+    """How many values the parameters and buffers of `modules` hold."""
+    return sum(t.numel() for module in modules for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def decoder_blocks(model: torch.nn.Module) -> Tuple[torch.nn.Module, ...]:
+    """The decoder blocks of an FMS family model (none for the CTC member): FMS's `Granite.base_model.layers`."""
+    layers = getattr(getattr(getattr(model, "language_model", None), "base_model", None), "layers", None)
+    return (layers,) if layers is not None else ()
+
+
+def audio_path_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of an FMS model without its decoder blocks, for the formula check: it compares the audio path
+    and the merged embeddings only, and the blocks hold most of an LLM member's weights (2b: 23 GB less in float64).
+    The weights are the working float32 model's, upcast exactly as HF's float64 copy is upcast from HF's; the audio
+    path holds no LoRA, so the merge's rounding is not in it."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        return copy.deepcopy(model).to(torch.float64)
+    base = model.language_model.base_model
+    base.layers = torch.nn.ModuleList().eval()
+    try:
+        return copy.deepcopy(model).to(torch.float64)
+    finally:
+        base.layers = blocks[0]
 
 
 def _float64(inputs: dict) -> dict:
@@ -498,7 +536,7 @@ def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str, Optional[str
         return False, "noise floors off (--floors off)", "floors off"
     if floors == "on":
         return True, "HF in float64 (requested)", None
-    short = _shortfall(models, 2, 8, parked=True)  # an fp64 copy (and its making) where the working models were
+    short = _shortfall(models, models.float64_bytes(), parked=True)
     if short:
         return False, f"noise floors not run: an fp64 copy {short}", "memory"
     return True, "HF in float64", None
@@ -629,7 +667,7 @@ FLOAT64_EXACT_PREFIXES = AUDIO_PROBE_PREFIXES + ("decoder.inputs_embeds",)
 
 def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, floors_cause: Optional[str],
                  floors_from: Optional[torch.dtype]) -> Tuple[Optional[object], str, Optional[str]]:
-    """FMS loaded and run in float64 on its own inputs: beside HF in float64 (the floors), rounding is gone, so a
+    """FMS's audio path run in float64 on its own inputs (`audio_path_float64`): beside HF in float64 (the floors), rounding is gone, so a
     formula fault smaller than the run dtype's rounding (an eps, a constant's sixth digit) is a plain difference.
     Returns (captures, why, cause): a cause when the check was planned and did not run (`parity.verdict.CAUSES`).
     Planned in float32 cases with audio; a 16-bit case's float64 reference holds its 16-bit weights, FMS's float64
@@ -645,15 +683,17 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, f
     if floors_from != torch.float32:  # then HF's copy holds weights rounded to a 16-bit dtype
         source = "unrecorded" if floors_from is None else dtype_name(floors_from)
         return None, f"not run: HF's float64 copy was made from {source} weights", "reference"
-    short = _shortfall(models, 1, 8, parked=True)
+    fms = models.fms_model(case.lora_mode)
+    need = 8 * (_values(fms) - _values(*decoder_blocks(fms)))
+    short = _shortfall(models, need, parked=True)
     if short:
-        return None, f"not run: FMS in float64 {short}", "memory"
-    if torch.float64 in models.hf and _shortfall(models, 1, 8):  # HF's float64 copy has done its part (the floors)
-        models.hf[torch.float64].to("cpu")
+        return None, f"not run: FMS's audio path in float64 {short}", "memory"
+    hf64 = models.hf.get(torch.float64)
+    if hf64 is not None and _shortfall(models, need + models.device_bytes([hf64])):
+        hf64.to("cpu")  # HF's float64 copy has done its part (the floors) and makes room
         free_memory()
-    # loaded by FMS's own loader (the LoRA merged in float64) and freed at once: a float64 copy held per LoRA mode
-    # would leave no room for the next case's noise floors on a GPU
-    fms64 = load_fms_family_model(models.checkpoint, torch.float64, models.device, lora_mode=case.lora_mode)
+    # freed at once: a float64 copy held per LoRA mode would crowd the next case's floors on a GPU
+    fms64 = audio_path_float64(fms).to(models.device)
     inputs64 = _float64(fms_inputs)
     try:
         captures = capture_model(fms64, lambda m: m(**inputs64), exact, side="fms", on_raise="record")
@@ -1138,7 +1178,7 @@ def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
     if models.dtype == torch.float32:
         return models, "float32"
     loaded = torch.float32 in models.hf and (torch.float32, "merged") in models.fms
-    short = None if loaded else _shortfall(models, 2, 4)
+    short = None if loaded else _shortfall(models, 2 * 4 * models.values())
     if short:
         return None, f"not run: exact transcripts need the float32 models: {short}"
     return models.at(torch.float32), (f"float32 in a {dtype_name(models.dtype)} run: exact transcripts need it; "
