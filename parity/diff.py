@@ -7,7 +7,7 @@ Returns plain dataclasses (no printing). Statuses are distinct so a report can s
     failed), empty (no element was compared: all masked out or non-finite on both sides -- never a pass), raised
     (the side's forward, or the stage computing the value, raised: recorded on the innermost probe running),
     not_applicable / not_run (teacher-forced column only).
-All arithmetic is float64 on CPU. The reference is HF: relative error and the tolerance bound use |hf|.
+All arithmetic is float64, on the run's card where it has room (`Workspace`), else on the host. The reference is HF: relative error and the tolerance bound use |hf|.
 
 Localisation is a second, sharper judgement beside the pass/fail gate: given the captures of a reference run that
 differs only in rounding (e.g. HF in float64), each probe gets a measured noise floor, and an error far above it
@@ -238,16 +238,46 @@ def _bound_slack(ref_abs: torch.Tensor, tol: Tolerance, ulp_dtype: Optional[str]
     return slack
 
 
-def _expand_valid(valid: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+@dataclass(frozen=True)
+class Workspace:
+    """Where the float64 metrics are computed: the run's card when it has room for a tensor's float64 temporaries,
+    else the host. A 2b run judges ~7,000 tensors (up to 50M values each): about a minute in float64 on 16 host
+    cores, seconds on the card. Reductions may sum in another order there (1e-16 relative); maxima, counts and
+    verdicts are the same."""
+
+    device: torch.device = torch.device("cpu")
+    max_values: int = 0  # tensors up to this size go to `device`
+
+    def of(self, numel: int) -> torch.device:
+        return self.device if numel <= self.max_values else torch.device("cpu")
+
+    @classmethod
+    def for_run(cls, device: Union[torch.device, str]) -> "Workspace":
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return HOST
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return cls(device, free // (8 * 32))  # float64; `compare` holds about a dozen temporaries, twice that spare
+
+
+HOST = Workspace()
+
+
+def _f64(tensor: torch.Tensor, where: torch.device) -> torch.Tensor:
+    return tensor.detach().to(where, torch.float64)
+
+
+def _expand_valid(valid: torch.Tensor, shape: torch.Size, where: torch.device = torch.device("cpu")) -> torch.Tensor:
     """A validity mask over the leading dims of `shape`, broadcast to the full shape."""
-    valid = valid.detach().to("cpu").bool()
+    valid = valid.detach().to(where).bool()
     if tuple(valid.shape) != tuple(shape[: valid.dim()]):
         raise ValueError(f"validity mask of shape {list(valid.shape)} does not cover the leading dims of {list(shape)}")
     return valid.reshape(*valid.shape, *([1] * (len(shape) - valid.dim()))).expand(shape)
 
 
 def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: Optional[str] = None,
-            valid: Optional[torch.Tensor] = None) -> Comparison:
+            valid: Optional[torch.Tensor] = None, work: Workspace = HOST) -> Comparison:
     """Measure fms against the reference hf and judge it with `tol`. `ulp_dtype` (default: hf's dtype) sizes the
     tolerance's ulp term; `valid` (bool, over the leading dims) excludes positions that are undefined on both sides
     (e.g. padding). Nothing compared is never a pass. Integer and boolean tensors (ids, lengths, masks, text bytes)
@@ -258,11 +288,12 @@ def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: O
     if hf.shape != fms.shape:
         return Comparison(Status.SHAPE_MISMATCH, f"shape {list(fms.shape)} (FMS) != {list(hf.shape)} (HF)", **shapes)
     ulp_dtype = ulp_dtype or _dtype_str(hf)
-    a, b = fms.detach().to("cpu", torch.float64), hf.detach().to("cpu", torch.float64)
-    in_mask = torch.ones(a.shape, dtype=torch.bool)
+    where = work.of(hf.numel())
+    a, b = _f64(fms, where), _f64(hf, where)
+    in_mask = torch.ones(a.shape, dtype=torch.bool, device=where)
     if valid is not None:
         try:
-            in_mask = _expand_valid(valid, a.shape)
+            in_mask = _expand_valid(valid, a.shape, where)
         except ValueError as err:
             return Comparison(Status.CAPTURE_ERROR, str(err), **shapes)
     masked_out = int((~in_mask).sum())
@@ -358,7 +389,7 @@ def _side_value(captures, key: str, side: str, adapter_spec: str) -> Tuple[Optio
 
 
 def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Tolerance, ulp_dtype, valid=None,
-                  fms_adapter: Optional[str] = None) -> Comparison:
+                  fms_adapter: Optional[str] = None, work: Workspace = HOST) -> Comparison:
     hf_value, hf_problem = _side_value(hf_caps, hf_key, "HF", probe.hf_adapter)
     fms_value, fms_problem = _side_value(fms_caps, fms_key, "FMS", probe.fms_adapter if fms_adapter is None
                                          else fms_adapter)
@@ -367,7 +398,7 @@ def _compare_keys(hf_caps, fms_caps, hf_key, fms_key, probe: Probe, tol: Toleran
         # a missing side outranks a capture error: it is the more basic fault
         status = Status.MISSING if any(p.status == Status.MISSING for p in problems) else problems[0].status
         return Comparison(status, "; ".join(p.detail for p in problems))
-    return compare(hf_value, fms_value, tol, ulp_dtype=ulp_dtype, valid=valid)
+    return compare(hf_value, fms_value, tol, ulp_dtype=ulp_dtype, valid=valid, work=work)
 
 
 # 16-bit runs: two correct implementations each round to the dtype, so FMS and HF differ by a few times the
@@ -391,17 +422,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_floors(hf: torch.Tensor, hf64: torch.Tensor, run_dtype: str,
-               valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+               valid: Optional[torch.Tensor] = None, work: Workspace = HOST) -> torch.Tensor:
     """Per row (all dims but the last), HF's own rounding error max |hf - hf64|, never below one ulp of the run
     dtype at the row's largest |hf| nor below the median (valid) row's: one row's floor is a single draw of the
     rounding noise, and a row HF happened to round well must not turn the other side's ordinary rounding into a
     fault (measured: correct bf16 ports over fuzzed configs, results/verdict/)."""
-    b, c = _rows(hf.detach().to("cpu", torch.float64)), _rows(hf64.detach().to("cpu", torch.float64))
+    where = work.of(hf.numel())
+    b, c = _rows(_f64(hf, where)), _rows(_f64(hf64, where))
     spread = torch.where(torch.isfinite(b) & torch.isfinite(c), (b - c).abs(), 0.0).amax(dim=-1)
     absmax = torch.where(torch.isfinite(b), b.abs(), 0.0).amax(dim=-1)
     floors = torch.maximum(spread, ulp(absmax, run_dtype)) if run_dtype in _FLOAT_FORMATS else spread
-    judged = _rows(_expand_valid(valid, hf.shape)).any(dim=-1) if valid is not None else torch.ones_like(spread,
-                                                                                                         dtype=bool)
+    judged = (_rows(_expand_valid(valid, hf.shape, where)).any(dim=-1) if valid is not None
+              else torch.ones_like(spread, dtype=bool))
     return floors.clamp_min(float(floors[judged].median())) if bool(judged.any()) else floors
 
 
@@ -411,10 +443,10 @@ def _floor_gate(comparison: Comparison, hf: torch.Tensor, fms: torch.Tensor, flo
     row); `where` says which floor that is. The detail always says how many times the floor the worst one needs."""
     if comparison.status != Status.FAIL or comparison.metrics is None or hf.shape != fms.shape:
         return
-    a, b = _rows(fms.detach().to("cpu", torch.float64)), _rows(hf.detach().to("cpu", torch.float64))
+    a, b = _rows(_f64(fms, floors.device)), _rows(_f64(hf, floors.device))
     judged = torch.isfinite(a) & torch.isfinite(b)
     if valid is not None:
-        judged &= _rows(_expand_valid(valid, hf.shape))
+        judged &= _rows(_expand_valid(valid, hf.shape, floors.device))
     diff = (a - b).abs()
     outside_table = judged & (diff > tol.atol + _bound_slack(b.abs(), tol, run_dtype))
     needed = float(torch.where(outside_table, diff / floors[:, None].clamp_min(1e-300), 0.0).max())
@@ -475,6 +507,7 @@ def diff_captures(
     masks = dict(masks or {})
     probes = tuple(probes if probes is not None else pair.probes)
     teacher_mode = pair.mode == "teacher_forced"
+    work = Workspace.for_run(device)
     results = []
     for index, probe in enumerate(probes):
         key = value_key(probe.name)
@@ -492,7 +525,7 @@ def diff_captures(
             if probe.valid not in masks:
                 raise ValueError(f"probe {probe.name} needs validity mask {probe.valid!r}; given {sorted(masks)}")
             valid = masks[probe.valid]
-        propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype, valid)
+        propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype, valid, work=work)
         if not teacher_mode:
             teacher = Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
         elif not probe.teacher:
@@ -501,7 +534,7 @@ def diff_captures(
             teacher = Comparison(Status.MISSING, "FMS module path did not resolve")
         else:
             teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype,
-                                    valid)
+                                    valid, work=work)
             note = pair.fms.note(teacher_output_key(probe.name))
             if note:
                 teacher.detail = f"{teacher.detail}; {note}" if teacher.detail else note
@@ -509,7 +542,7 @@ def diff_captures(
         if floors is not None and probe.tolerance_class != "exact" and propagated.metrics is not None:
             # the rounding-only reference against the reference: both through the HF adapter
             spread = _compare_keys(pair.hf, floors, key, key, probe, tol, run_dtype, valid,
-                                   fms_adapter=probe.hf_adapter)
+                                   fms_adapter=probe.hf_adapter, work=work)
             if spread.metrics is not None and spread.metrics.numel:
                 floor = spread.metrics.max_abs
                 effective = _effective_floor(floor, propagated.metrics.ref_absmax, run_dtype)
@@ -518,11 +551,12 @@ def diff_captures(
                     own_ratio = teacher.metrics.max_abs / effective if effective > 0 else math.inf
                 if run_dtype in FLOOR_GATED_DTYPES:
                     _gate_by_row_floors(pair, floors, probe, (propagated, teacher), tol, run_dtype, floor_gate,
-                                        valid)
+                                        valid, work)
         float64 = None
         if floors is not None and candidate64 is not None and probe.name in candidate64.resolved:
             float64 = _compare_keys(floors, candidate64, key, key, probe,
-                                    tolerance_for("float64", device, probe.tolerance_class), "float64", valid)
+                                    tolerance_for("float64", device, probe.tolerance_class), "float64", valid,
+                                    work=work)
         missing = list((upcasts or {}).get(probe.name, ()))
         hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
         results.append(ProbeResult(
@@ -546,7 +580,7 @@ def diff_captures(
 
 
 def _gate_by_row_floors(pair, floors, probe: Probe, comparisons, tol: Tolerance, run_dtype: str, factor: float,
-                        valid) -> None:
+                        valid, work: Workspace = HOST) -> None:
     """The 16-bit floor gate of one probe: its own (teacher-forced) error against the floor of each row, its
     propagated error, which compounds every upstream rounding difference, against the largest row floor."""
     key = value_key(probe.name)
@@ -554,8 +588,8 @@ def _gate_by_row_floors(pair, floors, probe: Probe, comparisons, tol: Tolerance,
     hf64, _ = _side_value(floors, key, "HF float64", probe.hf_adapter)
     if hf is None or hf64 is None or hf.shape != hf64.shape:
         return
-    per_row = row_floors(hf, hf64, run_dtype, valid)
-    judged = _rows(_expand_valid(valid, hf.shape)).any(dim=-1) if valid is not None else None
+    per_row = row_floors(hf, hf64, run_dtype, valid, work)
+    judged = _rows(_expand_valid(valid, hf.shape, per_row.device)).any(dim=-1) if valid is not None else None
     whole = float(per_row[judged].max() if judged is not None and bool(judged.any()) else per_row.max())
     propagated, teacher = comparisons
     for comparison, fms_key, bound, where in (

@@ -30,18 +30,24 @@ def test_cuda_graph_replay_equals_eager_step_on_session_model(device, speech_dat
                                                               static_prefill):
     if device.type != "cuda":
         pytest.skip("needs a CUDA device: run with --device cuda")
-    clip = torch.tensor(min(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64000))["audio"]["array"])
-    inputs = hf_processor(text=["<|audio|> transcribe"], audio=[clip], return_tensors="pt")
     dtype = audio_only_model.language_model.head.weight.dtype
-    prompts = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-               for k, v in inputs.items()
-               if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
-    max_len = prompts["input_ids"].size(1) + NEW_TOKENS
+    # the clip nearest 4 s whose greedy tokens are not degenerate: a seeded random model (tiny) repeats itself on
+    # some clips, and which ones depends on the device's rounding
+    for row in sorted(speech_dataset, key=lambda r: abs(len(r["audio"]["array"]) - 64000)):
+        inputs = hf_processor(text=["<|audio|> transcribe"], audio=[torch.tensor(row["audio"]["array"])],
+                              return_tensors="pt")
+        prompts = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                   for k, v in inputs.items()
+                   if k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+        max_len = prompts["input_ids"].size(1) + NEW_TOKENS
+        eager = StaticGenerator(audio_only_model, max_len, use_cuda_graph=False, static_prefill=static_prefill)
+        eager_tokens = eager.generate(**prompts, max_new_tokens=NEW_TOKENS)
+        if len(set(eager_tokens[0, -NEW_TOKENS:].tolist())) >= MIN_DISTINCT_TOKENS:
+            break
+    else:
+        pytest.fail(f"degenerate generation on every clip (fewer than {MIN_DISTINCT_TOKENS} distinct tokens of "
+                    f"{NEW_TOKENS}): nothing to compare")
     graphed = StaticGenerator(audio_only_model, max_len, use_cuda_graph=True, static_prefill=static_prefill)
     assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
     graphed_tokens = graphed.generate(**prompts, max_new_tokens=NEW_TOKENS)
-    eager = StaticGenerator(audio_only_model, max_len, use_cuda_graph=False, static_prefill=static_prefill)
-    eager_tokens = eager.generate(**prompts, max_new_tokens=NEW_TOKENS)
-    distinct = len(set(eager_tokens[0, -NEW_TOKENS:].tolist()))
-    assert distinct >= MIN_DISTINCT_TOKENS, f"degenerate generation ({distinct} distinct tokens): nothing to compare"
     assert torch.equal(graphed_tokens, eager_tokens), "graph replay and eager decode step disagree"

@@ -812,3 +812,76 @@ def test_a_tensor_on_cuda_0_is_on_the_device_cuda(monkeypatch):
     assert on("cuda:0", "cuda") and on("cuda:0", "cuda:0") and on("cpu", "cpu")
     assert not on("cuda:1", "cuda") and not on("cuda:0", "cuda:1") and not on("cpu", "cuda")
     assert not on("cuda:0", "cpu")
+
+
+class _CardModel(torch.nn.Module):
+    """A model whose one parameter says where it lives ("cuda" or "cpu") without a card: `.to` moves the label."""
+
+    def __init__(self, values: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(values, dtype=dtype), requires_grad=False)
+        self.weight.where = "cuda"
+
+    def to(self, where, *args, **kwargs):
+        self.weight.where = torch.device(where).type
+        return self
+
+
+def test_the_float64_room_parks_the_fewest_working_models_other_dtypes_first(monkeypatch, tmp_path):
+    """On a card too small for the float64 copies beside every working model, only as many models wait in host
+    memory as make the room (each round trip of a 2b model costs seconds), the other dtypes' before the case's own;
+    they come back after, and HF's float64 copy stays on the card when they fit beside it."""
+    from parity.granite import pipeline
+
+    card = 3000  # bytes
+    hf32, fms32, fms32_audio = (_CardModel(100, torch.float32) for _ in range(3))  # 400 bytes each
+    hf16, fms16 = _CardModel(100, torch.bfloat16), _CardModel(100, torch.bfloat16)  # 200 bytes each
+    hf64 = _CardModel(100, torch.float64)  # 800 bytes
+    everything = (hf32, fms32, fms32_audio, hf16, fms16, hf64)
+    held = lambda: sum(m.weight.numel() * m.weight.element_size() for m in everything  # noqa: E731
+                       if m.weight.where == "cuda")
+    monkeypatch.setattr(pipeline, "on_device", lambda tensor, device: getattr(tensor, "where", "cpu") == "cuda")
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: card - held())
+    monkeypatch.setattr(pipeline, "free_memory", lambda: None)
+    models = pipeline.Models(tmp_path, torch.bfloat16, torch.device("cuda"),
+                             hf={torch.float32: hf32, torch.bfloat16: hf16, torch.float64: hf64},
+                             fms={(torch.float32, "merged"): fms32, (torch.float32, "audio_only"): fms32_audio,
+                                  (torch.bfloat16, "merged"): fms16})
+    assert models.float64_bytes() == 8 * (100 + 100)  # HF's copy and FMS's (here all audio path) in float64
+    with models.float64_room():
+        inside = {name for name, m in zip(("hf32", "fms32", "fms32_audio", "hf16", "fms16", "hf64"), everything)
+                  if m.weight.where == "cpu"}
+        # free 600 + HF's float64 copy 800 (reused) < 1.25 x 1600: two float32 models out make 2200 >= 2000
+        assert len(inside) == 2 and inside < {"hf32", "fms32", "fms32_audio"}, inside
+    assert all(m.weight.where == "cuda" for m in everything), "every model back on the card, HF's float64 copy too"
+
+
+@pytest.mark.gpu
+@pytest.mark.runs_at("toy", device="session", dtype="float32")
+def test_metrics_on_the_card_equal_the_hosts(run_scope):
+    """`compare` and the row floors computed on the run's card (`Workspace.for_run`, what a CUDA run uses) give the
+    host's maxima, counts, worst element and verdict, and its sums to 1e-12."""
+    from parity.diff import HOST, Workspace, compare, row_floors
+    from parity.tolerances import Tolerance
+
+    if run_scope.device.type != "cuda":
+        pytest.skip("needs --device cuda: the card's workspace is what a CUDA run uses")
+    work = Workspace.for_run(run_scope.device)
+    assert work.device.type == "cuda" and work.of(1 << 20).type == "cuda"
+    g = torch.Generator().manual_seed(7)
+    hf = torch.randn(3, 40, 512, generator=g).to(torch.bfloat16).float()
+    fms = hf + 0.02 * torch.randn(hf.shape, generator=g)
+    fms[1, 5, 7] += 3.0  # one badly wrong element
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[2, 30:] = False
+    tol = Tolerance(1e-2, 1e-2, 2.0, 0.0, "a 16-bit-like rule with an ulp term")
+    on_host, on_card = (compare(hf, fms, tol, ulp_dtype="bfloat16", valid=valid, work=w) for w in (HOST, work))
+    assert on_card.status == on_host.status == "fail"
+    host, card = on_host.metrics, on_card.metrics
+    for name in ("numel", "outside_count", "max_abs", "min_atol", "tol_ratio", "ref_absmax", "worst_index",
+                 "worst_hf", "worst_fms", "masked_out"):
+        assert getattr(card, name) == getattr(host, name), name
+    for name in ("mean_abs", "cosine", "sqnr_db"):
+        assert getattr(card, name) == pytest.approx(getattr(host, name), rel=1e-12), name
+    hf64 = hf.double() + 1e-3 * torch.randn(hf.shape, generator=g, dtype=torch.float64)
+    assert torch.equal(row_floors(hf, hf64, "bfloat16", valid, work).cpu(), row_floors(hf, hf64, "bfloat16", valid))

@@ -239,24 +239,30 @@ class Models:
 
     @contextlib.contextmanager
     def float64_room(self):
-        """Room on a GPU for the float64 copies: where they would not fit beside the working models, those wait in
-        host memory meanwhile and come back after; HF's float64 copy then waits there between uses. Where they fit,
-        HF's copy stays on the card for the whole run, made once per working dtype."""
-        if self.device.type != "cuda" or not _shortfall(self, self.float64_bytes()):
+        """Room on a GPU for the float64 copies: where they would not fit beside the working models, the fewest of
+        those (other dtypes' first, then the largest) wait in host memory meanwhile and come back after. Where they
+        fit, HF's copy stays on the card for the whole run, made once per working dtype; else it waits in host
+        memory between uses too."""
+        if self.device.type != "cuda":
             yield
             return
-        parked = [model for model in self.working_models()
-                  if any(on_device(t, self.device) for t in model.parameters())]
-        for model in parked:
+        need, parked = self.float64_bytes(), []
+        waiting = sorted((m for m in self.working_models() if self.device_bytes([m])),
+                         key=lambda m: (self.dtype in {p.dtype for p in m.parameters()}, -self.device_bytes([m])))
+        for model in waiting:
+            if not _shortfall(self, need):
+                break
+            parked.append((model, self.device_bytes([model])))
             model.to("cpu")
-        free_memory()
+            free_memory()
         try:
             yield
         finally:
-            if torch.float64 in self.hf:
-                self.hf[torch.float64].to("cpu")
-            free_memory()
-            for model in parked:
+            hf64 = self.hf.get(torch.float64)
+            if parked and hf64 is not None and _shortfall(self, sum(size for _, size in parked), reuse=False):
+                hf64.to("cpu")
+                free_memory()
+            for model, _ in parked:
                 model.to(self.device)
 
     def processors(self):
@@ -485,13 +491,13 @@ def _model_inputs(batch: Any, models: Models) -> Any:
     return out
 
 
-def _shortfall(models: Models, need: int, parked: bool = False) -> Optional[str]:
+def _shortfall(models: Models, need: int, parked: bool = False, reuse: bool = True) -> Optional[str]:
     """None when `need` more bytes fit on the run device (with 25% headroom), else what they need and what is free.
-    HF's float64 copy already made counts as free (it is reused or replaced, never held twice). `parked`: with the
-    working models moved to host memory first (`Models.float64_room`), on a GPU."""
+    `reuse`: HF's float64 copy already made counts as free (the float64 work reuses or replaces it, never holds it
+    twice). `parked`: with the working models moved to host memory first (`Models.float64_room`), on a GPU."""
     free = available_bytes(models.device)
     if free is not None and models.device.type == "cuda":
-        free += models.device_bytes([models.hf[torch.float64]]) if torch.float64 in models.hf else 0
+        free += models.device_bytes([models.hf[torch.float64]]) if reuse and torch.float64 in models.hf else 0
         free += models.device_bytes() if parked else 0
     if free is not None and need * 1.25 > free:
         return f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free" + (" with the working models parked in "
@@ -1178,7 +1184,7 @@ def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
     if models.dtype == torch.float32:
         return models, "float32"
     loaded = torch.float32 in models.hf and (torch.float32, "merged") in models.fms
-    short = None if loaded else _shortfall(models, 2 * 4 * models.values())
+    short = None if loaded else _shortfall(models, 2 * 4 * models.values(), reuse=False)
     if short:
         return None, f"not run: exact transcripts need the float32 models: {short}"
     return models.at(torch.float32), (f"float32 in a {dtype_name(models.dtype)} run: exact transcripts need it; "
