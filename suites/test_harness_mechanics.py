@@ -885,3 +885,27 @@ def test_metrics_on_the_card_equal_the_hosts(run_scope):
         assert getattr(card, name) == pytest.approx(getattr(host, name), rel=1e-12), name
     hf64 = hf.double() + 1e-3 * torch.randn(hf.shape, generator=g, dtype=torch.float64)
     assert torch.equal(row_floors(hf, hf64, "bfloat16", valid, work).cpu(), row_floors(hf, hf64, "bfloat16", valid))
+
+
+def test_models_no_later_case_uses_are_freed(tmp_path):
+    """compare frees a working model after its last case: the bf16 case of a float32 run holds only the bf16 pair,
+    so its float64 copies find room on an 80 GB card at 2b without parking."""
+    from parity.granite import pipeline
+
+    cases = pipeline.default_cases()
+    transcribed = pipeline._transcribe_case(cases)
+    last = cases[-1]
+    assert last.dtype == "bfloat16" and transcribed is not last
+    assert pipeline._models_used(cases[-1:], torch.float32, transcribed) == ({(torch.bfloat16, "merged")},
+                                                                            {torch.bfloat16})
+    fms, hf = pipeline._models_used(cases, torch.float32, transcribed)
+    assert (torch.float32, "audio_only") in fms and torch.float32 in hf
+    models = pipeline.Models(tmp_path, torch.float32, torch.device("cpu"),
+                             hf={torch.float32: _CardModel(4, torch.float32), torch.float64: _CardModel(4, torch.float64),
+                                 torch.bfloat16: _CardModel(4, torch.bfloat16)},
+                             fms={(torch.float32, "merged"): _CardModel(4, torch.float32),
+                                  (torch.float32, "audio_only"): _CardModel(4, torch.float32),
+                                  (torch.bfloat16, "merged"): _CardModel(4, torch.bfloat16)})
+    models.at(torch.bfloat16).keep_only(*pipeline._models_used(cases[-1:], torch.float32, transcribed))
+    assert set(models.fms) == {(torch.bfloat16, "merged")}
+    assert set(models.hf) == {torch.bfloat16, torch.float64}, "HF's float64 copy stays (replaced when needed)"

@@ -213,6 +213,16 @@ class Models:
             self.hf64_source["dtype"] = self.dtype
         return self.hf[torch.float64].to(self.device)
 
+    def keep_only(self, fms_keys: set, hf_dtypes: set) -> None:
+        """Free the working models outside `fms_keys` / `hf_dtypes` (HF's float64 copy stays): the models no later
+        case uses, so that a 2b run's bf16 case finds room for its float64 copies without parking."""
+        dropped = [k for k in self.fms if k not in fms_keys] + [d for d in self.hf
+                                                               if d != torch.float64 and d not in hf_dtypes]
+        for key in dropped:
+            (self.fms if isinstance(key, tuple) else self.hf).pop(key)
+        if dropped:
+            free_memory()
+
     def working_models(self) -> list:
         """The loaded models of the working dtypes (every one but HF's float64 copy)."""
         return [model for dtype, model in self.hf.items() if dtype != torch.float64] + list(self.fms.values())
@@ -1242,6 +1252,19 @@ def _preprocessing_section(case: Case, models: Models, rows: list, floor_capture
     return f"{case.name} · preprocessing", "preprocessing", result, extra
 
 
+def _models_used(cases: Sequence[Case], dtype: torch.dtype, transcribed: Optional[Case]) -> Tuple[set, set]:
+    """(FMS (dtype, lora_mode) keys, HF dtypes) the model, generation and transcribe sections of `cases` load."""
+    fms, hf = set(), set()
+    for case in cases:
+        case_dtype = getattr(torch, case.dtype) if case.dtype else dtype
+        fms.add((case_dtype, case.lora_mode))
+        hf.add(case_dtype)
+        if case is transcribed:  # float32 always (`_float32_models`)
+            fms.add((torch.float32, "merged"))
+            hf.add(torch.float32)
+    return fms, hf
+
+
 def run_pipeline(
     checkpoint: Union[str, Path],
     *,
@@ -1268,6 +1291,7 @@ def run_pipeline(
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     if floors not in FLOORS:
         raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
+    own_models = models is None  # then models no later case uses are freed as the cases go
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
     store = ReferenceStore(save_captures, reference_captures, checkpoint=models.checkpoint)  # checked before loading
     sections: List[Section] = []
@@ -1281,7 +1305,9 @@ def run_pipeline(
         generation = _ctc_generation_sections if ctc else _generation_sections
         run_cases = cases_for(models.checkpoint, cases)
         transcribed = _transcribe_case(run_cases)
-        for case in run_cases:
+        for index, case in enumerate(run_cases):
+            if own_models:
+                base.keep_only(*_models_used(run_cases[index:], base.dtype, transcribed))
             progress(f"case: {case.name}")
             models = base.at(getattr(torch, case.dtype)) if case.dtype else base
             rows, hf_inputs, fms_inputs, extra = preprocess(case, models, Path(tmp))
