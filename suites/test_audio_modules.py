@@ -246,7 +246,9 @@ def test_encoder_compiles_fullgraph_and_matches_eager(record_property):
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
         eager = ours(x)
-        compiled = torch.compile(ours, fullgraph=True)(x)
+        # the traced graph through AOTAutograd, without inductor's code generation: inductor's numerics are
+        # test_compile.py's (the session model's encoder), which the CPU gate runs too
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
         _check(record_property, "encoder compiled vs eager", compiled, eager)
         _check(record_property, "encoder compiled vs HF", compiled, _hf_encode(hf, x))
 
@@ -401,7 +403,7 @@ def test_projector_compiles_fullgraph_and_matches_eager(projectors, record_prope
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
         eager = ours(h)
-        compiled = torch.compile(ours, fullgraph=True)(h)
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(h)  # inductor: as for the encoder
         _check(record_property, "projector compiled vs eager", compiled, eager)
         _check(record_property, "projector compiled vs HF", compiled, hf(h))
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
 from parity.granite.fixtures import build_checkpoint
-from parity.granite.plugin import early_launch, launch_logged
+from parity.granite.launches import early_launch, launch_logged
 from granite_speech.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

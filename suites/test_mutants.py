@@ -14,7 +14,7 @@ import pytest
 
 import granite_speech
 from parity.granite.mutants import CATALOGUE, KINDS, matches
-from parity.granite.plugin import early_launch, launch_logged
+from parity.granite.launches import early_launch, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the runner on the tiny fixture
 

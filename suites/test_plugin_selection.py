@@ -114,3 +114,45 @@ def test_the_cpu_gate_is_tiny_on_the_cpu_in_fp32_without_a_checkpoint():
 ])
 def test_family_members_follow_the_model_option(model, members):
     assert family_variants_for(model) == members
+
+
+def _worker(uid: str):
+    """A stand-in config of one pytest-xdist worker of the run `uid`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(testrunuid=None), workerinput={"testrunuid": uid})
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_an_early_launch_runs_once_for_every_worker_of_an_xdist_run(code):
+    """Every xdist worker collects every test and so asks for every launch: the first starts it, the others read
+    its output and exit status from the folder the run's workers share; the controller removes that folder."""
+    import sys
+    import uuid
+    from types import ModuleType, SimpleNamespace
+
+    from parity.granite import launches
+
+    module, starts = ModuleType("a_suite"), []
+
+    def start(folder):
+        starts.append(folder)
+        return launches.launch_logged([sys.executable, "-c", f"print('ran'); raise SystemExit({code})"], folder)
+
+    module.EARLY_LAUNCHES = {"job": start}
+    uid = uuid.uuid4().hex
+    workers = [_worker(uid) for _ in range(2)]
+    session = SimpleNamespace(config=workers[1], items=[SimpleNamespace(module=module, fixturenames=["job"])])
+    launches.start_wanted(session)  # the second worker's collection ends first
+    results = [launches.early_launch(SimpleNamespace(config=w, module=module, fixturename="job")) for w in workers]
+    assert len(starts) == 1, "one launch for the run"
+    for done, folder in results:
+        assert (done.returncode, done.stdout, folder) == (code, "ran\n", starts[0])
+        assert done.args[-1].endswith(f"raise SystemExit({code})")
+    for worker in workers:
+        launches.note_exit(worker, 0)
+        launches.finish(worker)
+    assert starts[0].is_dir(), "a worker leaves the shared folder to the controller"
+    controller = SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(testrunuid=uid, numprocesses=2))
+    launches.finish(controller)
+    assert not starts[0].parent.exists()

@@ -13,7 +13,7 @@ import torch
 
 from parity.granite.cli import main as parity_main
 from parity.granite.fixtures import SPEECH_DIR
-from parity.granite.plugin import early_launch, launch_logged
+from parity.granite.launches import early_launch, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
 

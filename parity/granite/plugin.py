@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from granite_speech.config import VARIANTS
+from parity.granite import launches
 from parity.granite.fixtures.family import FAMILY_VARIANTS, TINY_FAMILY
 
 MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family members
@@ -68,6 +69,7 @@ def pytest_configure(config):
     ):
         config.addinivalue_line("markers", line)
     config.stash[_WRITTEN] = []
+    launches.share_under_xdist(config)
     given = config.getoption("--checkpoint", default=None)
     if given:
         check_checkpoint_option(given)
@@ -221,79 +223,32 @@ def write_parity_report(pytestconfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Launched early. A test that only waits for a subprocess (torchrun ranks, the mutation runner) has it started when
-# collection ends, so that it runs beside the in-process tests (which keep about one core busy) instead of after
-# them. A module offers its launches as EARLY_LAUNCHES = {fixture name: start(folder) -> subprocess.Popen}, each
-# writing its output to files in `folder` (a pipe nobody reads would stall it); the fixture of that name returns
-# `early_launch(request)`, which starts it then if it was not started yet. A launch starts early only when a selected
-# test uses its fixture.
-EARLY_LAUNCHES = "EARLY_LAUNCHES"
-_LAUNCHED = pytest.StashKey[dict]()  # (module, name) -> [Popen, folder, CompletedProcess or None]
-EARLY_LAUNCH_TIMEOUT_S = 900
+# Launched early (`parity.granite.launches`): subprocesses a test only waits for start when collection ends.
 
 
 def pytest_collection_finish(session):
-    if session.config.option.collectonly:
-        return
-    wanted = {(item.module, name) for item in session.items
-              for name in getattr(getattr(item, "module", None), EARLY_LAUNCHES, ()) if name in item.fixturenames}
-    for module, name in sorted(wanted, key=lambda pair: (pair[0].__name__, pair[1])):
-        try:
-            _launch(session.config, module, name)
-        except Exception:  # noqa: BLE001  (the fixture's own `early_launch` starts it again and reports the error)
-            pass
+    if not session.config.option.collectonly:
+        launches.start_wanted(session)
 
 
-def _launch(config, module, name: str) -> list:
-    launched = config.stash.setdefault(_LAUNCHED, {})
-    key = (module.__name__, name)
-    if key not in launched:
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix=f"early-{name}-"))
-        launched[key] = [getattr(module, EARLY_LAUNCHES)[name](folder), folder, None]
-    return launched[key]
+@pytest.hookimpl(specname="pytest_sessionfinish")
+def pytest_sessionfinish_parity(session, exitstatus):
+    launches.note_exit(session.config, exitstatus)
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller's summary lists its reports
+        session.config.workeroutput["parity_written"] = [
+            (option, mode, str(path)) for option, mode, path in session.config.stash.get(_WRITTEN, [])]
 
 
-def early_launch(request) -> tuple:
-    """(subprocess.CompletedProcess with its stdout and stderr, its folder) of the launch named like the requesting
-    fixture, in its module's EARLY_LAUNCHES."""
-    import subprocess
-
-    entry = _launch(request.config, request.module, request.fixturename)
-    proc, folder, done = entry
-    if done is None:
-        proc.wait(timeout=EARLY_LAUNCH_TIMEOUT_S)
-        out, err = ((folder / stream).read_text() for stream in ("stdout", "stderr"))
-        entry[2] = done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done, folder
-
-
-def launch_logged(argv, folder: Path, **kwargs):
-    """Popen of `argv` with stdout and stderr in files of `folder`, in a process group of its own (so that the
-    session can end it and its children if it stops before a test waited for it)."""
-    import subprocess
-
-    with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-        return subprocess.Popen(argv, stdout=out, stderr=err, text=True, start_new_session=True, **kwargs)
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: the reports a worker wrote, for the terminal summary."""
+    written = getattr(node, "workeroutput", {}).get("parity_written", [])
+    node.config.stash.setdefault(_WRITTEN, []).extend((o, m, Path(p)) for o, m, p in written)
 
 
 @pytest.hookimpl(specname="pytest_unconfigure")
 def pytest_unconfigure_early_launches(config):
-    import os
-    import shutil
-    import signal
-    import subprocess
-
-    for proc, folder, _ in config.stash.get(_LAUNCHED, {}).values():
-        if proc.poll() is None:  # the session stopped before a test waited for it (-x, a keyboard interrupt)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+    launches.finish(config)
 
 
 # --------------------------------------------------------------------------------------------------------------------
