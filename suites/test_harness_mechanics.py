@@ -901,8 +901,7 @@ def test_models_no_later_case_uses_are_freed(tmp_path):
     fms, hf = pipeline._models_used(cases, torch.float32, transcribed)
     assert (torch.float32, "audio_only") in fms and torch.float32 in hf
     models = pipeline.Models(tmp_path, torch.float32, torch.device("cpu"),
-                             hf={torch.float32: _CardModel(4, torch.float32), torch.float64: _CardModel(4, torch.float64),
-                                 torch.bfloat16: _CardModel(4, torch.bfloat16)},
+                             hf={dtype: _CardModel(4, dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16)},
                              fms={(torch.float32, "merged"): _CardModel(4, torch.float32),
                                   (torch.float32, "audio_only"): _CardModel(4, torch.float32),
                                   (torch.bfloat16, "merged"): _CardModel(4, torch.bfloat16)})

@@ -120,7 +120,8 @@ def _worker(uid: str):
     """A stand-in config of one pytest-xdist worker of the run `uid`."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(testrunuid=None), workerinput={"testrunuid": uid})
+    return SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(testrunuid=None),
+                           workerinput={"testrunuid": uid})
 
 
 @pytest.mark.parametrize("code", [0, 3])

@@ -683,8 +683,9 @@ FLOAT64_EXACT_PREFIXES = AUDIO_PROBE_PREFIXES + ("decoder.inputs_embeds",)
 
 def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, floors_cause: Optional[str],
                  floors_from: Optional[torch.dtype]) -> Tuple[Optional[object], str, Optional[str]]:
-    """FMS's audio path run in float64 on its own inputs (`audio_path_float64`): beside HF in float64 (the floors), rounding is gone, so a
-    formula fault smaller than the run dtype's rounding (an eps, a constant's sixth digit) is a plain difference.
+    """FMS's audio path run in float64 on its own inputs (`audio_path_float64`): beside HF in float64 (the floors),
+    rounding is gone, so a formula fault smaller than the run dtype's rounding (an eps, a constant's sixth digit) is
+    a plain difference.
     Returns (captures, why, cause): a cause when the check was planned and did not run (`parity.verdict.CAUSES`).
     Planned in float32 cases with audio; a 16-bit case's float64 reference holds its 16-bit weights, FMS's float64
     load the checkpoint's, so the float32 cases of the run are where formulas are checked. `floors_from`: the dtype
