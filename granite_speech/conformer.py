@@ -70,6 +70,7 @@ class ConformerAttention(nn.Module):
         self.dense = nn.Linear(inner, config.emb_dim)
         self.rel_pos_emb = nn.Embedding(2 * config.max_pos_emb + 1, config.head_dim)
         self.dropout = nn.Dropout(config.p_dropout)
+        self.kernel = "math"  # `ConformerEncoder.set_attention_kernel`
 
     def reset_parameters(self):
         self.ln.reset_parameters()
@@ -109,6 +110,10 @@ class ConformerAttention(nn.Module):
         # [B, nb*C, H*Dh] -> [B*nb, H, C, Dh]; batch-major, so block b*nb + n is block n of sequence b
         q, k, v = (t.reshape(batch * nblocks, ctx, self.nheads, self.head_dim).transpose(1, 2) for t in (q, k, v))
 
+        if self.kernel == "flex":
+            out = self._flex_attention(q, k, v, nblocks, remainder)
+            out = out.transpose(1, 2).reshape(batch, nblocks * ctx, self.nheads * self.head_dim)
+            return self.dropout(self.dense(out[:, :seq_len]))
         rel = self.rel_pos_emb(self.relative_distances(q.device))  # [C, C, Dh]
         # same einsum as HF, so the bias rounds identically
         bias = torch.einsum("b h c d, c r d -> b h c r", q, rel) * self.scale
@@ -125,6 +130,30 @@ class ConformerAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, nblocks * ctx, self.nheads * self.head_dim)
         return self.dropout(self.dense(out[:, :seq_len]))
+
+
+    def _flex_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nblocks: int,
+                        remainder: int) -> torch.Tensor:
+        """The block attention through `flex_attention`, with no [C, C] bias tensor: the score_mod gathers a (query,
+        key) pair's Shaw term from q's products with the 2C - 1 distances a block holds, and gives the last block's
+        right-padding the lowest float32 score (finite, as the math path's mask: padded query rows stay finite and
+        are sliced off). Fused into one kernel under torch.compile; eager, it runs flex's unfused reference."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        ctx = self.context_size
+        distances = torch.arange(1 - ctx, ctx, device=q.device)  # i - j for every pair of one block
+        rows = self.rel_pos_emb(distances.clamp(-ctx, ctx) + self.max_pos_emb)  # [2C - 1, Dh]
+        shaw = torch.einsum("b h c d, r d -> b h c r", q, rows) * self.scale  # [B*nb, H, C, 2C - 1]
+        masked = torch.finfo(torch.float32).min
+
+        def add_shaw(score, b, h, q_idx, kv_idx):
+            score = score + shaw[b, h, q_idx, q_idx - kv_idx + ctx - 1]
+            if remainder == 0:
+                return score
+            real = (b % nblocks != nblocks - 1) | ((q_idx < remainder) & (kv_idx < remainder))
+            return torch.where(real, score, masked)
+
+        return flex_attention(q, k, v, score_mod=add_shaw, scale=self.scale)
 
 
 class ConformerConvModule(nn.Module):
@@ -224,6 +253,17 @@ class ConformerEncoder(nn.Module):
     def post_init(self):
         for layer in self.layers:
             layer.post_init()
+
+    ATTENTION_KERNELS = ("math", "flex")
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """How every block computes its attention: "math" (default; SDPA's math backend over the full Shaw bias,
+        rounding as HF does) or "flex" (`flex_attention`, fused under torch.compile; rounds differently, within the
+        tolerance table: `suites/test_audio_modules.py`)."""
+        if kernel not in self.ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {self.ATTENTION_KERNELS}, got {kernel!r}")
+        for layer in self.layers:
+            layer.attn.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.input_dim or x.shape[1] == 0:

@@ -179,6 +179,28 @@ def test_encoder_matches_hf(encoders, record_property, frames, batch):
         _check(record_property, f"encoder T={frames} B={batch}", ours(x), _hf_encode(hf, x))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: the reference
+@pytest.mark.parametrize("frames", list(LENGTHS.values()), ids=list(LENGTHS))
+def test_encoder_with_the_flex_attention_kernel_matches_hf(encoders, record_property, frames):
+    """The flex_attention kernel (Shaw term by a score_mod, the last block's padding by a block mask) against HF's
+    math path, eager: every block count, a padded last block and a single short one, in a padded batch of 2."""
+    hf, ours = encoders
+    x = _features(2, frames, seed=frames * 10 + 7)
+    ours.set_attention_kernel("flex")
+    try:
+        with torch.no_grad():
+            _check(record_property, f"encoder flex T={frames}", ours(x), _hf_encode(hf, x))
+    finally:
+        ours.set_attention_kernel("math")
+
+
+def test_an_unknown_attention_kernel_is_refused(encoders):
+    _, ours = encoders
+    with pytest.raises(ValueError, match="attention kernel must be one of \\('math', 'flex'\\), got 'sdpa'"):
+        ours.set_attention_kernel("sdpa")
+    assert all(layer.attn.kernel == "math" for layer in ours.layers)
+
+
 @pytest.mark.parametrize("frames", [5, 32, 70])
 def test_encoder_even_kernel_odd_layers_matches_hf(record_property, frames):
     hf, ours = _build_encoders(ENCODER_EVEN_KERNEL, seed=3)

@@ -151,6 +151,26 @@ def test_encoder_compiles_fullgraph(compile_model, audio_inputs, dtype, device, 
 
 
 @torch.no_grad()
+def test_encoder_with_flex_attention_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
+    """The encoder's flex_attention kernel (`ConformerEncoder.set_attention_kernel("flex")`), traced whole and
+    compiled, against the default math kernel run eagerly: the fast encoder's candidate for issue 26, not yet its
+    default. Inductor fuses it on CUDA; on the CPU, where inductor finds no flex_attention template for these shapes
+    (NoValidChoicesError, torch 2.9.1), the traced graph runs through aot_eager."""
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    features = audio_inputs["input_features"]
+    encoder = compile_model.encoder
+    eager = encoder(features)
+    encoder.set_attention_kernel("flex")
+    try:
+        _explain("encoder_flex", encoder, (features,), record_property)
+        compiled = torch.compile(encoder, fullgraph=True, backend=backend)(features)
+    finally:
+        encoder.set_attention_kernel("math")
+    _judge("encoder_flex", compiled, eager, lambda: _fp32_copy(encoder)(features.float()), dtype, device,
+           record_property)
+
+
+@torch.no_grad()
 def test_projector_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
     encoded = compile_model.encoder(audio_inputs["input_features"])
     eager = compile_model.projector(encoded)
