@@ -445,6 +445,12 @@ CASES = [
          r"is 2\.0 s long, over the 1 s limit"),
     Case("c-audio-no-files", "compare", lambda a: _c(a, "--audio"), 2,
          r"argument --audio: expected at least one argument"),
+    Case("c-case-names-no-input", "compare", lambda a: _c(a, "--case", "bf16", "--case", "no such input"), 2,
+         r"--case: no default case matches 'no such input'; the cases are \['clip 201 frames"),
+    Case("c-case-with-audio", "compare", lambda a: _c(a, "--case", "bf16", "--audio", a.two_seconds), 2,
+         r"--case picks among the default inputs and --audio replaces them"),
+    Case("c-case-of-another-member", "compare", lambda a: _c(a, "--model", "tiny-5", "--case", "bf16"), 2,
+         r"--case: no default case matches 'bf16'; the cases are \['clip 201 frames \(odd"),
     Case("c-new-tokens-zero", "compare", lambda a: _c(a, "--new-tokens", "0"), 2,
          r"argument --new-tokens: .*expected a whole number >= 1"),
     Case("c-prompt-without-placeholder", "compare", lambda a: _c(a, "--prompt", "hello"), 2,
@@ -1062,3 +1068,18 @@ def test_nan_weights_are_named_at_load_not_an_empty_transcript(assets, tmp_path,
         f"error: checkpoint {folder} holds weights that cannot be used: tensor encoder.input_linear.weight (FMS name) "
         f"holds 1 NaN/Inf value(s), the first at index [1, 2]; expected finite weights (is the checkpoint damaged, or "
         f"saved from a diverged run?)")
+
+
+def test_compare_case_runs_only_the_named_inputs_and_says_so(tmp_path, capsys):
+    """`--case TEXT` runs the default inputs whose names contain TEXT, and the terminal says the verdict covers part
+    of them (the report's meta keeps the command line and the inputs that ran)."""
+    from parity.granite.cli import main as parity_main
+
+    code = parity_main(["compare", "--case", "LoRA audio_only", "--report", str(tmp_path / "r.html"),
+                        "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 0 and "--case: 1 of the 7 default inputs" in err, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {s["title"].split(" · ")[0] for s in report["sections"]} == {
+        "LoRA audio_only mode (on window and tiny block)"}
+    assert {row["case"] for row in report["meta"]["inputs"]} == {"LoRA audio_only mode (on window and tiny block)"}

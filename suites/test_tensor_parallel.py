@@ -47,6 +47,7 @@ PLANTS = {
     """),
 }
 ONE_CLIP = ("--audio", str(CLIP), "--new-tokens", "4")
+AUDIO_ONLY_CASES = ("--case", "LoRA audio_only mode", "--case", "clip 201 frames")
 CLEAN = "none"  # the job with nothing planted, run first
 # every rank runs each job's `compare` in turn, in one process group: one launch (interpreters, imports, the
 # group) serves the clean run and every planted bug; `tp.stop` waits for the last job
@@ -109,7 +110,8 @@ def _launch_all_jobs(root: Path) -> subprocess.Popen:
     """One launch of 2 ranks: the clean run of the default input set, then each planted bug."""
     jobs = [{"plant": CLEAN, "argv": _compare_argv(root / CLEAN, ())}]
     for plant, (module, attribute, source) in PLANTS.items():
-        inputs = () if plant.startswith("audio_only") else ONE_CLIP  # that hook runs only in the default set
+        # that hook runs only in the default set's audio_only case; a merged-LoRA case beside it must still pass
+        inputs = AUDIO_ONLY_CASES if plant.startswith("audio_only") else ONE_CLIP
         jobs.append({"plant": plant, "module": module, "attribute": attribute, "source": source,
                      "argv": _compare_argv(root / plant, inputs)})
     for job in jobs:

@@ -30,7 +30,8 @@ from granite_speech.cli_errors import (
     version_string,
 )
 from granite_speech.config import VARIANTS
-from parity.granite.cli_checks import CompareRun, DiffRun, check_compare_args, check_diff_args, check_fixture_checkpoint
+from parity.granite.cli_checks import (CompareRun, DiffRun, check_compare_args, check_diff_args,
+                                       check_fixture_checkpoint, is_ctc_member)
 from parity.granite.fixtures.family import FAMILY_VARIANTS
 
 MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family's
@@ -94,7 +95,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     from parity.capture import available_bytes, checkpoint_param_bytes
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
-    from parity.granite.pipeline import Case, compare_report, default_cases
+    from parity.granite.pipeline import Case, compare_report, ctc_cases, default_cases, select_cases
     from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
@@ -136,7 +137,10 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
         cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
                       instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
     else:
-        cases = default_cases()
+        every = ctc_cases() if is_ctc_member(run.checkpoint, run.model) else default_cases()
+        cases = select_cases(run.cases, every)
+        if len(cases) < len(every) and not quiet:  # a verdict on part of the inputs: say so up front
+            print(f"--case: {len(cases)} of the {len(every)} default inputs", file=sys.stderr)
     phases = "one" if run.tp > 1 else run.phases  # every rank holds both models (two phases are refused with --tp)
     if phases == "auto":  # both models (and HF in float64 for the floors) at once, if they fit
         needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
@@ -279,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--allow-partial", action="store_true",
                      help="exit 0, not 4, when every check that ran passed but a planned one did not run (memory, "
                           "a side that raised); the report still lists each")
+    cmp.add_argument("--case", action="append", default=[], metavar="TEXT",
+                     help="run only the default inputs whose names contain TEXT (repeatable; a TEXT that names none "
+                          "is an error listing the names), e.g. --case 'bf16 as users run it'")
     cmp.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
                      help="greedy tokens compared with HF generate for --audio clips (default: %(default)s)")
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),

@@ -59,6 +59,7 @@ class CompareRun:
     phases_given: bool = False  # --phases two was asked for (not picked by the memory plan)
     new_tokens: int = 8
     tp: int = 1  # ranks the FMS decoder is sharded over (torchrun launched this process)
+    cases: Tuple[str, ...] = ()  # --case: run only the default inputs whose names contain one of these
 
 
 @dataclass(frozen=True)
@@ -185,14 +186,37 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
         (str(path), read_audio(path, rate, max_seconds=args.max_audio_seconds)) for path in args.audio or ()
     ]
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
+    check_case_args(args, checkpoint, model)
     check_tensor_parallel_args(args, checkpoint, model, save, reference, device)
     return CompareRun(
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
         save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
         feed=args.feed, floors=args.floors, lenient=args.lenient, allow_partial=args.allow_partial,
-        phases_given=args.phases == "two", new_tokens=args.new_tokens, tp=args.tp,
+        phases_given=args.phases == "two", new_tokens=args.new_tokens, tp=args.tp, cases=tuple(args.case or ()),
     )
+
+
+def is_ctc_member(checkpoint: Optional[Path], model: str) -> bool:
+    """Whether the run's member is granite-speech-5.0 (CTC): from the folder's config.json, else the fixture name."""
+    config = json.loads((checkpoint / "config.json").read_text()) if checkpoint is not None else {}
+    return config.get("model_type") == "granite_speech5_ctc" or (checkpoint is None and model in ("5.0-470m",
+                                                                                                 "tiny-5"))
+
+
+def check_case_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str) -> None:
+    """`--case TEXT` picks among the member's default inputs: each TEXT must name one, and --audio (which replaces
+    the default inputs) cannot come with it."""
+    if not args.case:
+        return
+    if args.audio:
+        raise UsageError("--case picks among the default inputs and --audio replaces them; pass one of them")
+    from parity.granite.pipeline import ctc_cases, default_cases, select_cases
+
+    try:
+        select_cases(args.case, ctc_cases() if is_ctc_member(checkpoint, model) else default_cases())
+    except ValueError as err:
+        raise UsageError(f"--case: {err}") from None
 
 
 def check_tensor_parallel_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str,
@@ -213,8 +237,7 @@ def check_tensor_parallel_args(args: argparse.Namespace, checkpoint: Optional[Pa
         raise UsageError("--tp runs both models side by side on every rank; --phases two is single-process")
     if save is not None or reference is not None:
         raise UsageError("--save-captures / --reference-captures are single-process; run them without --tp")
-    config = json.loads((checkpoint / "config.json").read_text()) if checkpoint is not None else {}
-    if config.get("model_type") == "granite_speech5_ctc" or model in ("5.0-470m", "tiny-5"):
+    if is_ctc_member(checkpoint, model):
         raise UsageError("--tp shards a decoder; granite-speech-5.0 (CTC) has none")
     if device.type == "cuda" and torch.cuda.device_count() < args.tp:
         # one rank per device: on fewer devices a rank would address a card that is not there (a device-side assert)

@@ -90,14 +90,9 @@ def _compact(report: dict) -> dict:
 def select_cases(substrings: Sequence[str]):
     """The default cases of compare whose names contain one of `substrings` (all of them for none)."""
     from parity.granite.pipeline import default_cases
+    from parity.granite.pipeline import select_cases as select
 
-    cases = tuple(default_cases())
-    if not substrings:
-        return cases
-    chosen = tuple(c for c in cases if any(sub in c.name for sub in substrings))
-    if not chosen:
-        raise ValueError(f"no default case matches {list(substrings)}; the cases are {[c.name for c in cases]}")
-    return chosen
+    return select(substrings, default_cases())
 
 
 def _worker(args: argparse.Namespace) -> int:

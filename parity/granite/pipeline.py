@@ -122,6 +122,17 @@ def ctc_cases() -> Tuple[Case, ...]:
     )
 
 
+def select_cases(substrings: Sequence[str], cases: Sequence[Case]) -> Tuple[Case, ...]:
+    """The `cases` whose names contain one of `substrings` (all of them for none); ValueError naming the cases when
+    a substring matches none."""
+    if not substrings:
+        return tuple(cases)
+    for sub in substrings:
+        if not any(sub in c.name for c in cases):
+            raise ValueError(f"no default case matches {sub!r}; the cases are {[c.name for c in cases]}")
+    return tuple(c for c in cases if any(sub in c.name for sub in substrings))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # audio files
 
