@@ -40,6 +40,7 @@ from granite_speech.audio import AudioInputError, read_audio
 from granite_speech.checkpoint.files import CheckpointFormatError, check_checkpoint_folder
 from granite_speech.cli_errors import UsageError
 from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
+from parity.granite.launches import early_launch, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the CLI's contract on the tiny fixture
 
@@ -567,23 +568,50 @@ def test_transcribe_internal_error_exits_3(assets, monkeypatch, capsys):
     assert "KeyError: 'a bug'" in err and "please report it" in err
 
 
+COMPARE_RUNS = (("pass", ["--save-captures", "hf"]),
+                ("fail", ["-v", "--atol", "0", "--rtol", "0", "--reference-captures", "hf",
+                          "--case", "clip 201 frames"]))
+# the two runs in turn (the failing one reads what the passing one saved), each in an interpreter of its own
+RUN_IN_TURN = """
+import json, subprocess, sys
+root, runs = sys.argv[1], json.loads(sys.argv[2])
+codes = {}
+for name, argv in runs:
+    with open(f"{root}/{name}.out", "w") as out, open(f"{root}/{name}.err", "w") as err:
+        codes[name] = subprocess.run([sys.executable, "-m", "parity.granite", *argv], stdout=out, stderr=err,
+                                     cwd=root).returncode
+with open(f"{root}/codes.json", "w") as file:
+    json.dump(codes, file)
+"""
+
+
+def _launch_compares(folder: Path):
+    runs = [(name, ["compare", "--report", str(folder / f"{name}.html"), "--json", str(folder / f"{name}.json"),
+                    *[str(folder / a) if a == "hf" else a for a in extra]]) for name, extra in COMPARE_RUNS]
+    # one thread: it runs beside both workers and the other launches, where more threads than cores only spin
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return launch_logged([sys.executable, "-c", RUN_IN_TURN, str(folder), json.dumps(runs)], folder, env=env)
+
+
+EARLY_LAUNCHES = {"compare_launch": _launch_compares}  # started when collection ends (see the plugin)
+
+
 @pytest.fixture(scope="module")
-def compare_reports(tmp_path_factory):
+def compare_launch(request):
+    return early_launch(request)
+
+
+@pytest.fixture(scope="module")
+def compare_reports(compare_launch):
     """One passing and one failing compare run on the tiny fixture (the failing one: zero tolerances on one of the
     default inputs, against the HF side the passing one saved, so HF runs once), each in its own process as users
     run it, so stdout and stderr are what a terminal or a CI log shows (library progress bars included): (folder,
-    exit codes, stdouts, stderrs).
-    The failing run is -v."""
-    root = tmp_path_factory.mktemp("compare")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    codes, outs, errs = {}, {}, {}
-    for name, extra in (("pass", ["--save-captures", str(root / "hf")]),
-                        ("fail", ["-v", "--atol", "0", "--rtol", "0", "--reference-captures", str(root / "hf"),
-                                  "--case", "clip 201 frames"])):
-        argv = ["compare", "--report", str(root / f"{name}.html"), "--json", str(root / f"{name}.json"), *extra]
-        proc = subprocess.run([sys.executable, "-m", "parity.granite", *argv], capture_output=True, text=True,
-                              env=env, cwd=root, timeout=1800)
-        codes[name], outs[name], errs[name] = proc.returncode, proc.stdout, proc.stderr
+    exit codes, stdouts, stderrs). The failing run is -v. Launched when collection ends, beside the other tests."""
+    proc, root = compare_launch
+    assert proc.returncode == 0 and (root / "codes.json").is_file(), proc.stderr[-3000:]
+    codes = json.loads((root / "codes.json").read_text())
+    outs, errs = ({name: (root / f"{name}.{stream}").read_text() for name in codes} for stream in ("out", "err"))
     return root, codes, outs, errs
 
 
