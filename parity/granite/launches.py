@@ -53,6 +53,12 @@ def start_wanted(session) -> None:
             pass
 
 
+def run_waiting_modules_last(items: list) -> None:
+    """The test modules that wait for a launch run after every other module (order kept within each group): their
+    launches then have the whole run to finish, and no worker sits idle waiting for one while other files queue."""
+    items[:] = sorted(items, key=lambda item: hasattr(getattr(item, "module", None), EARLY_LAUNCHES))
+
+
 def _launch(config, module, name: str) -> list:
     launched = config.stash.setdefault(_LAUNCHED, {})
     key = (module.__name__, name)

@@ -106,6 +106,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_collection_modifyitems(config, items):
     deselect_cpu_gate_repeats(config, items)
+    launches.run_waiting_modules_last(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (marked gpu); run on a GPU runner")
