@@ -95,7 +95,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     from parity.capture import available_bytes, checkpoint_param_bytes
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
-    from parity.granite.pipeline import Case, compare_report, ctc_cases, default_cases, select_cases
+    from parity.granite.pipeline import Case, cases_for, compare_report, ctc_cases, default_cases, select_cases
     from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
@@ -139,6 +139,9 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     else:
         every = ctc_cases() if is_ctc_member(run.checkpoint, run.model) else default_cases()
         cases = select_cases(run.cases, every)
+        if not cases_for(checkpoint, cases):  # before any model loads
+            raise UsageError(f"--case {' / '.join(run.cases)}: names only inputs of the separate LoRA adapter "
+                             "(lora_mode audio_only), and this checkpoint has no adapter files")
         if len(cases) < len(every) and not quiet:  # a verdict on part of the inputs: say so up front
             print(f"--case: {len(cases)} of the {len(every)} default inputs", file=sys.stderr)
     phases = "one" if run.tp > 1 else run.phases  # every rank holds both models (two phases are refused with --tp)
