@@ -140,34 +140,25 @@ def _fp32_copy(module):
     return copy.deepcopy(module).float()
 
 
+@pytest.mark.parametrize("kernel", ["math", "flex"])
 @torch.no_grad()
-def test_encoder_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
-    features = audio_inputs["input_features"]
-    eager = compile_model.encoder(features)
-    _explain("encoder", compile_model.encoder, (features,), record_property)
-    compiled = torch.compile(compile_model.encoder, fullgraph=True)(features)
-    _judge("encoder", compiled, eager, lambda: _fp32_copy(compile_model.encoder)(features.float()), dtype, device,
-           record_property)
-
-
-@torch.no_grad()
-def test_encoder_with_flex_attention_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
-    """The encoder's flex_attention kernel (`ConformerEncoder.set_attention_kernel("flex")`), traced whole and
-    compiled, against the default math kernel run eagerly: the fast encoder's candidate for issue 26, not yet its
-    default. Inductor fuses it on CUDA; on the CPU, where inductor finds no flex_attention template for these shapes
-    (NoValidChoicesError, torch 2.9.1), the traced graph runs through aot_eager."""
-    backend = "inductor" if device.type == "cuda" else "aot_eager"
+def test_encoder_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property, kernel):
+    """The encoder with each attention kernel (`ConformerEncoder.set_attention_kernel`), traced whole and compiled,
+    against the default math kernel run eagerly. "flex" is the fast encoder's candidate for issue 26, not yet its
+    default: inductor fuses it on CUDA; on the CPU, where inductor finds no flex_attention template for these shapes
+    (NoValidChoicesError, torch 2.9.1), its traced graph runs through aot_eager."""
+    backend = "aot_eager" if kernel == "flex" and device.type != "cuda" else "inductor"
+    name = "encoder" if kernel == "math" else f"encoder_{kernel}"
     features = audio_inputs["input_features"]
     encoder = compile_model.encoder
     eager = encoder(features)
-    encoder.set_attention_kernel("flex")
+    encoder.set_attention_kernel(kernel)
     try:
-        _explain("encoder_flex", encoder, (features,), record_property)
+        _explain(name, encoder, (features,), record_property)
         compiled = torch.compile(encoder, fullgraph=True, backend=backend)(features)
     finally:
         encoder.set_attention_kernel("math")
-    _judge("encoder_flex", compiled, eager, lambda: _fp32_copy(encoder)(features.float()), dtype, device,
-           record_property)
+    _judge(name, compiled, eager, lambda: _fp32_copy(encoder)(features.float()), dtype, device, record_property)
 
 
 @torch.no_grad()
