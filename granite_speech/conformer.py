@@ -6,6 +6,7 @@ The forward has no data-dependent control flow: the sequence length only enters 
 `torch.compile(fullgraph=True)` traces it without graph breaks.
 """
 
+import contextlib
 import re
 from typing import List, Optional, Tuple
 
@@ -264,6 +265,16 @@ class ConformerEncoder(nn.Module):
             raise ValueError(f"attention kernel must be one of {self.ATTENTION_KERNELS}, got {kernel!r}")
         for layer in self.layers:
             layer.attn.kernel = kernel
+
+    @contextlib.contextmanager
+    def attention_kernel(self, kernel: str):
+        """`set_attention_kernel` for the duration of a block, then back to the kernel before it."""
+        before = self.layers[0].attn.kernel if len(self.layers) else "math"
+        self.set_attention_kernel(kernel)
+        try:
+            yield
+        finally:
+            self.set_attention_kernel(before)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.input_dim or x.shape[1] == 0:

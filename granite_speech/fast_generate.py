@@ -50,6 +50,8 @@ _WARMUP_STEPS = 2
 # The static prefill rounds the prompt up to a multiple of this many columns (left padding, masked), so one captured
 # prefill graph serves every prompt length of its bucket.
 PREFILL_BUCKET = 64
+# how the generator runs encoder + projector (`StaticGenerator(encoder=)`)
+ENCODERS = ("eager", "compiled", "flex")
 
 
 @dataclass(frozen=True)
@@ -393,7 +395,10 @@ class StaticGenerator:
         compile_step: bool = False,
         compile_backend: str = "inductor",
         static_prefill: bool = False,
+        encoder: str = "eager",
     ):
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
         if not isinstance(model, GraniteSpeech):
             raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
         if max_len < 2:
@@ -410,6 +415,10 @@ class StaticGenerator:
         self.dtype = self.lm.head.weight.dtype
         self.max_len = max_len
         self.static_prefill = static_prefill
+        self.encoder = encoder
+        # one compiled encoder + projector per generator (static shapes: one graph per feature shape, as the CUDA graphs)
+        self._compiled_audio = (torch.compile(model.get_audio_features, dynamic=False, backend=compile_backend)
+                                if encoder != "eager" else None)
         # cache columns: max_len plus the static prefill's bucket padding and room for the capture's warm-up steps
         # (they write up to 2 columns past the current one), rounded up for alignment; the extra columns are masked
         padding = PREFILL_BUCKET - 1 if static_prefill else 0
@@ -521,7 +530,7 @@ class StaticGenerator:
     def encode_audio(self, input_features: torch.Tensor) -> torch.Tensor:
         """`model.get_audio_features`, replayed from a CUDA graph captured once per feature shape on GPU."""
         if not self.use_cuda_graph:
-            return self.model.get_audio_features(input_features)
+            return self._audio_features(input_features)
         key = tuple(input_features.shape)
         if key not in self._audio_graphs:
             static_in = input_features.to(self.device, self.dtype).clone()
@@ -529,16 +538,24 @@ class StaticGenerator:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(_WARMUP_STEPS):
-                    self.model.get_audio_features(static_in)
+                    self._audio_features(static_in)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.model.get_audio_features(static_in)
+                static_out = self._audio_features(static_in)
             self._audio_graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self._audio_graphs[key]
         static_in.copy_(input_features)
         graph.replay()
         return static_out.clone()
+
+    def _audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Encoder + projector: eager as the model runs them, or compiled (inductor), the Conformer's block attention
+        through SDPA's math kernel ("compiled") or `flex_attention` ("flex", no [C, C] Shaw bias tensor)."""
+        if self._compiled_audio is None:
+            return self.model.get_audio_features(input_features)
+        with self.model.encoder.attention_kernel("flex" if self.encoder == "flex" else "math"):
+            return self._compiled_audio(input_features)
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -801,6 +818,7 @@ def generate_static(
     compile_step: bool = False,
     compile_backend: str = "inductor",
     static_prefill: bool = False,
+    encoder: str = "eager",
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
 
@@ -813,6 +831,7 @@ def generate_static(
         compile_step=compile_step,
         compile_backend=compile_backend,
         static_prefill=static_prefill,
+        encoder=encoder,
     )
     return generator.generate(
         input_ids,

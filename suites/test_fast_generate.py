@@ -328,6 +328,30 @@ def test_bad_inputs_raise_clear_errors(fms_model, fast_device):
         StaticGenerator(fms_model.language_model, max_len=16)
 
 
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+@pytest.mark.parametrize("encoder", [pytest.param("compiled", marks=pytest.mark.gpu), "flex"])
+def test_compiled_encoders_give_the_eager_audio_and_hfs_tokens(fms_model, hf_model, varied_prompts, fast_device,
+                                                               encoder, record_property):
+    """`StaticGenerator(encoder=...)`: encoder + projector compiled, the block attention through SDPA's math kernel
+    or `flex_attention`, replayed from the CUDA graph on GPU. The audio embeddings of the ragged batch equal the eager
+    model's within the activation tolerance, and the greedy tokens equal HF's. On the CPU the graph is traced through
+    aot_eager (inductor has no CPU kernel for this flex score_mod; 12 s a variant, so only flex runs there); on CUDA,
+    inductor."""
+    prompts = varied_prompts["batch3"]
+    backend = "inductor" if fast_device.type == "cuda" else "aot_eager"
+    length = prompts["input_ids"].size(1)
+    generator = StaticGenerator(fms_model, length + NEW_TOKENS, compile_backend=backend, encoder=encoder)
+    assert_parity(f"{encoder}_encoder_audio", fms_model.get_audio_features(prompts["input_features"]),
+                  generator.encode_audio(prompts["input_features"]), dtype=torch.float32, device=fast_device,
+                  record=record_property)
+    assert all(layer.attn.kernel == "math" for layer in fms_model.encoder.layers), "the kernel was not restored"
+    tokens = generator.generate(**prompts, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(tokens, hf_greedy(hf_model, prompts, NEW_TOKENS))
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        StaticGenerator(fms_model, 16, encoder="flash")
+
+
 # ----------------------------------------------------------------------------------------------- CUDA graphs
 def _graph_vs_eager(model, prompts, new_tokens, compile_step=False, static_prefill=False):
     graphed = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=True,
