@@ -5,11 +5,13 @@ Importing this package registers the `granite_speech` architecture (variants `ti
 `fms.models`, its `hf` checkpoint adapter with `fms.utils.serialization`, and the HF architecture
 `GraniteSpeechForConditionalGeneration` with FMS's HF config registry, so that both
 `get_model("hf_pretrained", model_path=DIR)` and `get_model("granite_speech", "2b", model_path=DIR, source="hf")` work.
+The HF registrations wait for FMS's first import of its HF registry (`checkpoint.hf_registry`): importing this package
+imports neither `fms.models.hf` nor transformers' modeling code.
 """
 
 from granite_speech.torch_pair import check_torch_pair
 
-check_torch_pair()  # before transformers (via the imports below) loads torchaudio
+check_torch_pair()  # before anything loads torchaudio (transformers does, once FMS's HF registry loads)
 
 from granite_speech.config import (  # noqa: E402
     ConformerConfig,

@@ -31,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
-from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 from fms.modules.attention import FusedQKV, UnfusedQKV
 from fms.modules.feedforward import FeedForwardBlock
 from fms.utils import serialization
@@ -40,6 +39,7 @@ from fms.utils.config import ModelConfig
 
 from granite_speech import family
 from granite_speech.checkpoint import coverage, preflight
+from granite_speech.checkpoint.hf_registry import register_hf_architecture
 
 _LINEAR_INIT_STD = 0.02  # HF initializer_range
 FEATURES_PER_MEL_BIN = 4  # each mel bin and its delta, two frames stacked (see features5)
@@ -649,5 +649,5 @@ for _name, _step in _STEPS.items():
     serialization.register_adapter_step(_architecture_name, _name, _step)
 serialization.register_adapter(_architecture_name, "hf", list(_STEPS))
 
-_FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info(HF_ARCHITECTURE, _architecture_name, build_granite_speech5_params)
+register_hf_architecture(HF_ARCHITECTURE, _architecture_name, build_granite_speech5_params)
 family.guard_architectures([_architecture_name])

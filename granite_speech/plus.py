@@ -19,12 +19,11 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
-from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 from fms.utils import serialization
 
 from granite_speech import family
 from granite_speech.checkpoint import adapter as _speech_adapter
-from granite_speech.checkpoint.hf_registry import build_granite_speech_params
+from granite_speech.checkpoint.hf_registry import build_granite_speech_params, register_hf_architecture
 from granite_speech.config import ConformerConfig, GraniteSpeechConfig, QFormerProjectorConfig
 from granite_speech.conformer import ConformerEncoder
 from granite_speech.model import GraniteSpeech
@@ -253,7 +252,5 @@ def build_granite_speech_plus_params(config) -> dict:
     return params
 
 
-_FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info(
-    HF_ARCHITECTURE, _architecture_name, build_granite_speech_plus_params
-)
+register_hf_architecture(HF_ARCHITECTURE, _architecture_name, build_granite_speech_plus_params)
 family.guard_architectures([_architecture_name])
