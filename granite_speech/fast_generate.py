@@ -385,6 +385,9 @@ class StaticGenerator:
     through `model.forward` and FMS's cache is copied in. `static_prefill=True` runs it through the step's own layer
     math over the whole prompt instead, writing K/V straight into the static cache (no second copy of the prompt's
     KV), and on GPU replays it from a CUDA graph per (batch size, prompt length rounded up to PREFILL_BUCKET).
+    `encoder="compiled"` or `"flex"` compiles encoder + projector (math or flex_attention block attention) once per
+    feature shape, inside the audio CUDA graph; past Dynamo's recompile limit (8 shapes) Dynamo warns and runs the
+    further shapes eagerly.
     """
 
     def __init__(
