@@ -420,6 +420,38 @@ def test_metrics_match_their_definitions():
     assert m.tol_ratio == pytest.approx((diff / (1e-3 + 1e-3 * hf.abs())).max().item())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_match_their_definitions_over_masked_and_nonfinite_elements(seed):
+    """The same definitions where a validity mask drops rows, both sides hold the same NaN/Inf, and 10% of the
+    elements may fall outside: computed here over the compared elements picked out by boolean indexing, against
+    `compare`, which keeps every tensor whole and reads its metrics back at once."""
+    g = torch.Generator().manual_seed(seed)
+    hf = torch.randn(6, 5, 7, generator=g, dtype=torch.float64)
+    fms = hf + 1e-3 * torch.randn(6, 5, 7, generator=g, dtype=torch.float64)
+    flat_hf, flat_fms = hf.view(-1), fms.view(-1)
+    for index, value in ((3, math.nan), (40, math.inf), (100, -math.inf)):
+        flat_hf[index] = flat_fms[index] = value
+    flat_fms[7] = flat_hf[7] + 0.5  # one large error: the worst element
+    valid = torch.tensor([True, False, True, True, False, True])
+    tol = Tolerance(atol=1e-4, rtol=1e-3, max_outside_fraction=0.1)
+    m = compare(hf, fms, tol, valid=valid).metrics
+    keep = valid.view(6, 1, 1).expand_as(hf) & hf.isfinite() & fms.isfinite()
+    a, b = fms[keep], hf[keep]
+    diff, bound = (a - b).abs(), 1e-4 + 1e-3 * b.abs()
+    allowed = math.floor(0.1 * diff.numel())
+    assert (m.numel, m.masked_out) == (int(keep.sum()), 2 * 35)
+    assert (m.nonfinite_hf, m.nonfinite_fms) == (2, 2)  # the Inf at flat index 40 lies in masked row 1
+    assert m.max_abs == diff.max().item() and m.mean_abs == pytest.approx(diff.mean().item(), rel=1e-12)
+    assert m.outside_count == int((diff > bound).sum())
+    assert m.min_atol == pytest.approx(max(torch.sort(diff - 1e-3 * b.abs(), descending=True).values[allowed].item(),
+                                           0.0), rel=1e-12)
+    assert m.tol_ratio == pytest.approx(torch.sort(diff / bound, descending=True).values[allowed].item(), rel=1e-12)
+    assert m.cosine == pytest.approx(torch.nn.functional.cosine_similarity(a, b, dim=0).item(), rel=1e-12)
+    assert m.worst_index == [0, 1, 0] and (m.worst_hf, m.worst_fms) == (hf[0, 1, 0].item(), fms[0, 1, 0].item())
+    empty = compare(hf, fms, tol, valid=torch.zeros(6, dtype=torch.bool))
+    assert empty.status == Status.EMPTY and "all 210 elements masked out" in empty.detail
+
+
 @pytest.mark.parametrize("scale", [1e-4, 1e-3, 3e-3, 1e-2])
 def test_error_to_tolerance_ratio_agrees_with_the_verdict(scale):
     g = torch.Generator().manual_seed(11)
