@@ -37,6 +37,19 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, durations):
+    """`fn` wrapped to append its wall time, between device synchronisations, to `durations`."""
+    def run():
+        synchronize()
+        start = time.perf_counter()
+        out = fn()
+        synchronize()
+        durations.append(time.perf_counter() - start)
+        return out
+
+    return run
+
+
 def audio_token_count(frames: int, window: int = 15, queries: int = 3) -> int:
     return queries * -(-frames // window)
 

@@ -27,6 +27,8 @@ IMPL_LABELS = {
     "fast_static_prefill": "fast path, static prefill (prompt through the step's layers into the cache, graphed)",
     "fast_encoder_compiled": "fast path, encoder + projector compiled (inductor, math attention) + CUDA graph",
     "fast_encoder_flex": "fast path, encoder + projector compiled, block attention by `flex_attention` + CUDA graph",
+    "ctc_fms": "FMS `GraniteSpeech5ForCTC.generate` (5.0 CTC)",
+    "ctc_fms_compiled": "FMS 5.0 CTC, compiled (inductor)",
 }
 
 
@@ -120,6 +122,7 @@ TABLE_ROWS = [
     ("peak_memory", "peak GPU memory (GiB)", 2),
     ("warmup", "first call incl. graph capture / compile (s)", 1),
     ("throughput_b64_30s_128", "throughput RTFx: 64 x 30 s clips, 128 tokens each, one call", 0),
+    *((f"ctc_rtfx_b{b}_30s", f"CTC RTFx: {b} x 30 s clips, greedy ids, features precomputed", 0) for b in (16, 64, 256)),
 ]
 
 

@@ -19,12 +19,13 @@ import torch
 from fms.utils.generation import generate
 
 from bench_models import (DEVICE, DTYPE, LONGEST_AUDIO_S, MAX_NEW_TOKENS, SELECTED_IMPLS, VARIANTS, BenchModels,
-                          synchronize)
+                          synchronize, timed)
 from granite_speech.model import padding_attn_kwargs
 from parity.granite.hf import hf_audio_features
 from parity.testing import assert_parity
 
-pytestmark = [pytest.mark.benchmark, pytest.mark.gpu]
+# `gpu` only where they time a card: GRANITE_SPEECH_BENCH_DEVICE=cpu runs them on the CPU to debug
+pytestmark = [pytest.mark.benchmark, *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 
 GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefill", "fast_encoder_flex", "hf", "hf_static",
                                    "fms")
@@ -39,18 +40,6 @@ ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fas
           "fast_encoder_flex": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
-
-
-def timed(fn, durations):
-    def run():
-        synchronize()
-        start = time.perf_counter()
-        out = fn()
-        synchronize()
-        durations.append(time.perf_counter() - start)
-        return out
-
-    return run
 
 
 def median_seconds(fn, rounds: int) -> float:
