@@ -351,7 +351,8 @@ def _metrics(a, b, finite, n: int, tol: Tolerance, ulp_dtype: str, shape) -> Met
     (max_abs, sum_abs, max_rel, any_nonzero, norm_a, norm_b, dot, noise, signal, outside, min_atol, tol_ratio,
      ref_absmax, worst, worst_hf, worst_fms) = torch.stack([
         diff.max(), diff.sum(), rel.max(), nonzero.any(), a.norm(), b.norm(), torch.dot(a, b), (diff * diff).sum(),
-        (b * b).sum(), (excess > tol.atol).sum(), min_atol, tol_ratio, ref_abs.max(), worst, b.take(worst), a.take(worst),
+        (b * b).sum(), (excess > tol.atol).sum(), min_atol, tol_ratio, ref_abs.max(), worst, b.take(worst),
+        a.take(worst),
     ]).tolist()
     if not any_nonzero:
         max_rel = 0.0 if max_abs == 0 else math.inf
