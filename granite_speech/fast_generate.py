@@ -419,8 +419,7 @@ class StaticGenerator:
         self.max_len = max_len
         self.static_prefill = static_prefill
         self.encoder = encoder
-        # one compiled encoder + projector per generator; static shapes: one graph per feature shape, as the CUDA
-        # graphs
+        # compiled once per feature shape (static shapes, as the audio CUDA graphs)
         self._compiled_audio = (torch.compile(model.get_audio_features, dynamic=False, backend=compile_backend)
                                 if encoder != "eager" else None)
         # cache columns: max_len plus the static prefill's bucket padding and room for the capture's warm-up steps
