@@ -60,7 +60,7 @@ def _launch(code: str, folder: Path):
     refused = Path(shutil.copytree(tiny, folder / "refused"))
     adapter = json.loads((refused / "adapter_config.json").read_text())
     (refused / "adapter_config.json").write_text(json.dumps({**adapter, "peft_type": "IA3"}))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # one thread: the suite's workers hold both cores
     return launch_logged([sys.executable, "-c", code, str(tiny), str(refused), json.dumps(HF_ARCHITECTURES)], folder,
                          cwd=REPO_ROOT, env=env)
 

@@ -327,6 +327,7 @@ def test_assert_no_growth(real, tmp_path):
 def test_pytest_baseline_fails_on_growth(tmp_path):
     """`pytest --parity-baseline OLD.json` fails the layer suite when a probe's error grew past its bound: a baseline
     whose errors and noise floors are 1e-6 of today's makes every non-zero probe a 1e6x growth."""
+    import os
     import subprocess
     import sys
 
@@ -334,9 +335,11 @@ def test_pytest_baseline_fails_on_growth(tmp_path):
     today = tmp_path / "today.json"
     run = [sys.executable, "-m", "pytest", "suites/test_layers.py", "--model", "tiny", "-q", "-p", "no:cacheprovider",
            "--parity-mode", "teacher-forced"]
-    first = subprocess.run(run + ["--parity-json", str(today)], cwd=root, capture_output=True, text=True)
+    # one thread: the tiny model is no faster on two, and the suite's workers hold both cores
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(run + ["--parity-json", str(today)], cwd=root, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stdout[-2000:]
-    again = subprocess.run(run + ["--parity-baseline", str(today)], cwd=root, capture_output=True, text=True)
+    again = subprocess.run(run + ["--parity-baseline", str(today)], cwd=root, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stdout[-2000:]  # no growth against itself
     shrunk = json.loads(today.read_text())
     for section in shrunk["sections"]:
@@ -349,5 +352,5 @@ def test_pytest_baseline_fails_on_growth(tmp_path):
     shrunk["result"] = shrunk["sections"][0]["result"]
     old = tmp_path / "old.json"
     old.write_text(json.dumps(shrunk))
-    grown = subprocess.run(run + ["--parity-baseline", str(old)], cwd=root, capture_output=True, text=True)
+    grown = subprocess.run(run + ["--parity-baseline", str(old)], cwd=root, capture_output=True, text=True, env=env)
     assert grown.returncode == 1 and "grew" in grown.stdout.lower(), grown.stdout[-2000:]
