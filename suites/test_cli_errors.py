@@ -242,19 +242,25 @@ class ModelLoaded(BaseException):
 
 @pytest.fixture
 def no_models(monkeypatch):
-    """Every loader the CLIs reach replaced by a tripwire: bad input must be refused before any of them."""
+    """Every loader the CLIs reach replaced by a tripwire: bad input must be refused before any of them. The modules
+    that import a loader by name are imported first and patched too: imported for the first time under the
+    tripwire, one would keep it for the rest of the session."""
+    import granite_speech
     import granite_speech.checkpoint as checkpoint
     import granite_speech.checkpoint.loading as loading
     import parity.granite.fixtures as fixtures
     import parity.granite.hf as hf
+    import parity.granite.pipeline as pipeline
 
     def tripwire(*args, **kwargs):
         raise ModelLoaded(f"a model was loaded before the input was refused: {args} {kwargs}")
 
     from fms.utils import serialization
 
-    for module, name in ((checkpoint, "load_model"), (loading, "load_model"), (hf, "load_hf_model"),
-                         (fixtures, "build_checkpoint"), (serialization, "load_state_dict_into_model")):
+    for module, name in ((granite_speech, "load_model"), (checkpoint, "load_model"), (loading, "load_model"),
+                         (hf, "load_hf_model"), (hf, "hf_from_folder"), (pipeline, "load_hf_model"),
+                         (pipeline, "hf_from_folder"), (fixtures, "build_checkpoint"),
+                         (serialization, "load_state_dict_into_model")):
         monkeypatch.setattr(module, name, tripwire)
     monkeypatch.setattr(torch, "load", tripwire)
 
