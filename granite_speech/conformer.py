@@ -132,7 +132,6 @@ class ConformerAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, nblocks * ctx, self.nheads * self.head_dim)
         return self.dropout(self.dense(out[:, :seq_len]))
 
-
     def _flex_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nblocks: int,
                         remainder: int) -> torch.Tensor:
         """The block attention through `flex_attention`, with no [C, C] bias tensor: the score_mod gathers a (query,

@@ -31,7 +31,7 @@ from granite_speech.cli_errors import (
 )
 from granite_speech.config import VARIANTS
 from parity.granite.cli_checks import (CompareRun, DiffRun, check_compare_args, check_diff_args,
-                                       check_fixture_checkpoint, is_ctc_member)
+                                       check_fixture_checkpoint, member_default_cases)
 from parity.granite.fixtures.family import FAMILY_VARIANTS
 
 MODEL_CHOICES = tuple(dict.fromkeys((*VARIANTS, *FAMILY_VARIANTS)))  # 3.3 variants, then the family's
@@ -95,7 +95,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     from parity.capture import available_bytes, checkpoint_param_bytes
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
-    from parity.granite.pipeline import Case, cases_for, compare_report, ctc_cases, default_cases, select_cases
+    from parity.granite.pipeline import Case, cases_for, compare_report, select_cases
     from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
@@ -137,7 +137,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
         cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
                       instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
     else:
-        every = ctc_cases() if is_ctc_member(run.checkpoint, run.model) else default_cases()
+        every = member_default_cases(run.checkpoint, run.model)
         cases = select_cases(run.cases, every)
         if not cases_for(checkpoint, cases):  # before any model loads
             raise UsageError(f"--case {' / '.join(run.cases)}: names only inputs of the separate LoRA adapter "
