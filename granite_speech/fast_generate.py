@@ -20,7 +20,8 @@ embedding_multiplier on the token embedding, attention_multiplier as the attenti
 RoPE table, residual_multiplier, logits / logits_scaling; the modality LoRA (lora_mode "audio_only") is added to the
 q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exactly when the prompt had audio (as
 `GraniteSpeech.forward` sets it). `compile_step=True` additionally fuses the step's small ops with `torch.compile`
-(inductor, static shapes; one compiled function shared by every layer, plus the step's prologue and epilogue).
+(inductor, static shapes; one compiled function shared by every layer, plus the step's prologue and epilogue);
+`compile_mode="max-autotune-no-cudagraphs"` lets inductor pick each decode GEMM's kernel by timing them.
 
     generator = StaticGenerator(model, max_len=512)
     tokens = generator.generate(input_ids, input_features, input_features_mask, attention_mask, max_new_tokens=128)
@@ -52,6 +53,10 @@ _WARMUP_STEPS = 2
 PREFILL_BUCKET = 64
 # how the generator runs encoder + projector (`StaticGenerator(encoder=)`)
 ENCODERS = ("eager", "compiled", "flex")
+# torch.compile modes the compiled parts may use: the modes that capture CUDA graphs of their own ("reduce-overhead",
+# "max-autotune") are left out, since the generator captures the compiled code in its own graphs.
+# "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against cuBLAS per decode GEMM shape (slow to compile).
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -327,21 +332,21 @@ def _pick_next(
 
 
 _STEP_FUNCTIONS = (_step_prologue, _decode_layer, _step_epilogue)
-# backend -> compiled (prologue, layer, epilogue). The functions themselves are compiled (not per-spec wrappers):
+# (backend, mode) -> compiled (prologue, layer, epilogue). The functions themselves are compiled (not per-spec wrappers):
 # Dynamo keeps its compiled variants per code object, so each function holds one entry per (spec, batch size).
-_COMPILED: Dict[str, Tuple] = {}
+_COMPILED: Dict[Tuple[str, Optional[str]], Tuple] = {}
 # equal specs share one object, so a new generator of the same model dimensions reuses the compiled code
 _SPECS: Dict[_DecoderSpec, _DecoderSpec] = {}
 
 
-def _compiled_step_functions(backend: str) -> Tuple:
-    if backend not in _COMPILED:
+def _compiled_step_functions(backend: str, mode: Optional[str]) -> Tuple:
+    if (backend, mode) not in _COMPILED:
         # static shapes (one variant per batch size), no graph breaks; the weights are arguments, so the layer
         # function compiles once for all layers
-        _COMPILED[backend] = tuple(
-            torch.compile(fn, fullgraph=True, dynamic=False, backend=backend) for fn in _STEP_FUNCTIONS
+        _COMPILED[backend, mode] = tuple(
+            torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode) for fn in _STEP_FUNCTIONS
         )
-    return _COMPILED[backend]
+    return _COMPILED[backend, mode]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -399,9 +404,17 @@ class StaticGenerator:
         compile_backend: str = "inductor",
         static_prefill: bool = False,
         encoder: str = "eager",
+        compile_mode: Optional[str] = None,
     ):
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if compile_mode is not None and not compile_step and encoder == "eager":
+            raise ValueError(f"compile_mode={compile_mode!r} needs something compiled: compile_step=True or "
+                             f"encoder='compiled' / 'flex'")
+        if compile_mode is not None and compile_backend != "inductor":
+            raise ValueError(f"compile_mode is an inductor setting; compile_backend is {compile_backend!r}")
         if not isinstance(model, GraniteSpeech):
             raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
         if max_len < 2:
@@ -420,7 +433,8 @@ class StaticGenerator:
         self.static_prefill = static_prefill
         self.encoder = encoder
         # compiled once per feature shape (static shapes, as the audio CUDA graphs)
-        self._compiled_audio = (torch.compile(model.get_audio_features, dynamic=False, backend=compile_backend)
+        self._compiled_audio = (torch.compile(model.get_audio_features, dynamic=False, backend=compile_backend,
+                                              mode=compile_mode)
                                 if encoder != "eager" else None)
         # cache columns: max_len plus the static prefill's bucket padding and room for the capture's warm-up steps
         # (they write up to 2 columns past the current one), rounded up for alignment; the extra columns are masked
@@ -431,7 +445,7 @@ class StaticGenerator:
         self._layers = self._collect_layer_weights()
         self._rope_table = self._build_rope_table()
         if compile_step:
-            self._prologue, self._layer, self._epilogue = _compiled_step_functions(compile_backend)
+            self._prologue, self._layer, self._epilogue = _compiled_step_functions(compile_backend, compile_mode)
         else:
             self._prologue, self._layer, self._epilogue = _STEP_FUNCTIONS
         self._sessions: Dict[int, _Session] = {}
@@ -822,6 +836,7 @@ def generate_static(
     compile_backend: str = "inductor",
     static_prefill: bool = False,
     encoder: str = "eager",
+    compile_mode: Optional[str] = None,
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
 
@@ -835,6 +850,7 @@ def generate_static(
         compile_backend=compile_backend,
         static_prefill=static_prefill,
         encoder=encoder,
+        compile_mode=compile_mode,
     )
     return generator.generate(
         input_ids,

@@ -352,10 +352,22 @@ def test_compiled_encoders_give_the_eager_audio_and_hfs_tokens(fms_model, hf_mod
         StaticGenerator(fms_model, 16, encoder="flash")
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"compile_step": True, "compile_mode": "reduce-overhead"}, "compile_mode must be one of"),
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, "needs something compiled"),
+    ({"compile_step": True, "compile_mode": "default", "compile_backend": "aot_eager"}, "an inductor setting"),
+])
+def test_compile_mode_is_refused_where_it_cannot_apply(fms_model, kwargs, message):
+    """Modes that capture CUDA graphs of their own would nest inside the generator's; a mode with nothing compiled,
+    or for a backend that has no modes, would be ignored: each is refused, naming what was wrong."""
+    with pytest.raises(ValueError, match=message):
+        StaticGenerator(fms_model, 16, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------- CUDA graphs
-def _graph_vs_eager(model, prompts, new_tokens, compile_step=False, static_prefill=False):
+def _graph_vs_eager(model, prompts, new_tokens, compile_step=False, static_prefill=False, compile_mode=None):
     graphed = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=True,
-                              compile_step=compile_step, static_prefill=static_prefill)
+                              compile_step=compile_step, static_prefill=static_prefill, compile_mode=compile_mode)
     eager = StaticGenerator(model, prompts["input_ids"].size(1) + new_tokens, use_cuda_graph=False,
                             static_prefill=static_prefill)
     assert graphed.use_cuda_graph, "the CUDA graph path is not taken"
@@ -376,11 +388,13 @@ def test_cuda_graph_replay_equals_eager_step(fms_model, prompts, fast_device, st
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", [None, "max-autotune-no-cudagraphs"], ids=["default", "autotuned"])
 @torch.no_grad()
-def test_inductor_compiled_graph_equals_eager_step(fms_model, prompts, fast_device):
-    """compile_step=True with inductor, replayed from a CUDA graph: the tokens of the eager step."""
+def test_inductor_compiled_graph_equals_eager_step(fms_model, prompts, fast_device, compile_mode):
+    """compile_step=True with inductor (and with its GEMM autotuning), replayed from a CUDA graph: the tokens of the
+    eager step."""
     if fast_device.type != "cuda":
         pytest.skip("needs a CUDA device: run with --device cuda")
     torch._dynamo.reset()
-    compiled, eager = _graph_vs_eager(fms_model, prompts, 16, compile_step=True)
+    compiled, eager = _graph_vs_eager(fms_model, prompts, 16, compile_step=True, compile_mode=compile_mode)
     assert torch.equal(compiled, eager), "compiled graph and eager decode step disagree"

@@ -24,6 +24,7 @@ IMPL_LABELS = {
     "fms": "FMS eager `generate` (use_cache)",
     "fast": "fast path (static cache + CUDA graph)",
     "fast_compiled": "fast path, layers compiled (inductor) + CUDA graph",
+    "fast_autotuned": "fast path, layers compiled with GEMM autotuning (inductor max-autotune) + CUDA graph",
     "fast_static_prefill": "fast path, static prefill (prompt through the step's layers into the cache, graphed)",
     "fast_encoder_compiled": "fast path, encoder + projector compiled (inductor, math attention) + CUDA graph",
     "fast_encoder_flex": "fast path, encoder + projector compiled, block attention by `flex_attention` + CUDA graph",

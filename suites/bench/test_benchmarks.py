@@ -27,7 +27,7 @@ from parity.testing import assert_parity
 # `gpu` only where they time a card: GRANITE_SPEECH_BENCH_DEVICE=cpu runs them on the CPU to debug
 pytestmark = [pytest.mark.benchmark, *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 
-GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefill", "fast_encoder_flex", "hf", "hf_static",
+GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill", "fast_encoder_flex", "hf", "hf_static",
                                    "fms")
                        if i in SELECTED_IMPLS)
 ENCODER_IMPLS = tuple(i for i in ("fast", "fast_encoder_compiled", "fast_encoder_flex", "hf", "fms")
@@ -36,7 +36,7 @@ THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefi
                                      "hf_static")
                          if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
-ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_static_prefill": 5,
+ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_autotuned": 5, "fast_static_prefill": 5,
           "fast_encoder_flex": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
@@ -122,7 +122,7 @@ def test_prefill(benchmark, models, results, impl):
     start = time.perf_counter()
     run_generate(models, impl, inputs, 2)  # warm-up; for the fast paths also graph capture / compile
     synchronize()
-    if impl in ("fast", "fast_compiled", "fast_static_prefill", "hf_static"):
+    if impl in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill", "hf_static"):
         results.add(models.variant, "warmup", impl, time.perf_counter() - start, "s",
                     what="first call: encoder graph, prefill and batch-1 decode graph captures (and compile)" if impl != "hf_static"
                     else "first call: transformers compiles the decode forward for the static cache")
