@@ -264,12 +264,10 @@ def test_encoder_compiles_fullgraph_and_matches_eager(record_property):
     x = _features(2, 97, seed=17)
     torch._dynamo.reset()
     with torch.no_grad():
-        explanation = torch._dynamo.explain(ours)(x)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert explanation.graph_count == 1
         eager = ours(x)
-        # the traced graph through AOTAutograd, without inductor's code generation: inductor's numerics are
-        # test_compile.py's (the session model's encoder), which the CPU gate runs too
+        # fullgraph=True raises at the first graph break, naming it. The traced graph runs through AOTAutograd
+        # without inductor's code generation: inductor's numerics are test_compile.py's (the session model's
+        # encoder), which the CPU gate runs too
         compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
         _check(record_property, "encoder compiled vs eager", compiled, eager)
         _check(record_property, "encoder compiled vs HF", compiled, _hf_encode(hf, x))
@@ -421,9 +419,6 @@ def test_projector_compiles_fullgraph_and_matches_eager(projectors, record_prope
     h = _features(2, 97, seed=43, dim=PROJECTOR["encoder_hidden_size"])
     torch._dynamo.reset()
     with torch.no_grad():
-        explanation = torch._dynamo.explain(ours)(h)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert explanation.graph_count == 1
         eager = ours(h)
         compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(h)  # inductor: as for the encoder
         _check(record_property, "projector compiled vs eager", compiled, eager)
