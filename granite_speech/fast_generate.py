@@ -332,8 +332,9 @@ def _pick_next(
 
 
 _STEP_FUNCTIONS = (_step_prologue, _decode_layer, _step_epilogue)
-# (backend, mode) -> compiled (prologue, layer, epilogue). The functions themselves are compiled (not per-spec wrappers):
-# Dynamo keeps its compiled variants per code object, so each function holds one entry per (spec, batch size).
+# (backend, mode) -> compiled (prologue, layer, epilogue). The functions themselves are compiled (not per-spec
+# wrappers): Dynamo keeps its compiled variants per code object, so each function holds one entry per (spec, batch
+# size).
 _COMPILED: Dict[Tuple[str, Optional[str]], Tuple] = {}
 # equal specs share one object, so a new generator of the same model dimensions reuses the compiled code
 _SPECS: Dict[_DecoderSpec, _DecoderSpec] = {}

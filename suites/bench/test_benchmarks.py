@@ -27,8 +27,8 @@ from parity.testing import assert_parity
 # `gpu` only where they time a card: GRANITE_SPEECH_BENCH_DEVICE=cpu runs them on the CPU to debug
 pytestmark = [pytest.mark.benchmark, *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 
-GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill", "fast_encoder_flex", "hf", "hf_static",
-                                   "fms")
+GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill",
+                                   "fast_encoder_flex", "hf", "hf_static", "fms")
                        if i in SELECTED_IMPLS)
 ENCODER_IMPLS = tuple(i for i in ("fast", "fast_encoder_compiled", "fast_encoder_flex", "hf", "fms")
                       if i in SELECTED_IMPLS)
@@ -36,8 +36,8 @@ THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefi
                                      "hf_static")
                          if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
-ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_autotuned": 5, "fast_static_prefill": 5,
-          "fast_encoder_flex": 5}
+ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_autotuned": 5,
+          "fast_static_prefill": 5, "fast_encoder_flex": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
 
