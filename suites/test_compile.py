@@ -6,10 +6,11 @@ Each is compiled with `fullgraph=True`, under which Dynamo raises at the first g
 instead of splitting the graph; a separate `torch._dynamo.explain` pass would trace the model a second time to find
 the same. The inductor-compiled function is then compared with eager by `parity.testing.assert_parity` (the
 documented gate and the tight regression bound beside it; the measured error is recorded). Runs on the session
-checkpoint, device and dtype (`model:...` in the test id). At real dimensions the session model is cut, for this module only, to its first
-SHALLOW_ENCODER encoder blocks (CTC self-conditioning after the middle one) and SHALLOW_DECODER decoder layers: graph
-breaks and compiled-vs-eager agreement depend on the widths and the code path, not the depth, while inductor's
-compile time grows with it (the 2b full forward took 193 s). The tiny model is already that shallow: unchanged.
+checkpoint, device and dtype (`model:...` in the test id). At real dimensions the session model is cut, for this
+module only, to its first SHALLOW_ENCODER encoder blocks (CTC self-conditioning after the middle one) and
+SHALLOW_DECODER decoder layers: graph breaks and compiled-vs-eager agreement depend on the widths and the code path,
+not the depth, while inductor's compile time grows with it (the 2b full forward took 193 s). The tiny model is
+already that shallow: unchanged.
 
 The eager reference always runs first: it also warms FMS's per-device RoPE cache, whose cold start is a known
 data-dependent graph break on CUDA (fms.md §5). Inputs are small so that CPU compiles stay short.
