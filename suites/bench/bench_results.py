@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +17,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "results" / "bench"
-OUT_ENV = "GRANITE_SPEECH_BENCH_OUT"  # file to write instead of results/bench/<date>-<card>.json
+# file to write instead of results/bench/<date>-<card>.json (on the CPU: the temporary folder's granite-speech-bench/)
+OUT_ENV = "GRANITE_SPEECH_BENCH_OUT"
 
 IMPL_LABELS = {
     "hf": "HF eager `generate`",
@@ -71,7 +73,9 @@ class BenchResults:
         self.meta = environment()
         if path is None:
             card = self.meta["card"].replace(" ", "-").replace("/", "-")
-            path = RESULTS_DIR / f"{self.meta['date']}-{card}.json"
+            # a CPU run debugs the benchmarks (tiny dims), it measures nothing: kept out of results/
+            folder = RESULTS_DIR if torch.cuda.is_available() else Path(tempfile.gettempdir()) / "granite-speech-bench"
+            path = folder / f"{self.meta['date']}-{card}.json"
         self.path = Path(path)
         self.rows: List[Dict[str, Any]] = []
         self.notes: Dict[str, Any] = {}

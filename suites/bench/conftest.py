@@ -1,6 +1,7 @@
 """Fixtures of the benchmarks: the models per variant (bench_models.py), the results writer, the copy bandwidth.
 
-  GRANITE_SPEECH_BENCH_OUT       JSON file to write (default results/bench/<date>-<card>.json)
+  GRANITE_SPEECH_BENCH_OUT       JSON file to write (default results/bench/<date>-<card>.json; a CPU run's goes to the
+                                 temporary folder's granite-speech-bench/)
 """
 
 import gc
