@@ -17,7 +17,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "results" / "bench"
-# file to write instead of results/bench/<date>-<card>.json (on the CPU: the temporary folder's granite-speech-bench/)
+# file to write instead of results/bench/<date>-<card>.json (off the card: the temporary folder's granite-speech-bench/)
 OUT_ENV = "GRANITE_SPEECH_BENCH_OUT"
 
 IMPL_LABELS = {
@@ -69,21 +69,22 @@ class BenchResults:
     """Rows of (variant, measurement, implementation, value, unit, extra); rewritten to disk after every add so a
     run cut short still leaves what it measured."""
 
-    def __init__(self, path: Optional[Path] = None):
+    def __init__(self, path: Optional[Path] = None, on_card: bool = True):
         self.meta = environment()
         if path is None:
             card = self.meta["card"].replace(" ", "-").replace("/", "-")
-            # a CPU run debugs the benchmarks (tiny dims), it measures nothing: kept out of results/
-            folder = RESULTS_DIR if torch.cuda.is_available() else Path(tempfile.gettempdir()) / "granite-speech-bench"
+            # a run off the card debugs the benchmarks (GRANITE_SPEECH_BENCH_DEVICE=cpu), it measures nothing: its
+            # JSON is kept out of results/
+            folder = RESULTS_DIR if on_card else Path(tempfile.gettempdir()) / "granite-speech-bench"
             path = folder / f"{self.meta['date']}-{card}.json"
         self.path = Path(path)
         self.rows: List[Dict[str, Any]] = []
         self.notes: Dict[str, Any] = {}
 
     @classmethod
-    def from_env(cls) -> "BenchResults":
+    def from_env(cls, on_card: bool = True) -> "BenchResults":
         out = os.environ.get(OUT_ENV)
-        return cls(Path(out) if out else None)
+        return cls(Path(out) if out else None, on_card=on_card)
 
     def add(self, variant: str, measurement: str, impl: str, value: float, unit: str, **extra) -> None:
         self.rows.append(

@@ -1,7 +1,7 @@
 """Fixtures of the benchmarks: the models per variant (bench_models.py), the results writer, the copy bandwidth.
 
-  GRANITE_SPEECH_BENCH_OUT       JSON file to write (default results/bench/<date>-<card>.json; a CPU run's goes to the
-                                 temporary folder's granite-speech-bench/)
+  GRANITE_SPEECH_BENCH_OUT       JSON file to write (default results/bench/<date>-<card>.json; a run with
+                                 GRANITE_SPEECH_BENCH_DEVICE=cpu writes to the temporary folder's granite-speech-bench/)
 """
 
 import gc
@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def results():
-    writer = BenchResults.from_env()
+    writer = BenchResults.from_env(on_card=DEVICE.type == "cuda")
     yield writer
     writer.write()
     print(f"\nbenchmark results written to {writer.path}\n")
