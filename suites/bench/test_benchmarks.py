@@ -32,8 +32,8 @@ GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "f
                        if i in SELECTED_IMPLS)
 ENCODER_IMPLS = tuple(i for i in ("fast", "fast_encoder_compiled", "fast_encoder_flex", "hf", "fms")
                       if i in SELECTED_IMPLS)
-THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_static_prefill", "fast_encoder_flex", "hf",
-                                     "hf_static")
+THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill",
+                                     "fast_encoder_flex", "hf", "hf_static")
                          if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
 ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_autotuned": 5,
