@@ -136,15 +136,15 @@ class ConformerAttention(nn.Module):
                         remainder: int) -> torch.Tensor:
         """The block attention through `flex_attention`, with no [C, C] bias tensor: the score_mod gathers a (query,
         key) pair's Shaw term from q's products with the 2C - 1 distances a block holds, and gives the last block's
-        right-padding the lowest float32 score (finite, as the math path's mask: padded query rows stay finite and
-        are sliced off). Fused into one kernel under torch.compile; eager, it runs flex's unfused reference."""
+        right-padding the lowest score of q's dtype (finite, as the math path's mask: padded query rows stay finite and
+        are sliced off; float32's lowest would overflow bf16 scores, which inductor folds to q's dtype). Fused into one kernel under torch.compile; eager, it runs flex's unfused reference."""
         from torch.nn.attention.flex_attention import flex_attention
 
         ctx = self.context_size
         distances = torch.arange(1 - ctx, ctx, device=q.device)  # i - j for every pair of one block
         rows = self.rel_pos_emb(distances.clamp(-ctx, ctx) + self.max_pos_emb)  # [2C - 1, Dh]
         shaw = torch.einsum("b h c d, r d -> b h c r", q, rows) * self.scale  # [B*nb, H, C, 2C - 1]
-        masked = torch.finfo(torch.float32).min
+        masked = torch.finfo(q.dtype).min
 
         def add_shaw(score, b, h, q_idx, kv_idx):
             score = score + shaw[b, h, q_idx, q_idx - kv_idx + ctx - 1]
