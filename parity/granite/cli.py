@@ -30,6 +30,7 @@ from granite_speech.cli_errors import (
     version_string,
 )
 from granite_speech.config import VARIANTS
+from granite_speech.fast_generate import ENCODERS as FAST_ENCODERS
 from parity.granite.cli_checks import (CompareRun, DiffRun, check_compare_args, check_diff_args,
                                        check_fixture_checkpoint, member_default_cases)
 from parity.granite.fixtures.family import FAMILY_VARIANTS
@@ -159,6 +160,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                 checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
                 device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
                 overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
+                fast_encoder=run.fast_encoder,
                 reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
             )
     except CheckpointCoverageError as err:
@@ -291,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "is an error listing the names), e.g. --case 'bf16 as users run it'")
     cmp.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
                      help="greedy tokens compared with HF generate for --audio clips (default: %(default)s)")
+    cmp.add_argument("--fast-encoder", default="eager", choices=FAST_ENCODERS,
+                     help="the audio encoder of the fast path's generation section: eager (its default), compiled "
+                          "(encoder + projector through torch.compile) or flex (compiled, block attention by "
+                          "flex_attention); inductor on CUDA, traced through aot_eager on the CPU (default: "
+                          "%(default)s)")
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
                      help="memory schedule: both models at once (one), one at a time with HF captures on disk "
                           "(two), or decide by size (auto, the default)")

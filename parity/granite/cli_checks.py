@@ -60,6 +60,7 @@ class CompareRun:
     new_tokens: int = 8
     tp: int = 1  # ranks the FMS decoder is sharded over (torchrun launched this process)
     cases: Tuple[str, ...] = ()  # --case: run only the default inputs whose names contain one of these
+    fast_encoder: str = "eager"  # the audio encoder of the fast path's generation section
 
 
 @dataclass(frozen=True)
@@ -188,13 +189,30 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
     check_case_args(args, checkpoint, model)
     check_tensor_parallel_args(args, checkpoint, model, save, reference, device)
+    check_fast_encoder_args(args, checkpoint, model)
     return CompareRun(
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
         save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
         feed=args.feed, floors=args.floors, lenient=args.lenient, allow_partial=args.allow_partial,
         phases_given=args.phases == "two", new_tokens=args.new_tokens, tp=args.tp, cases=tuple(args.case or ()),
+        fast_encoder=args.fast_encoder,
     )
+
+
+def check_fast_encoder_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str) -> None:
+    """`--fast-encoder` picks the encoder of the fast path's generation section: refused where no such section runs,
+    rather than ignored."""
+    if args.fast_encoder == "eager":
+        return
+    flag = f"--fast-encoder {args.fast_encoder}"
+    if is_ctc_member(checkpoint, model):
+        raise UsageError(f"{flag}: granite-speech-5.0 (CTC) has no fast decode path; its encoder is judged by the "
+                         "model and CTC sections")
+    if args.tp > 1:
+        raise UsageError(f"{flag}: the fast path is single-device and a --tp run does not run it")
+    if args.phases == "two":
+        raise UsageError(f"{flag}: --phases two leaves generation out, the fast path's section with it")
 
 
 def is_ctc_member(checkpoint: Optional[Path], model: str) -> bool:

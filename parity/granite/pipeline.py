@@ -191,6 +191,7 @@ class Models:
     fms: Dict[Tuple[torch.dtype, str], Any] = field(default_factory=dict)  # (dtype, lora_mode) -> model
     hf_processor: Any = None
     fms_processor: Any = None
+    fast_encoder: str = "eager"  # StaticGenerator(encoder=) of the fast path's generation section
 
     def at(self, dtype: torch.dtype) -> "Models":
         """The same store, working in `dtype` (models are shared, not copied)."""
@@ -852,7 +853,15 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     return floors
 
 
-FAST_LABELS = {"fast path": False, "fast path, static prefill": True}  # label -> StaticGenerator(static_prefill=)
+def _fast_runs(models: Models) -> Dict[str, dict]:
+    """The fast-path loops of a generation section: {label: StaticGenerator keywords}. A non-eager `--fast-encoder`
+    is the first loop's (compiled once per clip shape); the static prefill's loop keeps the eager encoder."""
+    label, first = "fast path", {"static_prefill": False}
+    if models.fast_encoder != "eager":
+        label = f"fast path, {models.fast_encoder} encoder"
+        backend = "inductor" if models.device.type == "cuda" else "aot_eager"  # the CPU has no inductor flex kernel
+        first.update(encoder=models.fast_encoder, compile_backend=backend)
+    return {label: first, "fast path, static prefill": {"static_prefill": True}}
 
 
 def _fms_generation_runs(case: Case, models: Models, fms_inputs: dict, stop: Optional[Ending], audit: bool):
@@ -881,11 +890,10 @@ def _fms_generation_runs(case: Case, models: Models, fms_inputs: dict, stop: Opt
         ops["eager FMS generate"] = seen
         return tokens[:, fms_len:], logits
 
-    def run_fast(label: str):
+    def run_fast(label: str, kwargs: dict):
         logits: List[torch.Tensor] = []
         with audited(logits) as seen:
-            fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda",
-                                   static_prefill=FAST_LABELS[label])
+            fast = StaticGenerator(fms, fms_len + steps, use_cuda_graph=models.device.type == "cuda", **kwargs)
             audio = fast.encode_audio(fms_inputs["input_features"]) if "input_features" in fms_inputs else None
             logits.append(fast.prefill(fms_inputs["input_ids"], audio, fms_inputs.get("input_features_mask"),
                                        fms_inputs["attention_mask"], eos, pad).clone())
@@ -897,8 +905,8 @@ def _fms_generation_runs(case: Case, models: Models, fms_inputs: dict, stop: Opt
     tensor_parallel = tp_gather() is not None
     with torch.no_grad():
         runs = {"eager FMS generate": _attempt(run_eager)}
-        for label in FAST_LABELS:
-            runs[label] = None if tensor_parallel else _attempt(lambda: run_fast(label))
+        for label, kwargs in _fast_runs(models).items():
+            runs[label] = None if tensor_parallel else _attempt(lambda: run_fast(label, kwargs))
     return runs, ops
 
 
@@ -1293,18 +1301,25 @@ def run_pipeline(
     save_captures: Optional[Path] = None,
     reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
+    fast_encoder: str = "eager",
 ) -> Tuple[List[Section], dict]:
     """Every case through preprocessing, model and generation; returns (report sections, run extras). With
     `phases="two"` (a model too large for two copies in memory) the model sections load one model at a time and
     generation, which needs both side by side, is left out (said in the section's extras). `save_captures` writes
     every HF-side value (model probes, floors, generation) to a folder; `reference_captures` reads such a folder
-    instead of running HF here (another process, another machine): only the HF processor is used locally."""
+    instead of running HF here (another process, another machine): only the HF processor is used locally.
+    `fast_encoder`: the fast path's audio encoder (`StaticGenerator(encoder=)`) in its generation section."""
+    from granite_speech.fast_generate import ENCODERS
+
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     if floors not in FLOORS:
         raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
+    if fast_encoder not in ENCODERS:
+        raise ValueError(f"fast_encoder must be one of {ENCODERS}, got {fast_encoder!r}")
     own_models = models is None  # then models no later case uses are freed as the cases go
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
+    models.fast_encoder = fast_encoder
     store = ReferenceStore(save_captures, reference_captures, checkpoint=models.checkpoint)  # checked before loading
     sections: List[Section] = []
     inputs_meta = []
@@ -1382,6 +1397,7 @@ def compare_report(
     save_captures: Optional[Path] = None,
     reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
+    fast_encoder: str = "eager",
 ) -> dict:
     """The `compare` job: every case through the pipeline, one report (JSON-able dict). `seeded` names the fixture
     variant when the weights are the seeded random fixture rather than a real checkpoint. `policy` is how the
@@ -1391,7 +1407,8 @@ def compare_report(
 
     sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
                                    floors=floors, phases=phases, overrides=overrides, progress=progress,
-                                   save_captures=save_captures, reference_captures=reference_captures)
+                                   save_captures=save_captures, reference_captures=reference_captures,
+                                   fast_encoder=fast_encoder)
     for _, _, result, _ in sections:
         result.lenient = policy.lenient
     meta = run_metadata(
@@ -1401,6 +1418,6 @@ def compare_report(
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
         tensor_parallel_ranks=_ranks(), **({"transcribe": extra["transcribe"]} if "transcribe" in extra else {}),
-        not_run=extra["not_run"],
+        not_run=extra["not_run"], fast_encoder=fast_encoder,
     )
     return build_multi_report(sections, meta, policy=policy)

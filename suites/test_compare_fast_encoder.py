@@ -1,0 +1,68 @@
+"""`compare --fast-encoder compiled|flex`: the fast path's generation section runs with the compiled audio encoder
+(`StaticGenerator(encoder=)`) and is judged against HF `generate` like the default one. On the CPU the compiled
+encoder is traced through aot_eager (the CPU has no inductor flex kernel); on CUDA, inductor.
+
+One case (the ragged batch of three: partial last attention block, padded rows) keeps this under a minute on the CPU.
+A planted distance-sign error in the flex score_mod fails the flex section only: the other sections run the math
+kernel."""
+
+import json
+
+import pytest
+
+from parity.granite.cli import main
+
+pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the CLI's contract on the tiny fixture
+
+CASE = "padded batch of 3"
+FLEX_SECTION = f"{CASE} (window + 1, on window, tiny block + 1) · generation: fast path, flex encoder vs HF generate"
+
+
+def _compare(tmp_path, *extra):
+    out = tmp_path / "r.json"
+    code = main(["compare", "--case", CASE, "--fast-encoder", "flex", "--report", str(tmp_path / "r.html"),
+                 "--json", str(out), *extra])
+    return code, json.loads(out.read_text())
+
+
+def _verdicts(report) -> dict:
+    return {s["title"]: s["summary"]["verdict"] for s in report["sections"]}
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_fast_encoder_passes_a_correct_port(tmp_path):
+    code, report = _compare(tmp_path)
+    verdicts = _verdicts(report)
+    assert code == 0 and report["summary"]["verdict"] == "pass", verdicts
+    assert verdicts[FLEX_SECTION] == "pass" and report["meta"]["fast_encoder"] == "flex"
+    assert not any(title.endswith("generation: fast path vs HF generate") for title in verdicts), (
+        "the eager-encoder fast path ran beside the flex one")
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_fast_encoder_catches_a_distance_sign_error(tmp_path, monkeypatch):
+    """The Shaw term looked up at j - i instead of i - j (query and key swapped in the score_mod): a realistic
+    flex_attention porting mistake that only the flex section runs."""
+    import torch.nn.attention.flex_attention as flex
+
+    real = flex.flex_attention
+
+    def swapped(q, k, v, score_mod=None, **kwargs):
+        return real(q, k, v, score_mod=lambda s, b, h, i, j: score_mod(s, b, h, j, i), **kwargs)
+
+    monkeypatch.setattr(flex, "flex_attention", swapped)
+    code, report = _compare(tmp_path)
+    failing = {title for title, verdict in _verdicts(report).items() if verdict != "pass"}
+    assert code == 1 and failing == {FLEX_SECTION}, failing
+    first = next(s for s in report["sections"] if s["title"] == FLEX_SECTION)["summary"]["first_divergence"]
+    assert first["name"] == "step.0.logits", first  # the prefill's logits: the audio embeddings feed them
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-5"], "granite-speech-5.0 (CTC) has no fast decode path"),
+    (["--phases", "two"], "--phases two leaves generation out"),
+])
+def test_fast_encoder_is_refused_where_no_fast_path_runs(tmp_path, capsys, args, message):
+    code = main(["compare", "--fast-encoder", "flex", *args, "--json", str(tmp_path / "r.json"), "--report",
+                 str(tmp_path / "r.html")])
+    assert code == 2 and message in capsys.readouterr().err
