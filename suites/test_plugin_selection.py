@@ -37,12 +37,12 @@ class Config:
 
 
 class Item:
-    def __init__(self, nodeid, *args, **kwargs):
-        self.nodeid = nodeid
-        self.marker = None if args == ("unmarked",) else pytest.mark.runs_at(*args, **kwargs).mark
+    def __init__(self, nodeid, *args, fixturenames=(), **kwargs):
+        self.nodeid, self.fixturenames, self.members = nodeid, fixturenames, kwargs.pop("members", None)
+        self.marker = None if args in (("unmarked",), ()) else pytest.mark.runs_at(*args, **kwargs).mark
 
     def get_closest_marker(self, name):
-        return self.marker if name == "runs_at" else None
+        return self.marker if name == "runs_at" else self.members if name == "family_members" else None
 
 
 def _items():
@@ -52,6 +52,7 @@ def _items():
         Item("suites/test_b.py::fixed_size_session_device", "tiny-untied", dtype="float32"),
         Item("suites/test_b.py::session", "session"),
         Item("suites/test_c.py::unmarked", "unmarked"),
+        Item("suites/test_family_d.py::member", fixturenames=("family_variant",)),  # follows --model's member
     ]
 
 
@@ -60,14 +61,15 @@ def _options(session: dict) -> dict:
 
 
 @pytest.mark.parametrize("options, kept", [
-    ({}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device", "session", "unmarked"]),
+    ({}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device", "session", "unmarked", "member"]),
+    # a 3.3 variant is no family member: the family suites' tests are left out
     (GPU_GATE, ["fixed_size_session_device", "session", "unmarked"]),
     ({"--model": "2b"}, ["session", "unmarked"]),  # real size on the CPU: the tiny-untied test repeats the gate
-    ({"--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked"]),
-    ({"--model": "tiny", "--dtype": "bfloat16"}, ["session", "unmarked"]),  # fp32 on the CPU is the gate's
+    ({"--device": "cuda"}, ["fixed_size_session_device", "session", "unmarked", "member"]),
+    ({"--model": "tiny", "--dtype": "bfloat16"}, ["session", "unmarked", "member"]),  # fp32 on the CPU: the gate's
     # a family member: the 3.3 session model's tests are left out (the family suites run the member)
-    ({"--model": "4.1-2b-plus", "--device": "cuda"}, ["fixed_size_session_device", "unmarked"]),
-    ({"--model": "4.1-2b-plus", "--checkpoint": "/models/plus"}, ["session", "unmarked"]),
+    ({"--model": "4.1-2b-plus", "--device": "cuda"}, ["fixed_size_session_device", "unmarked", "member"]),
+    ({"--model": "4.1-2b-plus", "--checkpoint": "/models/plus"}, ["session", "unmarked", "member"]),
     ({**GPU_GATE, "--keep-cpu-gate-tests": True}, ["fixed_cpu", "fixed_cpu_bf16", "fixed_size_session_device",
                                                     "session", "unmarked"]),
 ], ids=["cpu-gate", "gpu-gate", "2b-on-cpu", "tiny-on-cuda", "tiny-bf16", "plus-on-cuda", "plus-checkpoint",
@@ -98,6 +100,23 @@ def test_a_family_member_leaves_out_the_session_models_tests_and_says_why():
     assert "--model 5.0-470m is a family member" in reason and "test_family_" in reason
     assert family_member_reason(config, Item("x", "tiny-untied", dtype="float32").marker) is None
     assert family_member_reason(Config(**GPU_GATE), Item("x", "session").marker) is None
+
+
+def test_a_model_no_family_suite_runs_at_leaves_it_out_and_says_why():
+    """Under --model 2b the family suites have no member to run: deselected with the reason, not listed as skips of
+    an empty parameter set."""
+    from parity.granite.plugin import no_family_member_reason
+
+    family = Item("x", fixturenames=("family_variant",))
+    reason = no_family_member_reason(Config(**GPU_GATE), family)
+    assert "--model 2b is none of them" in reason and "--model tiny" in reason
+    assert no_family_member_reason(Config(), family) is None
+    assert no_family_member_reason(Config(**GPU_GATE), Item("x", "session")) is None
+    plus_only = Item("x", fixturenames=("family_variant",), members=pytest.mark.family_members(
+        "tiny-plus", "4.1-2b-plus").mark)
+    assert "runs at tiny-plus or 4.1-2b-plus, and --model 5.0-470m" in no_family_member_reason(
+        Config(**{"--model": "5.0-470m"}), plus_only)
+    assert no_family_member_reason(Config(**{"--model": "4.1-2b-plus"}), plus_only) is None
 
 
 def test_the_cpu_gate_is_tiny_on_the_cpu_in_fp32_without_a_checkpoint():

@@ -344,11 +344,25 @@ def family_member_reason(config, marker) -> Optional[str]:
             f"(suites/test_family_*.py) run it at these options")
 
 
+def no_family_member_reason(config, item) -> Optional[str]:
+    """Why a family-suite test (one taking `family_variant`) is left out: --model names no member it runs at (a 3.3
+    variant, or another member than its suite's); pytest would otherwise list each as a skip of an empty set."""
+    if "family_variant" not in getattr(item, "fixturenames", ()):
+        return None
+    model, narrowed = config.getoption("--model"), item.get_closest_marker("family_members")
+    if _family_variants(model, narrowed):
+        return None
+    members = "a family member" if narrowed is None else f"{' or '.join(narrowed.args)}"
+    return (f"runs at {members}, and --model {model} is none of them: --model tiny runs every member's tiny "
+            f"version, --model <member> (4.1-2b-plus, 5.0-470m, ...) that member")
+
+
 def deselect_cpu_gate_repeats(config, items) -> None:
     left_out, kept = {}, []
     for item in items:
         marker = item.get_closest_marker("runs_at")
-        reason = family_member_reason(config, marker) or cpu_gate_repeat_reason(config, marker)
+        reason = (no_family_member_reason(config, item) or family_member_reason(config, marker)
+                  or cpu_gate_repeat_reason(config, marker))
         if reason is None:
             kept.append(item)
         else:
@@ -433,7 +447,7 @@ def run_scope(request):
 # --------------------------------------------------------------------------------------------------------------------
 # The family suites (suites/test_family_*.py): a test that takes `family_variant` runs once per family member --model
 # selects: `--model tiny` (the CPU gate) -> the tiny version of every family architecture (TINY_FAMILY); a member's
-# name (4.1-2b-plus, tiny-5, ...) -> that member alone; a 3.3 variant (2b, 8b) -> none (skipped as an empty set).
+# name (4.1-2b-plus, tiny-5, ...) -> that member alone; a 3.3 variant (2b, 8b) -> none (deselected, with the reason).
 # A suite of one architecture narrows that with `pytest.mark.family_members("tiny-plus", "4.1-2b-plus")`.
 def family_variants_for(model: str) -> tuple:
     if model == "tiny":
@@ -441,13 +455,17 @@ def family_variants_for(model: str) -> tuple:
     return (model,) if model in FAMILY_VARIANTS else ()
 
 
+def _family_variants(model: str, narrowed) -> tuple:
+    """`family_variants_for(model)`, narrowed by a `family_members` marker when the test has one."""
+    variants = family_variants_for(model)
+    return variants if narrowed is None else tuple(v for v in variants if v in narrowed.args)
+
+
 @pytest.hookimpl(specname="pytest_generate_tests")
 def pytest_generate_tests_family(metafunc):  # a second pytest_generate_tests, kept apart from the first
     if "family_variant" in metafunc.fixturenames:
-        variants = family_variants_for(metafunc.config.getoption("--model"))
-        narrowed = metafunc.definition.get_closest_marker("family_members")
-        if narrowed is not None:
-            variants = tuple(v for v in variants if v in narrowed.args)
+        variants = _family_variants(metafunc.config.getoption("--model"),
+                                    metafunc.definition.get_closest_marker("family_members"))
         metafunc.parametrize("family_variant", variants, ids=[f"member:{v}" for v in variants], indirect=True,
                              scope="session")
 
