@@ -137,7 +137,8 @@ class ConformerAttention(nn.Module):
         """The block attention through `flex_attention`, with no [C, C] bias tensor: the score_mod gathers a (query,
         key) pair's Shaw term from q's products with the 2C - 1 distances a block holds, and gives the last block's
         right-padding the lowest score of q's dtype (finite, as the math path's mask: padded query rows stay finite and
-        are sliced off; float32's lowest would overflow bf16 scores, which inductor folds to q's dtype). Fused into one kernel under torch.compile; eager, it runs flex's unfused reference."""
+        are sliced off; float32's lowest would overflow bf16 scores, which inductor folds to q's dtype). Fused into one
+        kernel under torch.compile; eager, it runs flex's unfused reference."""
         from torch.nn.attention.flex_attention import flex_attention
 
         ctx = self.context_size
