@@ -448,8 +448,8 @@ def row_floors(hf: torch.Tensor, hf64: torch.Tensor, run_dtype: str,
     return floors.clamp_min(float(floors[judged].median())) if bool(judged.any()) else floors
 
 
-def _floor_gate(comparison: Comparison, hf: torch.Tensor, fms: torch.Tensor, floors: torch.Tensor, tol: Tolerance,
-                run_dtype: str, factor: float, valid: Optional[torch.Tensor], where: str) -> None:
+def apply_row_floor_gate(comparison: Comparison, hf: torch.Tensor, fms: torch.Tensor, floors: torch.Tensor,
+                         tol: Tolerance, run_dtype: str, factor: float, valid: Optional[torch.Tensor], where: str) -> None:
     """Turn a 16-bit FAIL into PASS when every element outside the table is within `factor` x `floors` (one per
     row); `where` says which floor that is. The detail always says how many times the floor the worst one needs."""
     if comparison.status != Status.FAIL or comparison.metrics is None or hf.shape != fms.shape:
@@ -608,7 +608,7 @@ def _gate_by_row_floors(pair, floors, probe: Probe, comparisons, tol: Tolerance,
             (teacher, teacher_output_key(probe.name), per_row, "the floor of the element's own row")):
         fms, _ = _side_value(pair.fms, fms_key, "FMS", probe.fms_adapter)
         if fms is not None:
-            _floor_gate(comparison, hf, fms, bound, tol, run_dtype, factor, valid, where)
+            apply_row_floor_gate(comparison, hf, fms, bound, tol, run_dtype, factor, valid, where)
 
 
 def _execution_sorted(results: Sequence[ProbeResult]) -> List[ProbeResult]:

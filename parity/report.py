@@ -443,8 +443,8 @@ def not_run_lines(summary: Mapping) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the verdict in one line, with the margin against the rule that decided it (the quiet `compare` prints only this)
-
-_GATE_NEEDS = re.compile(r"needs (\S+) x HF's own rounding error")  # parity.diff._floor_gate writes it
+# (the detail parity.diff.apply_row_floor_gate writes:)
+_GATE_NEEDS = re.compile(r"needs (\S+) x HF's own rounding error")
 
 
 def _ratio(value: Any) -> str:

@@ -129,3 +129,34 @@ def test_upcast_audit_is_one_sided():
     reference_ops = {"block.1": {"softmax in bfloat16"}}
     assert missing_upcasts(reference_ops, {}) == {}
     assert missing_upcasts({}, reference_ops) == {"block.1": ["softmax in bfloat16"]}
+
+
+def _rounded_pair(seed: int = 0):
+    """An fp32 value and two 16-bit computations of it, each off by its own rounding-sized noise (as eager and an
+    inductor-compiled kernel of the same function are in bf16); eager's row 0 rounds 10x worse than its others."""
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.randn(16, 64, generator=g)
+    eager_noise = 0.05 * torch.randn(16, 64, generator=g)
+    eager_noise[0] *= 10
+    compiled = (reference + 0.05 * torch.randn(16, 64, generator=g)).bfloat16()
+    return reference, (reference + eager_noise).bfloat16(), compiled
+
+
+def test_compiled_parity_passes_a_differently_rounded_correct_kernel():
+    from parity.testing import assert_compiled_parity
+
+    reference, eager, compiled = _rounded_pair()
+    measured = assert_compiled_parity("toy", eager, compiled, lambda: reference, dtype=torch.bfloat16)
+    assert measured["compiled_vs_eager_max_abs"] > 0.01  # outside the bf16 table: the row floors decided
+
+
+def test_compiled_parity_fails_a_row_wrong_within_eagers_worst_row():
+    """A bug confined to one row (one token), its error 1.0: below eager's worst rounding error anywhere (row 0,
+    1.37 from fp32 against the bug's 1.09), so the tensor-wide rule this replaced passed it, even at 1x; the row's own
+    floor (about 0.15) fails it."""
+    from parity.testing import assert_compiled_parity
+
+    reference, eager, compiled = _rounded_pair()
+    compiled[3] += 1.0
+    with pytest.raises(AssertionError, match="compiled vs eager fail"):
+        assert_compiled_parity("toy", eager, compiled, lambda: reference, dtype=torch.bfloat16)
