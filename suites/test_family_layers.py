@@ -13,7 +13,7 @@ import torch
 
 import transformers  # noqa: E402  (a hard dependency: a broken install fails, never skips)
 
-from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
+from parity.granite.fixtures.family import TINY_FAMILY  # noqa: E402
 from parity.granite.pipeline import (  # noqa: E402
     ctc_cases,
     default_cases,
@@ -147,11 +147,11 @@ def _first_divergence(checkpoint, case, patch, monkeypatch):
     return model.first_divergence, model.first_own_error
 
 
+# the tiny fixtures carry the fault checks; real sizes only measure: deselected at real sizes, with the reason
+@pytest.mark.family_members(*TINY_FAMILY)
 def test_planted_faults_are_found_where_planted(family_variant, family_checkpoint, monkeypatch):
     """One fault in the FMS model per member, where only that member's table can see it; the report's first
     divergence names the probe, so the table is no formality."""
-    if family_variant in REAL_FAMILY:
-        pytest.skip("the tiny fixtures carry the fault checks; real sizes only measure")
     member = EXPECTED_MEMBER[family_variant]
     case = _padded_case(member)
     if member == CTC5:

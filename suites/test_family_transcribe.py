@@ -18,7 +18,7 @@ from granite_speech.__main__ import DEFAULT_PROMPT, check_transcribe_inputs, mai
 from granite_speech.audio import read_audio  # noqa: E402
 from granite_speech.cli_errors import UsageError  # noqa: E402
 from parity.granite.fixtures import SPEECH_DIR  # noqa: E402
-from parity.granite.fixtures.family import REAL_FAMILY  # noqa: E402
+from parity.granite.fixtures.family import TINY_FAMILY  # noqa: E402
 from parity.granite.pipeline import load_hf_family_model, member_of  # noqa: E402
 
 CLIPS = [SPEECH_DIR / "9002-102-0000.flac", SPEECH_DIR / "9004-104-0000.flac"]  # 41 and 120 frames: a padded batch
@@ -73,9 +73,9 @@ def test_transcribe_picks_the_member_before_loading(family_checkpoint):
     assert [a.numel() for a in job.audio] == [read_audio(c, 16000).numel() for c in CLIPS]
 
 
+# the CLI is exercised on the tiny fixtures: deselected at real sizes, with the reason
+@pytest.mark.family_members(*TINY_FAMILY)
 def test_transcribe_cli_prints_one_line_per_clip(family_variant, family_checkpoint, capsys):
-    if family_variant in REAL_FAMILY:
-        pytest.skip("the CLI is exercised on the tiny fixtures")
     assert main(["transcribe", "--checkpoint", str(family_checkpoint), *map(str, CLIPS), "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0
     captured = capsys.readouterr()
