@@ -93,7 +93,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     """`compare` in this process; `quiet` (a tensor-parallel rank other than 0) computes the same verdict and
     neither prints nor writes."""
     from granite_speech.checkpoint import CheckpointCoverageError
-    from parity.capture import available_bytes, checkpoint_param_bytes
+    from parity.capture import available_bytes, checkpoint_param_bytes, heap_frozen
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import Case, cases_for, compare_report, select_cases
@@ -155,7 +155,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                   "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
                   "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
     try:
-        with steps:  # the last case's line; on an error, the case it stopped in
+        with steps, heap_frozen():  # steps: the last case's line; on an error, the case it stopped in
             report = compare_report(
                 checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
                 device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
