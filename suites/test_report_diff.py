@@ -324,6 +324,39 @@ def test_assert_no_growth(real, tmp_path):
     assert_no_growth(real, _scaled(real, {"decoder.layer.3.attn.q": 1000.0}), growth=2000.0)
 
 
+# the three sessions of `pytest --parity-baseline` in one interpreter (pytest's exit code and terminal summary are
+# what is tested, not the interpreter: two more would only repeat the imports); between the second and the third, a
+# baseline whose errors and noise floors are 1e-6 of today's
+BASELINE_SESSIONS = """
+import contextlib, io, json, sys
+import pytest
+
+args, today, old = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+def session(*extra):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = int(pytest.main(args + list(extra)))
+    return {"code": code, "stdout": out.getvalue()}
+
+
+runs = {"first": session("--parity-json", today), "again": session("--parity-baseline", today)}
+shrunk = json.load(open(today))
+for section in shrunk["sections"]:
+    for probe in section["result"]["probes"]:
+        metrics = probe["propagated"].get("metrics") or {}
+        if isinstance(metrics.get("max_abs"), float):
+            metrics["max_abs"] *= 1e-6
+        if isinstance(probe.get("noise_floor"), float):  # else the floor term would call today's error noise
+            probe["noise_floor"] *= 1e-6
+shrunk["result"] = shrunk["sections"][0]["result"]
+json.dump(shrunk, open(old, "w"))
+runs["grown"] = session("--parity-baseline", old)
+print(json.dumps(runs))
+"""
+
+
 def test_pytest_baseline_fails_on_growth(tmp_path):
     """`pytest --parity-baseline OLD.json` fails the layer suite when a probe's error grew past its bound: a baseline
     whose errors and noise floors are 1e-6 of today's makes every non-zero probe a 1e6x growth."""
@@ -332,25 +365,16 @@ def test_pytest_baseline_fails_on_growth(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    today = tmp_path / "today.json"
-    run = [sys.executable, "-m", "pytest", "suites/test_layers.py", "--model", "tiny", "-q", "-p", "no:cacheprovider",
-           "--parity-mode", "teacher-forced"]
+    args = ["suites/test_layers.py", "--model", "tiny", "-q", "-p", "no:cacheprovider", "--parity-mode",
+            "teacher-forced"]
     # one thread: the tiny model is no faster on two, and the suite's workers hold both cores
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(run + ["--parity-json", str(today)], cwd=root, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stdout[-2000:]
-    again = subprocess.run(run + ["--parity-baseline", str(today)], cwd=root, capture_output=True, text=True, env=env)
-    assert again.returncode == 0, again.stdout[-2000:]  # no growth against itself
-    shrunk = json.loads(today.read_text())
-    for section in shrunk["sections"]:
-        for probe in section["result"]["probes"]:
-            metrics = probe["propagated"].get("metrics") or {}
-            if isinstance(metrics.get("max_abs"), float):
-                metrics["max_abs"] *= 1e-6
-            if isinstance(probe.get("noise_floor"), float):  # else the floor term would call today's error noise
-                probe["noise_floor"] *= 1e-6
-    shrunk["result"] = shrunk["sections"][0]["result"]
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps(shrunk))
-    grown = subprocess.run(run + ["--parity-baseline", str(old)], cwd=root, capture_output=True, text=True, env=env)
-    assert grown.returncode == 1 and "grew" in grown.stdout.lower(), grown.stdout[-2000:]
+    done = subprocess.run([sys.executable, "-c", BASELINE_SESSIONS, json.dumps(args), str(tmp_path / "today.json"),
+                           str(tmp_path / "old.json")], cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.splitlines()[-1])
+    assert runs["first"]["code"] == 0, runs["first"]["stdout"][-2000:]
+    assert runs["again"]["code"] == 0, runs["again"]["stdout"][-2000:]  # no growth against itself
+    assert "grew" not in runs["again"]["stdout"].lower(), runs["again"]["stdout"][-2000:]
+    grown = runs["grown"]
+    assert grown["code"] == 1 and "grew" in grown["stdout"].lower(), grown["stdout"][-2000:]
