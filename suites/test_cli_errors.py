@@ -250,7 +250,7 @@ def no_models(monkeypatch):
     import granite_speech.checkpoint.loading as loading
     import parity.granite.fixtures as fixtures
     import parity.granite.hf as hf
-    import parity.granite.pipeline as pipeline
+    import parity.granite.models as models
 
     def tripwire(*args, **kwargs):
         raise ModelLoaded(f"a model was loaded before the input was refused: {args} {kwargs}")
@@ -258,8 +258,8 @@ def no_models(monkeypatch):
     from fms.utils import serialization
 
     for module, name in ((granite_speech, "load_model"), (checkpoint, "load_model"), (loading, "load_model"),
-                         (hf, "load_hf_model"), (hf, "hf_from_folder"), (pipeline, "load_hf_model"),
-                         (pipeline, "hf_from_folder"), (fixtures, "build_checkpoint"),
+                         (hf, "load_hf_model"), (hf, "hf_from_folder"), (models, "load_hf_model"),
+                         (models, "hf_from_folder"), (fixtures, "build_checkpoint"),
                          (serialization, "load_state_dict_into_model")):
         monkeypatch.setattr(module, name, tripwire)
     monkeypatch.setattr(torch, "load", tripwire)
@@ -679,7 +679,7 @@ LIBRARY_CHATTER = re.compile(r"Loading weights|\d+it/s|\d+/\d+ \[\d\d:\d\d|%\|")
 def test_default_compare_output_is_one_line_per_case_then_the_verdict(compare_reports):
     """Quiet by default: the passing run printed 289 lines before (transformers' loading bars, per-probe tables of
     27 sections); now one line per input case (with its time), the verdict line and the two report paths."""
-    from parity.granite.pipeline import default_cases
+    from parity.granite.cases import default_cases
     from parity.report import headline
 
     root, _, outs, errs = compare_reports

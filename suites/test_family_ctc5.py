@@ -312,7 +312,7 @@ def test_named_variant_with_hf_source(family_variant, family_checkpoint, fms_mod
 
 
 def test_batch_norm_stays_fp32_in_bf16(family_checkpoint):
-    from parity.granite.pipeline import load_hf_family_model
+    from parity.granite.models import load_hf_family_model
 
     hf = load_hf_family_model(family_checkpoint, torch.float32, "cpu")  # the stored statistics, unrounded
     model = get_model("hf_pretrained", model_path=str(family_checkpoint), data_type=torch.bfloat16)

@@ -14,12 +14,9 @@ import torch
 import transformers  # noqa: E402  (a hard dependency: a broken install fails, never skips)
 
 from parity.granite.fixtures.family import TINY_FAMILY  # noqa: E402
-from parity.granite.pipeline import (  # noqa: E402
-    ctc_cases,
-    default_cases,
-    member_of,
-    run_pipeline,
-)
+from parity.granite.cases import ctc_cases, default_cases  # noqa: E402
+from parity.granite.models import member_of  # noqa: E402
+from parity.granite.pipeline import run_pipeline  # noqa: E402
 from parity.granite.probes_family import CTC5, PLUS, SPEECH, probes_for  # noqa: E402
 
 EXPECTED_MEMBER = {"tiny-4.0": SPEECH, "4.0-1b": SPEECH, "4.1-2b": SPEECH, "tiny-plus": PLUS, "4.1-2b-plus": PLUS,
@@ -117,7 +114,7 @@ def test_layers_match_hf(family_variant, family_checkpoint, hf_config, device, d
 
 
 def test_compare_report_names_the_member_and_its_lora_regime(family_variant, family_checkpoint, device, dtype):
-    from parity.granite.pipeline import member_metadata
+    from parity.granite.models import member_metadata
 
     meta = member_metadata(family_checkpoint)
     member = EXPECTED_MEMBER[family_variant]
@@ -128,7 +125,7 @@ def test_compare_report_names_the_member_and_its_lora_regime(family_variant, fam
 
 
 def test_merged_lora_cases_run_in_the_one_regime_there_is(family_checkpoint):
-    from parity.granite.pipeline import cases_for
+    from parity.granite.cases import cases_for
 
     cases = cases_for(family_checkpoint)
     assert all(case.lora_mode == "merged" for case in cases)
@@ -183,11 +180,11 @@ def test_planted_faults_are_found_where_planted(family_variant, family_checkpoin
 
         expected = "encoder.out"
     else:
-        from parity.granite import pipeline
+        from parity.granite import models, pipeline
 
         # a LoRA applied on top of a checkpoint whose LoRA is already merged: decoder layer 0's q projection moves
         def patch(context):
-            original = pipeline.load_fms_family_model
+            original = models.load_fms_family_model
 
             def load(*args, **kwargs):
                 model = original(*args, **kwargs)
@@ -199,7 +196,8 @@ def test_planted_faults_are_found_where_planted(family_variant, family_checkpoin
                     weight[:q_rows] += 0.05 * torch.randn(weight[:q_rows].shape, generator=generator).to(weight)
                 return model
 
-            context.setattr(pipeline, "load_fms_family_model", load)
+            for module in (models, pipeline):  # each module that calls it: `Models.fms_model`, the two-phase section
+                context.setattr(module, "load_fms_family_model", load)
 
         expected = "decoder.layer.0.attn.q"
     first, own = _first_divergence(family_checkpoint, case, patch, monkeypatch)

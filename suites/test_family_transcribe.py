@@ -19,7 +19,7 @@ from granite_speech.audio import read_audio  # noqa: E402
 from granite_speech.cli_errors import UsageError  # noqa: E402
 from parity.granite.fixtures import SPEECH_DIR  # noqa: E402
 from parity.granite.fixtures.family import TINY_FAMILY  # noqa: E402
-from parity.granite.pipeline import load_hf_family_model, member_of  # noqa: E402
+from parity.granite.models import load_hf_family_model, member_of  # noqa: E402
 
 CLIPS = [SPEECH_DIR / "9002-102-0000.flac", SPEECH_DIR / "9004-104-0000.flac"]  # 41 and 120 frames: a padded batch
 NEW_TOKENS = 12

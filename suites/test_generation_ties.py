@@ -66,14 +66,14 @@ def test_only_a_rows_first_difference_can_be_a_tie():
 
 # ------------------------------------------------------------------ rows that end apart (compare's padded batch)
 def test_stop_token_ends_every_row_at_a_different_step():
-    from parity.granite.pipeline import pick_stop_token
+    from parity.granite.generation import pick_stop_token
 
     # 5 ends the rows at steps 0, 1, 2 (all end, all apart); 7 ends two rows; 1 ends two rows
     assert pick_stop_token(_tokens([[5, 7, 9], [7, 5, 1], [1, 1, 5]])) == (5, [0, 1, 2])
 
 
 def test_stop_token_prefers_every_row_ending_then_the_latest_end():
-    from parity.granite.pipeline import pick_stop_token
+    from parity.granite.generation import pick_stop_token
 
     # 4 ends rows 0 and 1 apart while row 2 runs on; 1 ends every row (at 1, 0, 0): every row ending wins
     assert pick_stop_token(_tokens([[4, 1, 1], [1, 4, 1], [1, 1, 2]])) == (1, [1, 0, 0])
@@ -85,7 +85,7 @@ def test_stop_token_prefers_every_row_ending_then_the_latest_end():
 
 
 def test_no_stop_token_when_no_token_ends_two_rows_apart():
-    from parity.granite.pipeline import pick_stop_token
+    from parity.granite.generation import pick_stop_token
 
     assert pick_stop_token(_tokens([[1, 2], [1, 3]])) is None  # 1 ends both rows at step 0, 2 and 3 one row each
     assert pick_stop_token(_tokens([[1, 2], [2, 1]]), exclude=(1, 2)) is None
@@ -95,7 +95,7 @@ def test_no_stop_token_when_no_token_ends_two_rows_apart():
 def test_end_of_text_is_kept_where_it_already_ends_the_rows_apart():
     from types import SimpleNamespace
 
-    from parity.granite.pipeline import Ending, ending_apart
+    from parity.granite.generation import Ending, ending_apart
 
     tokenizer = SimpleNamespace(eos_token_id=9, pad_token_id=0)
     ending, extra = ending_apart(_tokens([[4, 9, 0], [9, 0, 0], [4, 4, 5]]), tokenizer, "greedy")

@@ -837,7 +837,7 @@ def test_a_tensor_on_cuda_0_is_on_the_device_cuda(monkeypatch):
     on a small card) must still find the models a "cuda" run holds on its card."""
     from types import SimpleNamespace
 
-    from parity.granite.pipeline import on_device
+    from parity.granite.models import on_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     on = lambda where, device: on_device(SimpleNamespace(device=torch.device(where)), torch.device(device))  # noqa
@@ -863,7 +863,7 @@ def test_the_float64_room_parks_the_fewest_working_models_other_dtypes_first(mon
     """On a card too small for the float64 copies beside every working model, only as many models wait in host
     memory as make the room (each round trip of a 2b model costs seconds), the other dtypes' before the case's own;
     they come back after, and HF's float64 copy stays on the card when they fit beside it."""
-    from parity.granite import pipeline
+    import parity.granite.models as granite_models  # where `Models` and `_shortfall` look these names up
 
     card = 3000  # bytes
     hf32, fms32, fms32_audio = (_CardModel(100, torch.float32) for _ in range(3))  # 400 bytes each
@@ -872,13 +872,13 @@ def test_the_float64_room_parks_the_fewest_working_models_other_dtypes_first(mon
     everything = (hf32, fms32, fms32_audio, hf16, fms16, hf64)
     held = lambda: sum(m.weight.numel() * m.weight.element_size() for m in everything  # noqa: E731
                        if m.weight.where == "cuda")
-    monkeypatch.setattr(pipeline, "on_device", lambda tensor, device: getattr(tensor, "where", "cpu") == "cuda")
-    monkeypatch.setattr(pipeline, "available_bytes", lambda device: card - held())
-    monkeypatch.setattr(pipeline, "free_memory", lambda: None)
-    models = pipeline.Models(tmp_path, torch.bfloat16, torch.device("cuda"),
-                             hf={torch.float32: hf32, torch.bfloat16: hf16, torch.float64: hf64},
-                             fms={(torch.float32, "merged"): fms32, (torch.float32, "audio_only"): fms32_audio,
-                                  (torch.bfloat16, "merged"): fms16})
+    monkeypatch.setattr(granite_models, "on_device", lambda tensor, device: getattr(tensor, "where", "cpu") == "cuda")
+    monkeypatch.setattr(granite_models, "available_bytes", lambda device: card - held())
+    monkeypatch.setattr(granite_models, "free_memory", lambda: None)
+    models = granite_models.Models(tmp_path, torch.bfloat16, torch.device("cuda"),
+                                   hf={torch.float32: hf32, torch.bfloat16: hf16, torch.float64: hf64},
+                                   fms={(torch.float32, "merged"): fms32, (torch.float32, "audio_only"): fms32_audio,
+                                        (torch.bfloat16, "merged"): fms16})
     assert models.float64_bytes() == 8 * (100 + 100)  # HF's copy and FMS's (here all audio path) in float64
     with models.float64_room():
         inside = {name for name, m in zip(("hf32", "fms32", "fms32_audio", "hf16", "fms16", "hf64"), everything)
@@ -923,8 +923,10 @@ def test_models_no_later_case_uses_are_freed(tmp_path):
     """compare frees a working model after its last case: the bf16 case of a float32 run holds only the bf16 pair,
     so its float64 copies find room on an 80 GB card at 2b without parking."""
     from parity.granite import pipeline
+    from parity.granite.cases import default_cases
+    from parity.granite.models import Models
 
-    cases = pipeline.default_cases()
+    cases = default_cases()
     transcribed = pipeline._transcribe_case(cases)
     last = cases[-1]
     assert last.dtype == "bfloat16" and transcribed is not last
@@ -932,11 +934,11 @@ def test_models_no_later_case_uses_are_freed(tmp_path):
                                                                             {torch.bfloat16})
     fms, hf = pipeline._models_used(cases, torch.float32, transcribed)
     assert (torch.float32, "audio_only") in fms and torch.float32 in hf
-    models = pipeline.Models(tmp_path, torch.float32, torch.device("cpu"),
-                             hf={dtype: _CardModel(4, dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16)},
-                             fms={(torch.float32, "merged"): _CardModel(4, torch.float32),
-                                  (torch.float32, "audio_only"): _CardModel(4, torch.float32),
-                                  (torch.bfloat16, "merged"): _CardModel(4, torch.bfloat16)})
+    models = Models(tmp_path, torch.float32, torch.device("cpu"),
+                    hf={dtype: _CardModel(4, dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16)},
+                    fms={(torch.float32, "merged"): _CardModel(4, torch.float32),
+                         (torch.float32, "audio_only"): _CardModel(4, torch.float32),
+                         (torch.bfloat16, "merged"): _CardModel(4, torch.bfloat16)})
     models.at(torch.bfloat16).keep_only(*pipeline._models_used(cases[-1:], torch.float32, transcribed))
     assert set(models.fms) == {(torch.bfloat16, "merged")}
     assert set(models.hf) == {torch.bfloat16, torch.float64}, "HF's float64 copy stays (replaced when needed)"

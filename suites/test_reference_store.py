@@ -39,14 +39,17 @@ def _compare(root: Path, name: str, *extra) -> int:
 
 
 def _trip(monkeypatch, *loaders: str) -> None:
-    """The pipeline's model loaders named in `loaders` replaced by a tripwire."""
+    """The pipeline's model loaders named in `loaders` replaced by a tripwire, in each module that calls them:
+    `Models` (parity.granite.models) and the two-phase model section (parity.granite.pipeline)."""
+    import parity.granite.models as models
     import parity.granite.pipeline as pipeline
 
     def tripwire(*args, **kwargs):
         raise ModelLoaded(f"a model was loaded: {args}")
 
     for loader in loaders:
-        monkeypatch.setattr(pipeline, loader, tripwire)
+        for module in (models, pipeline):
+            monkeypatch.setattr(module, loader, tripwire)
 
 
 def _edited_reference(saved: Path, folder: Path, edit) -> Path:

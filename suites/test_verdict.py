@@ -244,11 +244,11 @@ def test_compare_exits_4_when_the_floors_do_not_fit_and_0_with_allow_partial(tmp
     (exit 4), the terminal, the HTML and the JSON list both checks with their cause; --allow-partial accepts it."""
     import json
 
-    import parity.granite.pipeline as pipeline
+    import parity.granite.models as models
     from parity.granite.cli import main
     from parity.granite.fixtures import SPEECH_DIR
 
-    monkeypatch.setattr(pipeline, "available_bytes", lambda device: 1)  # nothing fits beside the loaded models
+    monkeypatch.setattr(models, "available_bytes", lambda device: 1)  # nothing fits beside the loaded models
     clip = str(SPEECH_DIR / "9003-103-0000.flac")
     common = ["compare", "--audio", clip, "--new-tokens", "2", "--phases", "one", "--report", str(tmp_path / "r.html")]
     assert main([*common, "--json", str(tmp_path / "r.json")]) == 4

@@ -94,9 +94,10 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     neither prints nor writes."""
     from granite_speech.checkpoint import CheckpointCoverageError
     from parity.capture import available_bytes, checkpoint_param_bytes, heap_frozen
+    from parity.granite.cases import Case, cases_for, select_cases
     from parity.granite.console import StepProgress
     from parity.granite.fixtures import build_checkpoint
-    from parity.granite.pipeline import Case, cases_for, compare_report, select_cases
+    from parity.granite.pipeline import compare_report
     from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 

@@ -224,7 +224,7 @@ def is_ctc_member(checkpoint: Optional[Path], model: str) -> bool:
 
 def member_default_cases(checkpoint: Optional[Path], model: str) -> tuple:
     """compare's default inputs for the run's member: the CTC set for granite-speech-5.0, else the LLM set."""
-    from parity.granite.pipeline import ctc_cases, default_cases
+    from parity.granite.cases import ctc_cases, default_cases
 
     return tuple(ctc_cases() if is_ctc_member(checkpoint, model) else default_cases())
 
@@ -236,7 +236,7 @@ def check_case_args(args: argparse.Namespace, checkpoint: Optional[Path], model:
         return
     if args.audio:
         raise UsageError("--case picks among the default inputs and --audio replaces them; pass one of them")
-    from parity.granite.pipeline import select_cases
+    from parity.granite.cases import select_cases
 
     try:
         select_cases(args.case, member_default_cases(checkpoint, model))

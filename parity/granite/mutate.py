@@ -89,8 +89,8 @@ def _compact(report: dict) -> dict:
 
 def select_cases(substrings: Sequence[str]):
     """The default cases of compare whose names contain one of `substrings` (all of them for none)."""
-    from parity.granite.pipeline import default_cases
-    from parity.granite.pipeline import select_cases as select
+    from parity.granite.cases import default_cases
+    from parity.granite.cases import select_cases as select
 
     return select(substrings, default_cases())
 

@@ -514,7 +514,7 @@ def family_tolerance(family_variant, dtype, tolerance_overrides):
 @pytest.fixture(scope="module")
 def family_hf_model(family_checkpoint, device, dtype):
     """HF's model of the member (its own class), on the session's device and dtype, loaded once per module."""
-    from parity.granite.pipeline import load_hf_family_model
+    from parity.granite.models import load_hf_family_model
 
     return load_hf_family_model(family_checkpoint, dtype, str(device))
 
@@ -522,6 +522,6 @@ def family_hf_model(family_checkpoint, device, dtype):
 @pytest.fixture(scope="module")
 def family_fms_model(family_checkpoint, device, dtype):
     """The member's FMS model through get_model("hf_pretrained"), on the session's device and dtype."""
-    from parity.granite.pipeline import load_fms_family_model
+    from parity.granite.models import load_fms_family_model
 
     return load_fms_family_model(family_checkpoint, dtype, device)

@@ -113,8 +113,9 @@ def _reference_store():
 def run_section(spec, models, index: int):
     """(ParityResult, extra, title): `compare`'s model-section judgement, each side fed the same fuzz batch."""
     from parity.granite import pipeline
+    from parity.granite.cases import Case
 
-    case = pipeline.Case(f"fuzz config {index}", lora_mode="merged")
+    case = Case(f"fuzz config {index}", lora_mode="merged")
     title = f"{case.name} · model"
     result, extra = pipeline._model_section(case, models, section_inputs(spec, models), section_inputs(spec, models),
                                             mode="teacher_forced", floors="on", detail=True, overrides=None,
@@ -200,7 +201,7 @@ def judge(result, extra: dict, title: str) -> dict:
 # ---------------------------------------------------------------------------------------------- one config
 def run_config(index: int, spec, dtypes: Sequence[str]) -> List[dict]:
     """One record per dtype: the checkpoint written once, then each dtype judged through one `Models` store."""
-    from parity.granite import pipeline
+    from parity.granite.models import Models
     from suites.test_config_fuzz import write_checkpoint
 
     base_record = {"index": index, **spec_summary(spec), "spec": spec_record(spec)}
@@ -211,7 +212,7 @@ def run_config(index: int, spec, dtypes: Sequence[str]) -> List[dict]:
         write_checkpoint(folder, spec.config, spec.adapter, spec.seed)
         # one store for every dtype, as `compare` shares its models between its fp32 and its bf16 case (the
         # float64 HF copy, the formula check's reference, is whatever `Models` makes for each dtype there)
-        base = pipeline.Models(Path(folder), torch.float32, torch.device("cpu"))
+        base = Models(Path(folder), torch.float32, torch.device("cpu"))
         setup_s = time.perf_counter() - start
         for name in dtypes:
             dtype = getattr(torch, name)

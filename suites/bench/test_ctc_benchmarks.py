@@ -31,7 +31,7 @@ ROUNDS = 5
 @pytest.fixture(scope="module")
 def ctc_models():
     from parity.granite.fixtures.family import build_family_checkpoint
-    from parity.granite.pipeline import load_fms_family_model, load_hf_family_model
+    from parity.granite.models import load_fms_family_model, load_hf_family_model
 
     folder = build_family_checkpoint(CTC_VARIANT)
     hf = load_hf_family_model(folder, DTYPE, str(DEVICE))
