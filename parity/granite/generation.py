@@ -325,10 +325,6 @@ def _generation_extras(extra: dict, models: Models, store: "ReferenceStore", hf_
                      rows_differ=bool(hf_tokens.size(0) > 1 and not (hf_tokens == hf_tokens[:1]).all()))
 
 
-def _rows(*runs) -> int:
-    return next(run[0].size(0) for run in runs if not isinstance(run, BaseException))
-
-
 def _near_ties(hf_run, run, floor_captures, dtype: torch.dtype) -> Dict[int, dict]:
     """`parity.diff.near_tie_flips` on two generation runs (none where a side raised or no floor was measured)."""
     if isinstance(hf_run, BaseException) or isinstance(run, BaseException) or floor_captures is None:

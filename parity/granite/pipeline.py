@@ -42,7 +42,7 @@ from parity.granite.probes_family import CTC5, masks_for, probes_for
 from parity.granite.tp import tp_gather
 from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
-from parity.store import ReferenceStore, checkpoint_fingerprint  # noqa: F401 (re-exported)
+from parity.store import ReferenceStore, checkpoint_fingerprint
 from parity.tolerances import dtype_name
 from parity.verdict import Policy, not_run_record
 

@@ -102,11 +102,9 @@ def section_inputs(spec, models) -> dict:
 
 
 def _reference_store():
-    """A store that saves nothing and reads nothing (its home may move to parity/store.py)."""
-    try:
-        from parity.granite.pipeline import ReferenceStore
-    except ImportError:
-        from parity.store import ReferenceStore
+    """A store that saves nothing and reads nothing."""
+    from parity.store import ReferenceStore
+
     return ReferenceStore()
 
 
