@@ -2,7 +2,8 @@
 weights built in device memory (no checkpoint on disk), and prompts of 30 text tokens around one audio clip.
 
 Environment:
-  GRANITE_SPEECH_BENCH_VARIANTS  comma-separated variants (default "2b,8b"; "tiny" for a quick debugging run)
+  GRANITE_SPEECH_BENCH_VARIANTS  comma-separated variants (default "2b,8b"; the 4.x members "4.0-1b", "4.1-2b",
+                                 "4.1-2b-plus"; "tiny", "tiny-4.0", "tiny-plus" for a quick debugging run)
   GRANITE_SPEECH_BENCH_DEVICE    torch device (default "cuda"; "cpu" runs the same code at tiny dims to debug it)
   GRANITE_SPEECH_BENCH_IMPLS     comma-separated implementations to time (default: all of IMPLS)
 """
@@ -127,23 +128,44 @@ class BenchModels:
         return cache
 
 
-def build_models(variant: str) -> BenchModels:
-    """HF model randomly initialised (transformers' own init, seeded) on the device; the FMS model loaded from its
-    state dict through the project's `hf` adapter, as `get_model` would from a checkpoint."""
-    from fms.utils.serialization import load_state_dict_into_model
-    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+def _config(variant: str) -> dict:
+    from parity.granite.fixtures.family import FAMILY_CONFIGS, load_family_config
 
+    return load_family_config(variant) if variant in FAMILY_CONFIGS else load_hf_config(variant)
+
+
+def _fms_on_meta(hf_config: dict, hf_class_config) -> torch.nn.Module:
+    """The FMS model of the member (3.3 and the 4.x members of its layout share one; 4.1-2b-plus has the
+    `cat_hidden_layers` encoder), on the meta device, no adapter (the in-memory HF model has none either)."""
     from granite_speech import GraniteSpeech, from_hf_config
 
+    with torch.device("meta"):
+        if hf_config.get("model_type") == "granite_speech_plus":
+            from granite_speech.plus import GraniteSpeechPlus, GraniteSpeechPlusConfig, build_granite_speech_plus_params
+
+            return GraniteSpeechPlus(GraniteSpeechPlusConfig(**build_granite_speech_plus_params(hf_class_config)))
+        return GraniteSpeech(from_hf_config(hf_config))
+
+
+def build_models(variant: str) -> BenchModels:
+    """HF model randomly initialised (transformers' own init, seeded) on the device; the FMS model loaded from its
+    state dict through the project's `hf` adapter, as `get_model` would from a checkpoint. Any 3.3 or 4.x variant
+    of `fixtures/configs` (2b, 8b, 4.0-1b, 4.1-2b, 4.1-2b-plus, tiny...)."""
+    from fms.utils.serialization import load_state_dict_into_model
+
     start = time.perf_counter()
-    hf_config = load_hf_config(variant)
+    from parity.granite.fixtures.family import hf_classes
+
+    hf_config = _config(variant)
+    config_class, model_class = hf_classes(hf_config.get("model_type", "granite_speech"))
+    hf_class_config = config_class.from_dict(hf_config)
     torch.manual_seed(SEED)
     with torch.device(DEVICE):
-        hf = GraniteSpeechForConditionalGeneration._from_config(GraniteSpeechConfig.from_dict(hf_config), dtype=DTYPE)
+        hf = model_class._from_config(hf_class_config, dtype=DTYPE)
     hf.eval()
-    with torch.device("meta"):
-        fms = GraniteSpeech(from_hf_config(hf_config))  # no adapter: the in-memory HF model has none either
-    load_state_dict_into_model(fms, dict(hf.state_dict()), "granite_speech", "hf", initial_device=DEVICE)
+    fms = _fms_on_meta(hf_config, hf_class_config)
+    load_state_dict_into_model(fms, dict(hf.state_dict()), hf_config.get("model_type", "granite_speech"), "hf",
+                               initial_device=DEVICE)
     fms.post_init()
     # BatchNorm's num_batches_tracked is not in the adapted checkpoint (eval never reads it); get_model does this too
     fms._apply(lambda t: torch.zeros_like(t, device=DEVICE) if t.device.type == "meta" else t)
