@@ -33,6 +33,9 @@ class Mutant:
     expect: Tuple[str, ...]  # probe names / prefixes that count as "localised"
     kind: str
     why: str
+    # `compare --fast-encoder` of the mutant's run: code only the compiled audio encoder runs (the flex kernel) is
+    # judged by that section of compare (its baseline is the default run: a section the baseline lacks is new)
+    fast_encoder: str = "eager"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -155,6 +158,18 @@ CONFORMER = (
            new="self.self_conditioning_layer = cfg.nlayers // 2 + 1",
            expect=("encoder.ctc_mid",), kind="length",
            why="the mid-layer CTC term added after block L//2 + 1 (0-based vs 1-based confusion)"),
+    Mutant("flex_shaw_distance_sign_swapped", "conformer.py",
+           old="score = score + shaw[b, h, q_idx, q_idx - kv_idx + ctx - 1]",
+           new="score = score + shaw[b, h, q_idx, kv_idx - q_idx + ctx - 1]",
+           expect=_PREFILL_STEP, kind="formula", fast_encoder="flex",
+           why="the flex kernel's Shaw term read at j - i instead of i - j (the math path, and so every model probe, "
+               "is right: only the compiled encoder's section sees it)"),
+    Mutant("flex_last_block_padding_keys_unmasked", "conformer.py",
+           old="real = (b % nblocks != nblocks - 1) | ((q_idx < remainder) & (kv_idx < remainder))",
+           new="real = (b % nblocks != nblocks - 1) | (q_idx < remainder)",
+           expect=_PREFILL_STEP, kind="mask", fast_encoder="flex",
+           why="the flex kernel masks the last block's padded query rows but not its padded keys: the real frames "
+               "of a partial last block attend to the padding"),
 )
 
 PROJECTOR = (

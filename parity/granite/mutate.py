@@ -118,7 +118,7 @@ def _worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     cases = select_cases(args.case) if args.case else None
     report = compare_report(Path(args.checkpoint), seeded="tiny", cases=cases, dtype=torch.float32, device="cpu",
-                            policy=Policy(lenient=args.lenient), seed=0,
+                            policy=Policy(lenient=args.lenient), seed=0, fast_encoder=args.fast_encoder,
                             progress=lambda message: print(message, file=sys.stderr, flush=True))
     record = _compact(report)
     record["granite_speech"] = str(where.parent)
@@ -187,11 +187,11 @@ def crash_site(stderr: str, package_dir: Path) -> Optional[str]:
 
 
 def _run_compare(snapshot: Snapshot, workdir: Path, checkpoint: Path, lenient: bool, threads: int,
-                 timeout: float, cases: Sequence[str] = ()) -> dict:
+                 timeout: float, cases: Sequence[str] = (), fast_encoder: str = "eager") -> dict:
     """compare on the package copy in `workdir`: {"record": compact report} or {"crash": why, "stderr": tail}."""
     out = workdir / "report.json"
     cmd = [sys.executable, "-m", "parity.granite.mutate", "--worker", "--checkpoint", str(checkpoint),
-           "--out", str(out)] + (["--lenient"] if lenient else [])
+           "--out", str(out), "--fast-encoder", fast_encoder] + (["--lenient"] if lenient else [])
     for case in cases:
         cmd += ["--case", case]
     try:
@@ -320,6 +320,8 @@ def _short(title: str) -> str:
     case = re.sub(r"\s*\(.*?\)", "", case).strip()
     part = {"preprocessing": "pre", "model": "model"}.get(part, "eager" if "eager" in part else
                                                           "fast, static prefill" if "static prefill" in part else
+                                                          "fast, flex encoder" if "flex encoder" in part else
+                                                          "fast, compiled encoder" if "compiled encoder" in part else
                                                           "fast" if "fast" in part else part)
     return f"{case} · {part}"
 
@@ -344,7 +346,7 @@ def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline
         workdir = Path(tmp)
         package = _copy_package(snapshot, workdir)
         mutant.apply(package)
-        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases)
+        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases, mutant.fast_encoder)
         compare_s = time.monotonic() - start
         row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
                "why": mutant.why}
@@ -481,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--fast-encoder", default="eager", help=argparse.SUPPRESS)
     return parser
 
 
