@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from parity.adapters import build_adapter
-from parity.capture import Captures, ModelRun, capture_model, capture_pair, checkpoint_param_bytes, plan_phases
+from parity.capture import (Captures, ModelRun, capture_model, capture_pair, checkpoint_param_bytes, heap_frozen,
+                            plan_phases)
 from parity.diff import Status, compare, diff_captures
 from parity.hooks import HookSet, assert_no_hooks, attached_hooks, leftover_hooks
 from parity.granite.hf import hf_divides_logits
@@ -942,3 +943,14 @@ def test_models_no_later_case_uses_are_freed(tmp_path):
     models.at(torch.bfloat16).keep_only(*pipeline._models_used(cases[-1:], torch.float32, transcribed))
     assert set(models.fms) == {(torch.bfloat16, "merged")}
     assert set(models.hf) == {torch.bfloat16, torch.float64}, "HF's float64 copy stays (replaced when needed)"
+
+
+def test_heap_frozen_unfreezes_even_when_the_run_raises():
+    """`compare` freezes the heap alive at its start out of the collector (free_memory then scans only what the run
+    made); after the run, failed or not, nothing may stay frozen: a frozen cycle holding a model is never freed."""
+    before = gc.get_freeze_count()
+    with pytest.raises(RuntimeError, match="run failed"):
+        with heap_frozen():
+            assert gc.get_freeze_count() > before
+            raise RuntimeError("run failed")
+    assert gc.get_freeze_count() == before
