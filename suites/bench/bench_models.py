@@ -140,7 +140,7 @@ def _fms_on_meta(hf_config: dict, hf_class_config) -> torch.nn.Module:
     from granite_speech import GraniteSpeech, from_hf_config
 
     with torch.device("meta"):
-        if hf_config.get("model_type") == "granite_speech_plus":
+        if hf_config["model_type"] == "granite_speech_plus":
             from granite_speech.plus import GraniteSpeechPlus, GraniteSpeechPlusConfig, build_granite_speech_plus_params
 
             return GraniteSpeechPlus(GraniteSpeechPlusConfig(**build_granite_speech_plus_params(hf_class_config)))
@@ -153,19 +153,18 @@ def build_models(variant: str) -> BenchModels:
     of `fixtures/configs` (2b, 8b, 4.0-1b, 4.1-2b, 4.1-2b-plus, tiny...)."""
     from fms.utils.serialization import load_state_dict_into_model
 
-    start = time.perf_counter()
-    from parity.granite.fixtures.family import hf_classes
+    from parity.granite.fixtures import family
 
+    start = time.perf_counter()
     hf_config = _config(variant)
-    config_class, model_class = hf_classes(hf_config.get("model_type", "granite_speech"))
-    hf_class_config = config_class.from_dict(hf_config)
+    member = hf_config["model_type"]  # granite_speech or granite_speech_plus: also the FMS architecture's name
+    hf_class_config = family.hf_config(hf_config)
     torch.manual_seed(SEED)
     with torch.device(DEVICE):
-        hf = model_class._from_config(hf_class_config, dtype=DTYPE)
+        hf = family.hf_classes(member)[1]._from_config(hf_class_config, dtype=DTYPE)
     hf.eval()
     fms = _fms_on_meta(hf_config, hf_class_config)
-    load_state_dict_into_model(fms, dict(hf.state_dict()), hf_config.get("model_type", "granite_speech"), "hf",
-                               initial_device=DEVICE)
+    load_state_dict_into_model(fms, dict(hf.state_dict()), member, "hf", initial_device=DEVICE)
     fms.post_init()
     # BatchNorm's num_batches_tracked is not in the adapted checkpoint (eval never reads it); get_model does this too
     fms._apply(lambda t: torch.zeros_like(t, device=DEVICE) if t.device.type == "meta" else t)
