@@ -85,3 +85,67 @@ def test_two_cheap_mutants_are_caught_and_localised(quick_mutants):
                                   f"{row['first_own_error']}; expected {row['expect']}")
     assert result["baseline"]["verdict"] == "pass", "the unmutated package fails compare on the quick case"
     assert code == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the zygote that forks the runner's workers: a fork must behave as the fresh `python -m` it replaces
+
+
+CHILD = """
+import os, sys
+print("out", os.getcwd() == sys.path[0], os.environ.get("ZYGOTE_TEST"), sys.argv[1:])
+print("first-party preloaded:", sorted(m for m in sys.modules if m.split(".")[0] in ("granite_speech", "parity")),
+      file=sys.stderr)
+if "--raise" in sys.argv:
+    raise ValueError("planted")
+if "--hang" in sys.argv:
+    import time
+    time.sleep(600)
+if "--signal" in sys.argv:
+    os.kill(os.getpid(), 9)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    import os
+
+    from parity.granite.zygote import Zygote
+
+    with Zygote(["json"], env=dict(os.environ)) as warm:
+        yield warm
+
+
+def test_a_zygote_child_is_the_fresh_interpreter_it_replaces(zygote, tmp_path):
+    import os
+
+    (tmp_path / "zygote_child.py").write_text(CHILD)
+    env = dict(os.environ, ZYGOTE_TEST="seen", PYTHONPATH=str(tmp_path / "after-the-cwd"))
+    done = zygote.run(["-m", "zygote_child", "3", "a b"], cwd=tmp_path, env=env, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "out True seen ['3', 'a b']\n")
+    assert "first-party preloaded: []" in done.stderr  # the mutated package is the one the worker imports
+    crashed = zygote.run(["-m", "zygote_child", "0", "--raise"], cwd=tmp_path, env=env, timeout=60)
+    assert crashed.returncode == 1 and "ValueError: planted" in crashed.stderr
+    killed = zygote.run(["-m", "zygote_child", "0", "--signal"], cwd=tmp_path, env=env, timeout=60)
+    assert killed.returncode == -9
+
+
+def test_a_zygote_child_past_its_timeout_is_killed(zygote, tmp_path):
+    import os
+    import subprocess
+    import time
+
+    (tmp_path / "zygote_child.py").write_text(CHILD)
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        zygote.run(["-m", "zygote_child", "0", "--hang"], cwd=tmp_path, env=dict(os.environ), timeout=1)
+    assert time.monotonic() - start < 30
+    # the zygote still serves after the kill
+    assert zygote.run(["-m", "zygote_child", "5"], cwd=tmp_path, env=dict(os.environ), timeout=60).returncode == 5
+
+
+def test_the_compare_preload_is_third_party_only():
+    from parity.granite.zygote import COMPARE_PRELOAD
+
+    assert not [m for m in COMPARE_PRELOAD if m.split(".")[0] in ("granite_speech", "parity", "fixtures")]

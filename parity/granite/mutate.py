@@ -5,8 +5,10 @@
 
 For each mutant the `granite_speech` package is copied to a temporary directory, the one edit is applied, and
 `compare` (`parity.granite.pipeline.compare_report` on its default inputs, the seeded tiny fixture, CPU) runs in a
-subprocess whose `sys.path` starts with that directory, so the mutated package is the one imported (each worker
-checks `granite_speech.__file__`; `parity` still comes from this checkout). The unmutated package goes through the
+worker whose `sys.path` starts with that directory, so the mutated package is the one imported (each worker checks
+`granite_speech.__file__`; `parity` comes from the run's snapshot of this checkout). Each worker is a fork of one warm
+interpreter that has imported torch and transformers but neither package (`parity.granite.zygote`), which is the
+fresh `python -m` it replaces less the import time. The unmutated package goes through the
 same path first: the baseline. A mutant counts as caught only where its report differs from the baseline's: a
 section that passed at baseline fails now (sections already red at baseline cannot count; a regression inside them
 is listed, as `red-only`, but not counted).
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from parity.granite.mutants import CATALOGUE, PACKAGE_DIR, Mutant, by_name
+from parity.granite.zygote import COMPARE_PRELOAD, Zygote
 from parity.verdict import SHARP_RULES
 
 REPO_ROOT = PACKAGE_DIR.parent
@@ -157,17 +160,23 @@ def _copy_package(snapshot: Snapshot, destination: Path) -> Path:
     return target
 
 
-def _environment(snapshot: Snapshot, workdir: Path, threads: int) -> dict:
+def _base_environment(threads: int) -> dict:
+    """What every worker's interpreter needs before torch and transformers are imported (the zygote's too)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), str(snapshot.parity_path)] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env[PACKAGE_ENV] = str(workdir / "granite_speech")
-    env[PARITY_ENV] = str(snapshot.parity_path / "parity")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["HF_HUB_OFFLINE"] = "1"
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[key] = str(threads)
+    return env
+
+
+def _environment(snapshot: Snapshot, workdir: Path, threads: int) -> dict:
+    env = _base_environment(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(workdir), str(snapshot.parity_path)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env[PACKAGE_ENV] = str(workdir / "granite_speech")
+    env[PARITY_ENV] = str(snapshot.parity_path / "parity")
     return env
 
 
@@ -186,17 +195,17 @@ def crash_site(stderr: str, package_dir: Path) -> Optional[str]:
     return sites[-1] if sites else None
 
 
-def _run_compare(snapshot: Snapshot, workdir: Path, checkpoint: Path, lenient: bool, threads: int,
+def _run_compare(zygote: Zygote, snapshot: Snapshot, workdir: Path, checkpoint: Path, lenient: bool, threads: int,
                  timeout: float, cases: Sequence[str] = (), fast_encoder: str = "eager") -> dict:
-    """compare on the package copy in `workdir`: {"record": compact report} or {"crash": why, "stderr": tail}."""
+    """compare on the package copy in `workdir`, in a fork of the zygote: {"record": compact report} or
+    {"crash": why, "stderr": tail}."""
     out = workdir / "report.json"
-    cmd = [sys.executable, "-m", "parity.granite.mutate", "--worker", "--checkpoint", str(checkpoint),
+    cmd = ["-m", "parity.granite.mutate", "--worker", "--checkpoint", str(checkpoint),
            "--out", str(out), "--fast-encoder", fast_encoder] + (["--lenient"] if lenient else [])
     for case in cases:
         cmd += ["--case", case]
     try:
-        proc = subprocess.run(cmd, cwd=workdir, env=_environment(snapshot, workdir, threads), capture_output=True,
-                              text=True, timeout=timeout)
+        proc = zygote.run(cmd, cwd=workdir, env=_environment(snapshot, workdir, threads), timeout=timeout)
     except subprocess.TimeoutExpired as err:
         return {"crash": f"timeout after {timeout:g} s", "stderr": _tail(str(err.stderr or ""))}
     if proc.returncode == EXIT_ISOLATION:
@@ -338,15 +347,16 @@ def _outcome_label(row: dict) -> str:
     return "MISSED"
 
 
-def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline: dict, lenient: bool, suites: bool,
-               suite_baseline_failures: Sequence[str], threads: int, timeout: float, keep: Optional[Path],
-               cases: Sequence[str] = ()) -> dict:
+def run_mutant(mutant: Mutant, *, zygote: Zygote, snapshot: Snapshot, checkpoint: Path, baseline: dict,
+               lenient: bool, suites: bool, suite_baseline_failures: Sequence[str], threads: int, timeout: float,
+               keep: Optional[Path], cases: Sequence[str] = ()) -> dict:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         workdir = Path(tmp)
         package = _copy_package(snapshot, workdir)
         mutant.apply(package)
-        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases, mutant.fast_encoder)
+        outcome = _run_compare(zygote, snapshot, workdir, checkpoint, lenient, threads, timeout, cases,
+                               mutant.fast_encoder)
         compare_s = time.monotonic() - start
         row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
                "why": mutant.why}
@@ -362,12 +372,12 @@ def run_mutant(mutant: Mutant, *, snapshot: Snapshot, checkpoint: Path, baseline
     return row
 
 
-def run_baseline(snapshot: Snapshot, checkpoint: Path, lenient: bool, threads: int, timeout: float,
-                 cases: Sequence[str] = ()) -> dict:
+def run_baseline(zygote: Zygote, snapshot: Snapshot, checkpoint: Path, lenient: bool, threads: int,
+                 timeout: float, cases: Sequence[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
         workdir = Path(tmp)
         _copy_package(snapshot, workdir)
-        outcome = _run_compare(snapshot, workdir, checkpoint, lenient, threads, timeout, cases)
+        outcome = _run_compare(zygote, snapshot, workdir, checkpoint, lenient, threads, timeout, cases)
     if "crash" in outcome:
         raise RuntimeError(f"compare crashed on the unmutated package: {outcome['crash']}\n"
                            f"{outcome.get('stderr', '')}")
@@ -528,17 +538,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint = build_checkpoint("tiny")
     _say(f"[{time.monotonic() - start:6.1f}s] checkpoint {checkpoint}; {len(mutants)} mutants, {args.jobs} jobs x "
          f"{threads} threads")
-    with tempfile.TemporaryDirectory(prefix="mutation-run-") as run_dir:
+    with tempfile.TemporaryDirectory(prefix="mutation-run-") as run_dir, \
+            Zygote(COMPARE_PRELOAD, _base_environment(threads)) as zygote:
         snapshot = Snapshot(Path(run_dir))
-        return _run_all(args, mutants, snapshot, checkpoint, threads, start)
+        return _run_all(args, mutants, snapshot, checkpoint, threads, start, zygote)
 
 
 def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snapshot, checkpoint: Path,
-             threads: int, start: float) -> int:
+             threads: int, start: float, zygote: Zygote) -> int:
     suite_baseline: Optional[dict] = None
     try:
         _say(f"[{time.monotonic() - start:6.1f}s] baseline compare on the unmutated package")
-        baseline = run_baseline(snapshot, checkpoint, args.lenient, os.cpu_count() or 1, args.timeout, args.case)
+        baseline = run_baseline(zygote, snapshot, checkpoint, args.lenient, os.cpu_count() or 1, args.timeout,
+                                args.case)
         if args.keep_reports is not None:
             args.keep_reports.mkdir(parents=True, exist_ok=True)
             (args.keep_reports / "_baseline.json").write_text(json.dumps(baseline))
@@ -555,7 +567,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
         return 3
 
     rows: List[dict] = []
-    kwargs = dict(snapshot=snapshot, checkpoint=checkpoint, baseline=baseline, lenient=args.lenient,
+    kwargs = dict(zygote=zygote, snapshot=snapshot, checkpoint=checkpoint, baseline=baseline, lenient=args.lenient,
                   suites=args.suites, suite_baseline_failures=(suite_baseline or {}).get("failures", []),
                   threads=threads, timeout=args.timeout, keep=args.keep_reports, cases=args.case)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
