@@ -140,3 +140,10 @@ def not_run_record(check: str, why: str, cause: str, section: Optional[str] = No
     if section is not None:
         record["section"] = section
     return record
+
+
+def note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> None:
+    """Record in a section's extras a planned check that did not run (the verdict counts it; nothing is silent);
+    `cause` None: it ran."""
+    if cause is not None:
+        extra.setdefault("not_run", []).append(not_run_record(check, why, cause))

@@ -864,7 +864,7 @@ def test_the_float64_room_parks_the_fewest_working_models_other_dtypes_first(mon
     """On a card too small for the float64 copies beside every working model, only as many models wait in host
     memory as make the room (each round trip of a 2b model costs seconds), the other dtypes' before the case's own;
     they come back after, and HF's float64 copy stays on the card when they fit beside it."""
-    import parity.granite.models as granite_models  # where `Models` and `_shortfall` look these names up
+    import parity.granite.models as granite_models  # where `Models` and `shortfall` look these names up
 
     card = 3000  # bytes
     hf32, fms32, fms32_audio = (_CardModel(100, torch.float32) for _ in range(3))  # 400 bytes each

@@ -35,7 +35,7 @@ from parity.fms_arch.derive import Derivation, derive
 from parity.precision import audit_ops, missing_upcasts
 from parity.probes import Probe
 from parity.tolerances import dtype_name
-from parity.verdict import not_run_record
+from parity.verdict import note_not_run
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -171,11 +171,6 @@ def formula_probes(probes, fms64: torch.nn.Module, forward) -> Tuple[Tuple[Probe
     return checked, why
 
 
-def _note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> None:
-    if cause is not None:
-        extra.setdefault("not_run", []).append(not_run_record(check, why, cause))
-
-
 def model_section(sides: Sides, inputs: "cases.Inputs", probes, dtype: torch.dtype,
                   mode: str = "teacher_forced", floors: bool = True) -> Tuple[ParityResult, dict]:
     """One input through both models with the derived probes, judged with floors, masks, formula and upcasts.
@@ -189,10 +184,10 @@ def model_section(sides: Sides, inputs: "cases.Inputs", probes, dtype: torch.dty
     wanted, floors, candidate64, upcasts = floors, None, None, None
     if not wanted:
         extra["floors"] = "not run (floors=False)"
-        _note_not_run(extra, "noise floors", extra["floors"], "floors off")
+        note_not_run(extra, "noise floors", extra["floors"], "floors off")
     elif pair.hf.raised:
         extra["floors"] = "not run: the HF forward raised"
-        _note_not_run(extra, "noise floors", extra["floors"], "raised")
+        note_not_run(extra, "noise floors", extra["floors"], "raised")
     else:
         floors = capture_model(sides.hf64(hf), inputs.to(torch.float64).hf_forward, probes, side="hf")
         extra["floors"] = "HF in float64" + (f" from the {dtype_name(dtype)} weights" if dtype != torch.float32 else "")
@@ -204,7 +199,7 @@ def model_section(sides: Sides, inputs: "cases.Inputs", probes, dtype: torch.dty
     if dtype in LOW_PRECISION and not (pair.hf.raised or pair.fms.raised):
         upcasts = _upcast_audit(pair, hf, run_inputs.hf_forward, fms, run_inputs.fms_forward)
     elif dtype in LOW_PRECISION:
-        _note_not_run(extra, "upcast audit", "a side's forward raised", "raised")
+        note_not_run(extra, "upcast audit", "a side's forward raised", "raised")
     result = diff_captures(pair, probes=probes, dtype=dtype, masks=masks, floors=floors, candidate64=candidate64,
                            upcasts=upcasts)
     return result, extra
@@ -288,7 +283,7 @@ def generation_section(sides: Sides, steps: int = cases.NEW_TOKENS) -> Tuple[Par
     extra: dict = {"prompt_tokens": prompt.size(1), "new_tokens": steps}
     floors = None
     if hf_run.error is not None:
-        _note_not_run(extra, "noise floors", "HF generate raised", "raised")
+        note_not_run(extra, "noise floors", "HF generate raised", "raised")
     else:
         floors = _generation_floors(sides.hf64(sides.hf), prompt, hf_run.tokens, steps)
         extra["floors"] = "HF in float64 along HF's tokens"

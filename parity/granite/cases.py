@@ -1,8 +1,7 @@
 """The input cases of the `compare` pipeline and the audio they read.
 
 Each member's input set (`default_cases`, `ctc_cases`, `cases_for`), the clip files, each side's reading of them
-(and HF's in float64: the preprocessing floors), and what every section builder shares (`Section`, `_attempt`,
-`_note_not_run`).
+(and HF's in float64: the preprocessing floors), and what every section builder shares (`Section`, `attempt`).
 """
 
 import copy
@@ -19,7 +18,6 @@ from parity.granite.models import member_of, regime_of
 from parity.granite.probes_family import CTC5
 from parity.probes import Probe
 from parity.store import ReferenceMismatch
-from parity.verdict import not_run_record
 
 AUDIO_TOKEN = "<|audio|>"
 DEFAULT_INSTRUCTION = f"{AUDIO_TOKEN}can you transcribe the speech into a written format?"
@@ -136,14 +134,14 @@ def cases_for(checkpoint: Union[str, Path], cases: Optional[Sequence[Case]] = No
 # audio files
 
 
-def _clip_path(clip: str, workdir: Path) -> Path:
+def clip_path(clip: str, workdir: Path) -> Path:
     from parity.granite.fixtures import SPEECH_DIR
 
     if clip.startswith(STEREO_44K):
         import soundfile
         import torchaudio
 
-        source = _clip_path(clip[len(STEREO_44K):], workdir)
+        source = clip_path(clip[len(STEREO_44K):], workdir)
         samples, rate = soundfile.read(str(source), dtype="float32")
         mono = torchaudio.functional.resample(torch.from_numpy(samples), rate, 44100)
         stereo = torch.stack([mono, 0.5 * mono + 0.01], dim=1).numpy()  # channels differ: a mean is needed
@@ -154,7 +152,7 @@ def _clip_path(clip: str, workdir: Path) -> Path:
     return bundled if bundled.is_file() else Path(clip)
 
 
-def _attempt(fn: Callable[[], Any]) -> Any:
+def attempt(fn: Callable[[], Any]) -> Any:
     """The value, or the exception it raised (recorded on the probe instead of ending the run)."""
     try:
         return fn()
@@ -164,16 +162,16 @@ def _attempt(fn: Callable[[], Any]) -> Any:
         return err
 
 
-def _audio_rows(paths: Sequence[Path]) -> Tuple[List[Tuple[Probe, Any, Any]], list, list, list]:
+def audio_rows(paths: Sequence[Path]) -> Tuple[List[Tuple[Probe, Any, Any]], list, list, list]:
     """(probe rows, HF audio, FMS audio, input metadata): each clip read by HF's `load_audio` and FMS `read_audio`."""
     from granite_speech.audio import read_audio
 
     rows: List[Tuple[Probe, Any, Any]] = []
     hf_audio, fms_audio, inputs_meta = [], [], []
     for i, path in enumerate(paths):
-        reference = _attempt(lambda: hf_load_audio(path, SAMPLING_RATE))
+        reference = attempt(lambda: hf_load_audio(path, SAMPLING_RATE))
         # silent: the CLI announced the user's own files when it checked them; the built-in clips need no note
-        candidate = _attempt(lambda: read_audio(path, SAMPLING_RATE, notify=lambda note: None))
+        candidate = attempt(lambda: read_audio(path, SAMPLING_RATE, notify=lambda note: None))
         rows.append((Probe(f"audio.{i}.samples", "load_audio", "read_audio", teacher=(),
                            note=f"{path.name}: decoded, down-mixed to mono, resampled to {SAMPLING_RATE} Hz"),
                      reference, candidate))
@@ -196,7 +194,7 @@ class _Float64Mel(torch.nn.Module):
         return self.mel(audio.double())
 
 
-def _preprocessing_floors(paths: Sequence[Path], hf_audio: list, hf_extractor=None):
+def preprocessing_floors(paths: Sequence[Path], hf_audio: list, hf_extractor=None):
     """The rounding-only reference of preprocessing (noise floors): each clip read by HF's recipe in float64 and, for
     an extractor with a torchaudio mel filterbank (the LLM members'), HF's features with that filterbank in float64.
     None where HF's own side failed (its probes already say why)."""
@@ -213,7 +211,7 @@ def _preprocessing_floors(paths: Sequence[Path], hf_audio: list, hf_extractor=No
     return pair_from_values(rows).hf
 
 
-def _field(value: Any, key: str) -> Any:
+def field_of(value: Any, key: str) -> Any:
     if isinstance(value, BaseException):
         return value
     got = value.get(key) if hasattr(value, "get") else None
@@ -227,9 +225,3 @@ def _field(value: Any, key: str) -> Any:
 
 
 Section = Tuple[str, str, ParityResult, dict]
-
-
-def _note_not_run(extra: dict, check: str, why: str, cause: Optional[str]) -> None:
-    """Record in a section's extras a planned check that did not run (the verdict counts it; nothing is silent)."""
-    if cause is not None:
-        extra.setdefault("not_run", []).append(not_run_record(check, why, cause))

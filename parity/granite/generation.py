@@ -14,14 +14,15 @@ import torch
 
 from parity.capture import pair_from_values, value_key
 from parity.diff import diff_captures, near_tie_flips
-from parity.granite.cases import Case, Section, _attempt, _note_not_run
+from parity.granite.cases import Case, Section, attempt
 from parity.granite.hf import hf_logits_to_fms
-from parity.granite.models import Models, _float64, _floors_wanted, _set_adapter
+from parity.granite.models import Models, floors_wanted, inputs_in_float64, set_adapter
 from parity.granite.tp import tp_gather
 from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
 from parity.store import ReferenceStore
 from parity.tolerances import dtype_name
+from parity.verdict import note_not_run
 
 
 def _generation_inputs(hf_inputs: dict, steps: int, stop: Optional["Ending"] = None) -> dict:
@@ -72,7 +73,7 @@ def _hf_generation(case: Case, models: Models, hf_inputs: dict, store: "Referenc
         tokens = torch.stack([saved.get(f"step.{k}.token") for k in range(steps)], dim=1)
         return tokens, [saved.get(f"step.{k}.logits") for k in range(steps)]
     hf = models.reference()
-    _set_adapter(hf, "input_features" in hf_inputs)
+    set_adapter(hf, "input_features" in hf_inputs)
     ending = ({"min_new_tokens": case.generate} if stop is None
               else {"eos_token_id": stop.token, "pad_token_id": stop.pad})
     with torch.no_grad():
@@ -109,7 +110,7 @@ def ending_apart(tokens: torch.Tensor, tokenizer, path: str) -> Tuple[Optional[E
     picked = pick_stop_token(tokens, exclude=(pad, eos))
     if picked is None:
         extra = {"rows_end": f"no token of HF's {path} path ends the rows at different steps"}
-        _note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
+        note_not_run(extra, "rows ending apart", extra["rows_end"], "inputs")
         return None, extra
     return Ending(picked[0], pad), {"rows_end": {"stop_token": picked[0], "pad": pad, "hf_end_steps": picked[1]}}
 
@@ -125,14 +126,14 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
     if store.reading:
         return store.get(key, recorded_from, optional=True)
     steps = hf_tokens.size(1)
-    inputs64 = _float64(hf_inputs)
+    inputs64 = inputs_in_float64(hf_inputs)
     prompt = inputs64["input_ids"]
     tokens = hf_tokens[:, : steps - 1].to(prompt.device)
     mask = torch.cat([inputs64["attention_mask"], torch.ones_like(tokens)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate derives them
     with models.float64_room(), torch.no_grad():
         hf64 = models.reference64()
-        _set_adapter(hf64, "input_features" in hf_inputs)
+        set_adapter(hf64, "input_features" in hf_inputs)
         out = hf64(**{**inputs64, "input_ids": torch.cat([prompt, tokens], dim=1), "attention_mask": mask},
                    position_ids=positions, use_cache=False)
     scaling = hf64.config.text_config.logits_scaling
@@ -195,9 +196,9 @@ def _fms_generation_runs(case: Case, models: Models, fms_inputs: dict, stop: Opt
 
     tensor_parallel = tp_gather() is not None
     with torch.no_grad():
-        runs = {"eager FMS generate": _attempt(run_eager)}
+        runs = {"eager FMS generate": attempt(run_eager)}
         for label, kwargs in _fast_runs(models).items():
-            runs[label] = None if tensor_parallel else _attempt(lambda: run_fast(label, kwargs))
+            runs[label] = None if tensor_parallel else attempt(lambda: run_fast(label, kwargs))
     return runs, ops
 
 
@@ -233,8 +234,8 @@ def _generation_rows(hf_run, run, steps: int, dtype: torch.dtype, ties: Dict[int
     return rows, masks
 
 
-def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
-                         store: "ReferenceStore", floors: str = "auto") -> List[Section]:
+def generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, overrides,
+                        store: "ReferenceStore", floors: str = "auto") -> List[Section]:
     """Every decoding loop (eager FMS generate, the fast path with each prefill) against HF `generate`: greedy tokens
     and per-step logits, judged against HF float64 floors along HF's own tokens, with the near-tie rule and the
     upcast audit in 16 bits. A case with `ends_apart` runs them over rows that end at different steps."""
@@ -242,10 +243,10 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
     audit = models.dtype in LOW_PRECISION and not store.reading
     stop, ending_extra = None, {}
     if case.ends_apart:
-        chosen = _attempt(lambda: _choose_ending(case, models, hf_inputs, store))
+        chosen = attempt(lambda: _choose_ending(case, models, hf_inputs, store))
         stop, ending_extra = (None, {"rows_end": repr(chosen)}) if isinstance(chosen, BaseException) else chosen
         if isinstance(chosen, BaseException):
-            _note_not_run(ending_extra, "rows ending apart", "HF generate raised", "raised")
+            note_not_run(ending_extra, "rows ending apart", "HF generate raised", "raised")
     hf_ops: Dict[str, set] = {}
 
     def run_hf():
@@ -255,7 +256,7 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         return result
 
     # a side that raised is reported on every step it did not reach, instead of ending the run
-    hf_run = _attempt(run_hf)
+    hf_run = attempt(run_hf)
     floor_captures, floors_why, floors_cause = _generation_floors(case, models, hf_inputs, hf_run, store, floors,
                                                                   stop)
     runs, ops = _fms_generation_runs(case, models, fms_inputs, stop, audit)
@@ -276,7 +277,7 @@ def _generation_sections(case: Case, models: Models, hf_inputs: dict, fms_inputs
         result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
                                floors=floor_captures, masks=masks, upcasts=upcasts)
         extra = {"new_tokens": case.generate, "floors": floors_why, **copy.deepcopy(ending_extra)}
-        _note_not_run(extra, "noise floors", floors_why, floors_cause)
+        note_not_run(extra, "noise floors", floors_why, floors_cause)
         _generation_extras(extra, models, store, hf_run, hf_ops, ops.get(label, {}), upcasts, ties)
         sections.append((f"{case.name} · generation: {label} vs HF generate", "generation", result, extra))
     return sections
@@ -295,7 +296,7 @@ def _generation_floors(case: Case, models: Models, hf_inputs: dict, hf_run, stor
     if store.reading:
         wanted, why, cause = True, "read with the reference", None
     else:
-        wanted, why, cause = _floors_wanted(floors, models)
+        wanted, why, cause = floors_wanted(floors, models)
     if not wanted:
         return None, why, cause
     captures = _hf_generation_floors(case, models, hf_inputs, hf_run[0], store, stop)
@@ -312,11 +313,11 @@ def _generation_extras(extra: dict, models: Models, store: "ReferenceStore", hf_
         extra["upcast_audit"] = {"hf": sorted(hf_ops.get("generate", ())),
                                  "fms": {k: sorted(v) for k, v in fms_ops.items()}}
     elif models.dtype in LOW_PRECISION:
-        _note_not_run(extra, "upcast audit", "needs HF generate run here" if store.reading else "HF generate raised",
-                      "reference" if store.reading else "raised")
+        note_not_run(extra, "upcast audit", "needs HF generate run here" if store.reading else "HF generate raised",
+                     "reference" if store.reading else "raised")
     if tp_gather() is not None:
         extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
-        _note_not_run(extra, "fast path generation", extra["fast_path"], "tensor parallel")
+        note_not_run(extra, "fast path generation", extra["fast_path"], "tensor parallel")
     if ties:
         extra["near_tie_flips"] = [ties[r] for r in sorted(ties)]
     if not isinstance(hf_run, BaseException):

@@ -2,7 +2,7 @@
 
 `Models` holds the loaded models (loaded once, shared by the cases); the loaders and metadata of each family member
 (`member_of`, `load_hf_family_model`, `load_fms_family_model`, `regime_of`); and the memory planning of the float64
-work (`_shortfall`, `Models.float64_room`, `audio_path_float64`): HF's float64 copy for the noise floors and FMS's
+work (`shortfall`, `Models.float64_room`, `audio_path_float64`): HF's float64 copy for the noise floors and FMS's
 audio path in float64 for the formula check.
 """
 
@@ -101,14 +101,14 @@ class Models:
         formula check, `audio_path_float64`). Counted on the loaded models, else (a run against saved references,
         where HF is never loaded) on the checkpoint's headers with FMS's copy as large as HF's."""
         fms = self.fms.get((self.dtype, "merged"))
-        audio = _values(fms) - _values(*decoder_blocks(fms)) if fms is not None else self.values()
+        audio = value_count(fms) - value_count(*decoder_blocks(fms)) if fms is not None else self.values()
         return 8 * (self.values() + audio)
 
     def values(self) -> int:
         """How many values the model holds: counted on the loaded HF model, else (a run against saved references,
         where HF is never loaded) on the checkpoint's safetensors headers."""
         loaded = self.hf.get(self.dtype)
-        return _values(loaded) if loaded is not None else checkpoint_param_bytes(self.checkpoint, torch.uint8)
+        return value_count(loaded) if loaded is not None else checkpoint_param_bytes(self.checkpoint, torch.uint8)
 
     @contextlib.contextmanager
     def float64_room(self):
@@ -123,7 +123,7 @@ class Models:
         waiting = sorted((m for m in self.working_models() if self.device_bytes([m])),
                          key=lambda m: (self.dtype in {p.dtype for p in m.parameters()}, -self.device_bytes([m])))
         for model in waiting:
-            if not _shortfall(self, need):
+            if not shortfall(self, need):
                 break
             parked.append((model, self.device_bytes([model])))
             model.to("cpu")
@@ -132,7 +132,7 @@ class Models:
             yield
         finally:
             hf64 = self.hf.get(torch.float64)
-            if parked and hf64 is not None and _shortfall(self, sum(size for _, size in parked), reuse=False):
+            if parked and hf64 is not None and shortfall(self, sum(size for _, size in parked), reuse=False):
                 hf64.to("cpu")
                 free_memory()
             for model, _ in parked:
@@ -208,7 +208,7 @@ def load_fms_family_model(folder: Union[str, Path], dtype: torch.dtype, device: 
     return load_model(folder, dtype, device, lora_mode=lora_mode)
 
 
-def _set_adapter(model, enabled: bool) -> None:
+def set_adapter(model, enabled: bool) -> None:
     """HF's modality LoRA on exactly when audio is given -- where the checkpoint has one (a merged-LoRA checkpoint
     has none to switch: its LoRA is in the weights)."""
     if getattr(model, "_hf_peft_config_loaded", False):
@@ -237,7 +237,7 @@ def member_metadata(checkpoint: Union[str, Path]) -> dict:
 # memory planning: what fits on the run device, and the float64 copies
 
 
-def _shortfall(models: Models, need: int, parked: bool = False, reuse: bool = True) -> Optional[str]:
+def shortfall(models: Models, need: int, parked: bool = False, reuse: bool = True) -> Optional[str]:
     """None when `need` more bytes fit on the run device (with 25% headroom), else what they need and what is free.
     `reuse`: HF's float64 copy already made counts as free (the float64 work reuses or replaces it, never holds it
     twice). `parked`: with the working models moved to host memory first (`Models.float64_room`), on a GPU."""
@@ -251,7 +251,7 @@ def _shortfall(models: Models, need: int, parked: bool = False, reuse: bool = Tr
     return None
 
 
-def _values(*modules: torch.nn.Module) -> int:
+def value_count(*modules: torch.nn.Module) -> int:
     """How many values the parameters and buffers of `modules` hold."""
     return sum(t.numel() for module in modules for t in itertools.chain(module.parameters(), module.buffers()))
 
@@ -278,17 +278,17 @@ def audio_path_float64(model: torch.nn.Module) -> torch.nn.Module:
         base.layers = blocks[0]
 
 
-def _float64(inputs: dict) -> dict:
+def inputs_in_float64(inputs: dict) -> dict:
     return {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in inputs.items()}
 
 
-def _floors_wanted(floors: str, models: Models) -> Tuple[bool, str, Optional[str]]:
+def floors_wanted(floors: str, models: Models) -> Tuple[bool, str, Optional[str]]:
     """(measure the floors?, why, the cause when they are not measured: a `parity.verdict.CAUSES` entry)."""
     if floors == "off":
         return False, "noise floors off (--floors off)", "floors off"
     if floors == "on":
         return True, "HF in float64 (requested)", None
-    short = _shortfall(models, models.float64_bytes(), parked=True)
+    short = shortfall(models, models.float64_bytes(), parked=True)
     if short:
         return False, f"noise floors not run: an fp64 copy {short}", "memory"
     return True, "HF in float64", None

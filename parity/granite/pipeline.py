@@ -29,14 +29,14 @@ import torch
 
 from parity.capture import ModelRun, capture_against, capture_model, capture_pair, free_memory, pair_from_values
 from parity.diff import ParityResult, diff_captures
-from parity.granite.cases import (STEREO_44K, Case, Section, _attempt, _audio_rows, _clip_path, _field,
-                                  _note_not_run, _preprocessing_floors, cases_for)
-from parity.granite.ctc import _ctc_generation_sections, _preprocess_ctc, _tensor_text, _text_tensor
-from parity.granite.generation import Ending, _generation_sections, ending_apart
+from parity.granite.cases import (STEREO_44K, Case, Section, attempt, audio_rows, cases_for, clip_path, field_of,
+                                  preprocessing_floors)
+from parity.granite.ctc import ctc_generation_sections, preprocess_ctc, tensor_text, text_tensor
+from parity.granite.generation import Ending, ending_apart, generation_sections
 from parity.granite.hf import hf_load_audio
-from parity.granite.models import (Models, _float64, _floors_wanted, _set_adapter, _shortfall, _values,
-                                   audio_path_float64, decoder_blocks, load_fms_family_model, load_hf_family_model,
-                                   member_metadata, regime_of)
+from parity.granite.models import (Models, audio_path_float64, decoder_blocks, floors_wanted, inputs_in_float64,
+                                   load_fms_family_model, load_hf_family_model, member_metadata, regime_of,
+                                   set_adapter, shortfall, value_count)
 from parity.granite.probes import AUDIO_PROBE_PREFIXES, HF_LAYOUT_ALIASES
 from parity.granite.probes_family import CTC5, masks_for, probes_for
 from parity.granite.tp import tp_gather
@@ -44,7 +44,7 @@ from parity.precision import LOW_PRECISION, audit_ops, missing_upcasts
 from parity.probes import Probe
 from parity.store import ReferenceStore, checkpoint_fingerprint
 from parity.tolerances import dtype_name
-from parity.verdict import Policy, not_run_record
+from parity.verdict import Policy, note_not_run, not_run_record
 
 FEEDS = ("own", "hf")
 FLOORS = ("auto", "on", "off")
@@ -67,8 +67,8 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
     from granite_speech.__main__ import build_prompt
 
     hf_processor, fms_processor = models.processors()
-    paths = [_clip_path(clip, workdir) for clip in case.clips]
-    rows, hf_audio, fms_audio, inputs_meta = _audio_rows(paths)
+    paths = [clip_path(clip, workdir) for clip in case.clips]
+    rows, hf_audio, fms_audio, inputs_meta = audio_rows(paths)
     hf_prompts = [_hf_prompt(hf_processor.tokenizer, text) for text in case.rows()]
     fms_prompts = [build_prompt(fms_processor.tokenizer, text) for text in case.rows()]
     # a side whose audio could not be read carries that error to its later stages, instead of a follow-on crash
@@ -76,26 +76,26 @@ def _preprocess(case: Case, models: Models, workdir: Path) -> Tuple[List[Tuple[P
     fms_failed = next((a for a in fms_audio if isinstance(a, BaseException)), None)
     if paths:
         hf_extractor = getattr(hf_processor, "audio_processor", None) or hf_processor.feature_extractor  # 5.x / 4.57
-        hf_features = failed or _attempt(lambda: hf_extractor([a.numpy() for a in hf_audio]))
-        fms_features = fms_failed or _attempt(lambda: fms_processor.feature_extractor(list(fms_audio)))
+        hf_features = failed or attempt(lambda: hf_extractor([a.numpy() for a in hf_audio]))
+        fms_features = fms_failed or attempt(lambda: fms_processor.feature_extractor(list(fms_audio)))
         for key, klass in (("input_features", "activation"), ("input_features_mask", "exact"),
                            ("audio_embed_sizes", "exact")):
             rows.append((Probe(f"features.{key}", "feature_extractor", "feature_extractor", teacher=(),
-                               tolerance_class=klass), _field(hf_features, key), _field(fms_features, key)))
+                               tolerance_class=klass), field_of(hf_features, key), field_of(fms_features, key)))
     side = case.padding_side
-    hf_batch = failed or _attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
-                                             return_tensors="pt", padding=True, padding_side=side))
-    fms_batch = fms_failed or _attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None,
-                                                             padding_side=side))
+    hf_batch = failed or attempt(lambda: hf_processor(text=hf_prompts, audio=[a.numpy() for a in hf_audio] or None,
+                                            return_tensors="pt", padding=True, padding_side=side))
+    fms_batch = fms_failed or attempt(lambda: fms_processor(fms_prompts, list(fms_audio) or None,
+                                                            padding_side=side))
     for key in ("input_ids", "attention_mask"):
         rows.append((Probe(f"processor.{key}", "processor", "processor", teacher=(), tolerance_class="exact",
-                           note=f"after <|audio|> expansion, {side}-padded"), _field(hf_batch, key),
-                     _field(fms_batch, key)))
+                           note=f"after <|audio|> expansion, {side}-padded"), field_of(hf_batch, key),
+                     field_of(fms_batch, key)))
     inputs_meta = inputs_meta or [{"audio": "(text only)"} for _ in case.rows()]
-    mask = _field(hf_batch, "attention_mask")
+    mask = field_of(hf_batch, "attention_mask")
     for count, meta in zip(mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [], inputs_meta):
         meta["prompt tokens"] = int(count)
-    floors = (_preprocessing_floors(paths, hf_audio, hf_extractor if not isinstance(hf_features, BaseException)
+    floors = (preprocessing_floors(paths, hf_audio, hf_extractor if not isinstance(hf_features, BaseException)
                                     else None) if paths else None)
     return (rows, _model_inputs(hf_batch, models), _model_inputs(fms_batch, models),
             {"inputs": inputs_meta, "floors": floors})
@@ -139,7 +139,7 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
                                       "hf_adapter": has_audio and regime["adapter_files"]}
 
     def hf_forward(model):
-        _set_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
+        set_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
         return model(**hf_inputs, **forward_kwargs)
 
     if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
@@ -150,12 +150,12 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
         floor_captures = store.get(f"{title} #floors", hf_inputs, optional=True)
         extra = {**lora, "reference": str(store.path),
                  "floors": "read with the reference" if floor_captures is not None else "not in the reference"}
-        _note_not_run(extra, "noise floors", extra["floors"], None if floor_captures is not None else "reference")
+        note_not_run(extra, "noise floors", extra["floors"], None if floor_captures is not None else "reference")
         candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes, floor_captures,
                                                             "reference", store.made_from(f"{title} #floors"))
-        _note_not_run(extra, "float64 formula check", extra["float64"], cause)
+        note_not_run(extra, "float64 formula check", extra["float64"], cause)
         if models.dtype in LOW_PRECISION:
-            _note_not_run(extra, "upcast audit", "needs the HF model here (--reference-captures)", "reference")
+            note_not_run(extra, "upcast audit", "needs the HF model here (--reference-captures)", "reference")
         result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
                                masks=masks, floors=floor_captures, candidate64=candidate64)
         return result, extra
@@ -173,16 +173,16 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     if phases == "two":
         wanted, why, cause = False, "noise floors not run in a two-phase run", "phases two"
     else:
-        wanted, why, cause = _floors_wanted(floors, models)
+        wanted, why, cause = floors_wanted(floors, models)
     if pair.hf.raised:
         wanted, why, cause = False, "noise floors not run: the HF forward raised", "raised"
     extra["floors"] = why
-    _note_not_run(extra, "noise floors", why, cause)
+    note_not_run(extra, "noise floors", why, cause)
     with models.float64_room():
         if wanted:
             hf64 = models.reference64()
-            _set_adapter(hf64, has_audio)
-            inputs64 = _float64(hf_inputs)
+            set_adapter(hf64, has_audio)
+            inputs64 = inputs_in_float64(hf_inputs)
             floor_captures = capture_model(hf64, lambda m: m(**inputs64, **forward_kwargs), probes, side="hf",
                                            aliases=HF_LAYOUT_ALIASES)
             store.put(f"{title} #floors", floor_captures, hf_inputs, made_from=models.hf64_source["dtype"])
@@ -190,13 +190,13 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
                                                             None if pair.fms.raised else floor_captures,
                                                             "raised" if pair.fms.raised else cause,
                                                             models.hf64_source.get("dtype"))
-    _note_not_run(extra, "float64 formula check", extra["float64"], cause)
+    note_not_run(extra, "float64 formula check", extra["float64"], cause)
     upcasts = None
     if models.dtype in LOW_PRECISION:
         if phases == "two":
-            _note_not_run(extra, "upcast audit", "needs both models at once (two-phase run)", "phases two")
+            note_not_run(extra, "upcast audit", "needs both models at once (two-phase run)", "phases two")
         elif pair.hf.raised or pair.fms.raised:
-            _note_not_run(extra, "upcast audit", "a side's forward raised", "raised")
+            note_not_run(extra, "upcast audit", "a side's forward raised", "raised")
         else:
             upcasts, extra["upcast_audit"] = _upcast_audit(pair, hf, hf_forward, fms, lambda m: m(**fms_inputs))
     store.put(title, pair.hf, hf_inputs)
@@ -253,17 +253,17 @@ def _candidate64(case: Case, models: Models, fms_inputs: dict, probes, floors, f
         source = "unrecorded" if floors_from is None else dtype_name(floors_from)
         return None, f"not run: HF's float64 copy was made from {source} weights", "reference"
     fms = models.fms_model(case.lora_mode)
-    need = 8 * (_values(fms) - _values(*decoder_blocks(fms)))
-    short = _shortfall(models, need, parked=True)
+    need = 8 * (value_count(fms) - value_count(*decoder_blocks(fms)))
+    short = shortfall(models, need, parked=True)
     if short:
         return None, f"not run: FMS's audio path in float64 {short}", "memory"
     hf64 = models.hf.get(torch.float64)
-    if hf64 is not None and _shortfall(models, need + models.device_bytes([hf64])):
+    if hf64 is not None and shortfall(models, need + models.device_bytes([hf64])):
         hf64.to("cpu")  # HF's float64 copy has done its part (the floors) and makes room
         free_memory()
     # freed at once: a float64 copy held per LoRA mode would crowd the next case's floors on a GPU
     fms64 = audio_path_float64(fms).to(models.device)
-    inputs64 = _float64(fms_inputs)
+    inputs64 = inputs_in_float64(fms_inputs)
     try:
         captures = capture_model(fms64, lambda m: m(**inputs64), exact, side="fms", on_raise="record")
     finally:
@@ -303,7 +303,7 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
         return saved.get("transcribe.text"), stop, {"rows_end": "read with the reference"}
     hf_processor, _ = models.processors()
     hf = models.reference()
-    _set_adapter(hf, True)
+    set_adapter(hf, True)
     prompt = hf_processor.tokenizer.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPT}],
                                                         tokenize=False, add_generation_prompt=True)
     inputs = hf_processor(text=[prompt] * len(audio), audio=[samples.numpy() for samples in audio],
@@ -318,7 +318,7 @@ def _hf_transcripts(case: Case, models: Models, paths: Sequence[Path], store: "R
             new = hf.generate(**inputs, max_new_tokens=case.generate, do_sample=False, eos_token_id=stop.token,
                               pad_token_id=stop.pad)[:, inputs["input_ids"].size(1):]
     rows = [row[: row.index(stop.token)] if stop is not None and stop.token in row else row for row in new.tolist()]
-    texts = _text_tensor(hf_processor.batch_decode(rows, skip_special_tokens=True))
+    texts = text_tensor(hf_processor.batch_decode(rows, skip_special_tokens=True))
     stop_value = torch.tensor([-1, -1] if stop is None else [stop.token, stop.pad])
     store.put(key, pair_from_values([(Probe(name, "transcribe", "transcribe", teacher=()), value, value)
                                      for name, value in (("transcribe.text", texts),
@@ -333,7 +333,7 @@ def _float32_models(models: Models) -> Tuple[Optional[Models], str]:
     if models.dtype == torch.float32:
         return models, "float32"
     loaded = torch.float32 in models.hf and (torch.float32, "merged") in models.fms
-    short = None if loaded else _shortfall(models, 2 * 4 * models.values(), reuse=False)
+    short = None if loaded else shortfall(models, 2 * 4 * models.values(), reuse=False)
     if short:
         return None, f"not run: exact transcripts need the float32 models: {short}"
     return models.at(torch.float32), (f"float32 in a {dtype_name(models.dtype)} run: exact transcripts need it; "
@@ -347,8 +347,8 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
     around the model that the model sections never run."""
     from granite_speech.__main__ import check_transcribe_inputs, transcribe_loaded
 
-    paths = [_clip_path(clip, workdir) for clip in case.clips]
-    hf_run = _attempt(lambda: _hf_transcripts(case, models, paths, store))
+    paths = [clip_path(clip, workdir) for clip in case.clips]
+    hf_run = attempt(lambda: _hf_transcripts(case, models, paths, store))
     hf_texts, stop, ending_extra = (hf_run, None, {}) if isinstance(hf_run, BaseException) else hf_run
     _, fms_processor = models.processors()
     decoders = ("eager",) if tp_gather() is not None else ("eager", "fast")  # the fast path is single-device
@@ -362,20 +362,20 @@ def _transcribe_section(case: Case, models: Models, why: str, workdir: Path, ove
                 job = replace(job, eos_token_id=stop.token)
             return transcribe_loaded(models.fms_model("merged"), fms_processor, job, notify=lambda message: None)
 
-        got = _attempt(run)
+        got = attempt(run)
         texts[decoder] = got if isinstance(got, BaseException) else list(got)
         rows.append((Probe(f"transcribe.{decoder}.text", "transcribe", "transcribe", teacher=(),
                            tolerance_class="exact", note=f"transcripts as UTF-8 bytes (--decoder {decoder})"),
-                     hf_texts, got if isinstance(got, BaseException) else _text_tensor(got)))
+                     hf_texts, got if isinstance(got, BaseException) else text_tensor(got)))
     result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides)
     extra = {"clips": [p.name for p in paths], "new_tokens": case.generate, "dtype": why, **ending_extra,
              **{f"{d}_text": (repr(t) if isinstance(t, BaseException) else t) for d, t in texts.items()}}
     if not isinstance(hf_texts, BaseException):
-        hf_list = _tensor_text(hf_texts)
+        hf_list = tensor_text(hf_texts)
         extra.update(hf_text=hf_list, rows_differ=len(set(hf_list)) > 1)
     if len(decoders) == 1:
         extra["fast_path"] = "not run: the fast path is single-device (tensor-parallel run)"
-        _note_not_run(extra, "transcribe --decoder fast", extra["fast_path"], "tensor parallel")
+        note_not_run(extra, "transcribe --decoder fast", extra["fast_path"], "tensor parallel")
     return (f"{case.name} · transcribe: FMS transcribe vs HF's recipe (chat template, processor, generate, "
             "batch_decode)", "generation", result, extra)
 
@@ -389,7 +389,7 @@ def _preprocessing_section(case: Case, models: Models, rows: list, floor_capture
     extra = {"why": case.why}
     if floor_captures is not None and floors == "off":
         floor_captures = None
-        _note_not_run(extra, "noise floors", "noise floors off (--floors off)", "floors off")
+        note_not_run(extra, "noise floors", "noise floors off (--floors off)", "floors off")
     result = diff_captures(pair_from_values(rows), dtype=models.dtype, device=models.device, overrides=overrides,
                            floors=floor_captures)
     return f"{case.name} · preprocessing", "preprocessing", result, extra
@@ -451,8 +451,8 @@ def run_pipeline(
     with tempfile.TemporaryDirectory(prefix="parity-audio-") as tmp:
         base = models
         ctc = models.member == CTC5
-        preprocess = _preprocess_ctc if ctc else _preprocess
-        generation = _ctc_generation_sections if ctc else _generation_sections
+        preprocess = preprocess_ctc if ctc else _preprocess
+        generation = ctc_generation_sections if ctc else generation_sections
         run_cases = cases_for(models.checkpoint, cases)
         transcribed = _transcribe_case(run_cases)
         for index, case in enumerate(run_cases):
@@ -473,7 +473,7 @@ def run_pipeline(
             model_extra["feed"] = "HF preprocessing to both" if fed is hf_inputs else "each side its own"
             if case.generate and phases == "two":
                 model_extra["generation"] = "not run: generation compares both models side by side (phases one)"
-                _note_not_run(model_extra, "generation and transcribe", model_extra["generation"], "phases two")
+                note_not_run(model_extra, "generation and transcribe", model_extra["generation"], "phases two")
             sections.append((title, "model", result, model_extra))
             if case.generate and phases != "two":
                 sections.extend(generation(case, models, hf_inputs, fed, overrides, store, floors))
