@@ -145,7 +145,7 @@ def test_a_zygote_child_past_its_timeout_is_killed(zygote, tmp_path):
     assert zygote.run(["-m", "zygote_child", "5"], cwd=tmp_path, env=dict(os.environ), timeout=60).returncode == 5
 
 
-def test_the_compare_preload_is_third_party_only():
-    from parity.granite.zygote import COMPARE_PRELOAD
+def test_the_worker_preload_is_third_party_only():
+    from parity.granite.zygote import WORKER_PRELOAD
 
-    assert not [m for m in COMPARE_PRELOAD if m.split(".")[0] in ("granite_speech", "parity", "fixtures")]
+    assert not [m for m in WORKER_PRELOAD if m.split(".")[0] in ("granite_speech", "parity", "fixtures")]

@@ -4,8 +4,9 @@ catch. A harness whose verdict code can be broken without a red test is a harnes
     python -m parity.granite.judge_mutants [--only NAME ...] [--json FILE]
 
 For each mutant the checkout's `parity/`, `granite_speech/`, suites and pytest config are copied into a fresh
-folder, the one edit is applied to the copy of `parity/`, and `JUDGE_SUITES` run there (`pytest -x`): the copy is
-the one imported (the runner checks `parity.__file__` first). Caught = a test fails. Exit 0 when every mutant was
+folder, the one edit is applied to the copy of `parity/`, and `JUDGE_SUITES` run there (`pytest -x`, in a fork of a
+warm interpreter that has imported torch and transformers: `parity.granite.zygote`): the copy is the one imported
+(the runner checks `parity.__file__` first). Caught = a test fails. Exit 0 when every mutant was
 caught, 1 otherwise. The unmutated copy runs first: a red baseline stops the run (exit 3).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from parity.granite.mutants import Mutant, by_name_in
+from parity.granite.zygote import WORKER_PRELOAD, Zygote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARITY_DIR = REPO_ROOT / "parity"
@@ -117,27 +119,27 @@ def _env() -> dict:
     return env
 
 
-def run_suites(workdir: Path, timeout: float) -> dict:
-    """JUDGE_SUITES on the copy in `workdir`: {"failed", "first_failure", "wall_s"}."""
+def run_suites(zygote: Zygote, workdir: Path, timeout: float) -> dict:
+    """JUDGE_SUITES on the copy in `workdir`, in a fork of the zygote: {"failed", "first_failure", "wall_s"}."""
     check = subprocess.run([sys.executable, "-c", "import parity; print(parity.__file__)"], cwd=workdir, env=_env(),
                            capture_output=True, text=True)
     if not check.stdout.strip().startswith(str(workdir)):
         raise RuntimeError(f"the copy is not the one imported: parity from {check.stdout.strip() or check.stderr}")
     start = time.monotonic()
-    cmd = [sys.executable, "-m", "pytest", *JUDGE_SUITES, "--model", "tiny", "-x", "-q", "-p", "no:cacheprovider",
-           "-rfE", "--rootdir", str(workdir), "--deselect", SELF_CHECK]
-    proc = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=timeout)
+    cmd = ["-m", "pytest", *JUDGE_SUITES, "--model", "tiny", "-x", "-q", "-p", "no:cacheprovider", "-rfE",
+           "--rootdir", str(workdir), "--deselect", SELF_CHECK]
+    proc = zygote.run(cmd, cwd=workdir, env=_env(), timeout=timeout)
     failures = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     return {"failed": proc.returncode not in (0, 5), "returncode": proc.returncode,
             "first_failure": failures[0] if failures else None, "wall_s": round(time.monotonic() - start, 1)}
 
 
-def run_one(mutant, timeout: float) -> dict:
+def run_one(zygote: Zygote, mutant, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"judge-{mutant.name if mutant else 'baseline'}-") as tmp:
         parity_copy = _tree(Path(tmp))
         if mutant is not None:
             mutant.apply(parity_copy)
-        return run_suites(Path(tmp), timeout)
+        return run_suites(zygote, Path(tmp), timeout)
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -148,14 +150,20 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per pytest run")
     args = parser.parse_args(argv)
     mutants = by_name(args.only) if args.only else list(CATALOGUE)
-    baseline = run_one(None, args.timeout)
+    with Zygote(WORKER_PRELOAD, _env()) as zygote:
+        return _run_all(zygote, mutants, args)
+
+
+def _run_all(zygote: Zygote, mutants: Sequence, args: argparse.Namespace) -> int:
+    baseline = run_one(zygote, None, args.timeout)
     print(f"baseline: {'RED' if baseline['failed'] else 'green'} in {baseline['wall_s']} s", flush=True)
     if baseline["failed"]:
         print(f"the unmutated judge fails {baseline['first_failure']}: fix that first", file=sys.stderr)
         return 3
     rows = []
     for mutant in mutants:
-        row = {"name": mutant.name, "file": f"parity/{mutant.file}", "why": mutant.why, **run_one(mutant, args.timeout)}
+        row = {"name": mutant.name, "file": f"parity/{mutant.file}", "why": mutant.why,
+               **run_one(zygote, mutant, args.timeout)}
         rows.append(row)
         print(f"{'caught' if row['failed'] else 'MISSED':7} {mutant.name:42} {row['first_failure'] or ''} "
               f"({row['wall_s']} s)", flush=True)

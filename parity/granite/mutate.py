@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from parity.granite.mutants import CATALOGUE, PACKAGE_DIR, Mutant, by_name
-from parity.granite.zygote import COMPARE_PRELOAD, Zygote
+from parity.granite.zygote import WORKER_PRELOAD, Zygote
 from parity.verdict import SHARP_RULES
 
 REPO_ROOT = PACKAGE_DIR.parent
@@ -539,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _say(f"[{time.monotonic() - start:6.1f}s] checkpoint {checkpoint}; {len(mutants)} mutants, {args.jobs} jobs x "
          f"{threads} threads")
     with tempfile.TemporaryDirectory(prefix="mutation-run-") as run_dir, \
-            Zygote(COMPARE_PRELOAD, _base_environment(threads)) as zygote:
+            Zygote(WORKER_PRELOAD, _base_environment(threads)) as zygote:
         snapshot = Snapshot(Path(run_dir))
         return _run_all(args, mutants, snapshot, checkpoint, threads, start, zygote)
 

@@ -21,11 +21,12 @@ import threading
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-# preloaded by the mutation runner's zygote: what every compare worker imports before it touches the package
-COMPARE_PRELOAD = ("torch", "torch._dynamo", "numpy", "safetensors.torch", "jinja2", "transformers",
-                   "transformers.models.granite_speech.modeling_granite_speech",
-                   "transformers.models.granite_speech.processing_granite_speech", "peft", "fms.models",
-                   "fms.models.granite", "torchaudio", "soundfile")
+# preloaded by the mutation runners' zygotes: what a compare worker (or a pytest run of the suites) imports before it
+# touches the packages
+WORKER_PRELOAD = ("torch", "torch._dynamo", "numpy", "safetensors.torch", "jinja2", "transformers",
+                  "transformers.models.granite_speech.modeling_granite_speech",
+                  "transformers.models.granite_speech.processing_granite_speech", "peft", "fms.models",
+                  "fms.models.granite", "torchaudio", "soundfile", "pytest", "hypothesis")
 
 
 # ---------------------------------------------------------------------------------------------------------------
