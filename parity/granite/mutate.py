@@ -40,7 +40,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from parity.granite.mutants import CATALOGUE, PACKAGE_DIR, Mutant, by_name
 from parity.granite.zygote import WORKER_PRELOAD, Zygote
@@ -58,6 +58,10 @@ SUITES_IGNORE = ("suites/test_mutants.py",)
 EXIT_ISOLATION = 4
 WORKER_TIMEOUT_S = 900
 SUITES_TIMEOUT_S = 900
+
+
+class IsolationError(RuntimeError):
+    """A worker imported another copy of the packages than its own: every row of the run would be void."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def _run_compare(zygote: Zygote, snapshot: Snapshot, workdir: Path, checkpoint: 
     except subprocess.TimeoutExpired as err:
         return {"crash": f"timeout after {timeout:g} s", "stderr": _tail(str(err.stderr or ""))}
     if proc.returncode == EXIT_ISOLATION:
-        raise RuntimeError(f"the worker did not import the mutated copy: {_tail(proc.stderr, 3)}")
+        raise IsolationError(f"the worker did not import the mutated copy: {_tail(proc.stderr, 3)}")
     if proc.returncode != 0 or not out.is_file():
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         return {"crash": last[-1][:300] if last else f"exit {proc.returncode}", "returncode": proc.returncode,
@@ -546,44 +550,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snapshot, checkpoint: Path,
              threads: int, start: float, zygote: Zygote) -> int:
-    suite_baseline: Optional[dict] = None
     try:
-        _say(f"[{time.monotonic() - start:6.1f}s] baseline compare on the unmutated package")
-        baseline = run_baseline(zygote, snapshot, checkpoint, args.lenient, os.cpu_count() or 1, args.timeout,
-                                args.case)
-        if args.keep_reports is not None:
-            args.keep_reports.mkdir(parents=True, exist_ok=True)
-            (args.keep_reports / "_baseline.json").write_text(json.dumps(baseline))
-        red = [s["title"] for s in baseline["sections"] if s["verdict"] != "pass"]
-        _say(f"[{time.monotonic() - start:6.1f}s] baseline: {baseline['verdict']}"
-             + (f"; red sections (cannot count): {red}" if red else ""))
-        if args.suites:
-            _say(f"[{time.monotonic() - start:6.1f}s] baseline suites on the unmutated package")
-            suite_baseline = run_suite_baseline(snapshot, os.cpu_count() or 1, args.timeout)
-            _say(f"[{time.monotonic() - start:6.1f}s] baseline suites: {suite_baseline['tail']!r}; failing at "
-                 f"baseline (deselected for the mutants): {suite_baseline['failures']}")
+        baseline, suite_baseline = _baselines(args, snapshot, checkpoint, zygote, start)
     except Exception as err:  # noqa: BLE001 - the baseline must run, or nothing can be judged
         print(f"error: {err}", file=sys.stderr)
         return 3
-
-    rows: List[dict] = []
     kwargs = dict(zygote=zygote, snapshot=snapshot, checkpoint=checkpoint, baseline=baseline, lenient=args.lenient,
                   suites=args.suites, suite_baseline_failures=(suite_baseline or {}).get("failures", []),
                   threads=threads, timeout=args.timeout, keep=args.keep_reports, cases=args.case)
+    try:
+        rows = _mutant_rows(args, mutants, kwargs, start)
+    except IsolationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    total_s = round(time.monotonic() - start, 1)
+    tally = counts(rows, suites=args.suites)
+    print(table(rows, suites=args.suites))
+    print()
+    print(summary_line(tally, total_s, suites=args.suites))
+    red = [s["title"] for s in baseline["sections"] if s["verdict"] != "pass"]
+    if red:
+        print(f"baseline is red in {len(red)} sections, which cannot count: {', '.join(map(_short, red))}")
+    _write_results(args, rows, tally, baseline, suite_baseline, checkpoint=checkpoint, threads=threads,
+                   total_s=total_s)
+    caught_all = tally["caught_by_compare"] == tally["mutants"]
+    return 0 if caught_all and tally["localised"] >= LOCALISED_BAR * tally["mutants"] else 1
+
+
+def _baselines(args: argparse.Namespace, snapshot: Snapshot, checkpoint: Path, zygote: Zygote,
+               start: float) -> Tuple[dict, Optional[dict]]:
+    """(compare's compact report, the suites' run or None) on the unmutated package."""
+    _say(f"[{time.monotonic() - start:6.1f}s] baseline compare on the unmutated package")
+    baseline = run_baseline(zygote, snapshot, checkpoint, args.lenient, os.cpu_count() or 1, args.timeout, args.case)
+    if args.keep_reports is not None:
+        args.keep_reports.mkdir(parents=True, exist_ok=True)
+        (args.keep_reports / "_baseline.json").write_text(json.dumps(baseline))
+    red = [s["title"] for s in baseline["sections"] if s["verdict"] != "pass"]
+    _say(f"[{time.monotonic() - start:6.1f}s] baseline: {baseline['verdict']}"
+         + (f"; red sections (cannot count): {red}" if red else ""))
+    if not args.suites:
+        return baseline, None
+    _say(f"[{time.monotonic() - start:6.1f}s] baseline suites on the unmutated package")
+    suite_baseline = run_suite_baseline(snapshot, os.cpu_count() or 1, args.timeout)
+    _say(f"[{time.monotonic() - start:6.1f}s] baseline suites: {suite_baseline['tail']!r}; failing at "
+         f"baseline (deselected for the mutants): {suite_baseline['failures']}")
+    return baseline, suite_baseline
+
+
+def _mutant_rows(args: argparse.Namespace, mutants: Sequence[Mutant], kwargs: dict, start: float) -> List[dict]:
+    """Each mutant's row, `args.jobs` at a time, in catalogue order; a runner error is a MISSED row of its own."""
+    rows: List[dict] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_mutant, m, **kwargs): m for m in mutants}
         for future in as_completed(futures):
             mutant = futures[future]
             try:
                 row = future.result()
+            except IsolationError:
+                raise
             except Exception as err:  # noqa: BLE001 - one broken mutant must not end the run
-                if "did not import the mutated copy" in str(err):
-                    print(f"error: {err}", file=sys.stderr)
-                    return 3
                 row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
                        "why": mutant.why, "caught": False, "sharp_only": False, "suspect_only": False,
-                       "red_only": False,
-                       "localised": False, "crash": None, "section": None,
+                       "red_only": False, "localised": False, "crash": None, "section": None,
                        "runner_error": "".join(traceback.format_exception_only(type(err), err)).strip(),
                        "outcome": "MISSED", "wall_s": 0.0}
             rows.append(row)
@@ -595,15 +623,11 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
                  f"{' localised' if row['localised'] else ''} ({row.get('first_divergence') or row.get('crash')})"
                  f"{suites_note}")
     order = {m.name: i for i, m in enumerate(mutants)}
-    rows.sort(key=lambda r: order[r["name"]])
-    total_s = round(time.monotonic() - start, 1)
-    tally = counts(rows, suites=args.suites)
-    print(table(rows, suites=args.suites))
-    print()
-    print(summary_line(tally, total_s, suites=args.suites))
-    red = [s["title"] for s in baseline["sections"] if s["verdict"] != "pass"]
-    if red:
-        print(f"baseline is red in {len(red)} sections, which cannot count: {', '.join(map(_short, red))}")
+    return sorted(rows, key=lambda r: order[r["name"]])
+
+
+def _write_results(args: argparse.Namespace, rows: List[dict], tally: dict, baseline: dict,
+                   suite_baseline: Optional[dict], *, checkpoint: Path, threads: int, total_s: float) -> None:
     result = {
         "schema": "parity-mutation/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -623,8 +647,6 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table(rows, suites=args.suites, markdown=True) + "\n")
         print(f"markdown: {args.markdown}")
-    caught_all = tally["caught_by_compare"] == tally["mutants"]
-    return 0 if caught_all and tally["localised"] >= LOCALISED_BAR * tally["mutants"] else 1
 
 
 def summary_line(tally: dict, total_s: float, *, suites: bool = False) -> str:
