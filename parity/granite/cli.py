@@ -93,17 +93,14 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     """`compare` in this process; `quiet` (a tensor-parallel rank other than 0) computes the same verdict and
     neither prints nor writes."""
     from granite_speech.checkpoint import CheckpointCoverageError
-    from parity.capture import available_bytes, checkpoint_param_bytes, heap_frozen
-    from parity.granite.cases import Case, cases_for, select_cases
+    from parity.capture import heap_frozen
     from parity.granite.console import StepProgress
-    from parity.granite.fixtures import build_checkpoint
     from parity.granite.pipeline import compare_report
-    from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
     from parity.store import ReferenceMismatch
 
     steps = StepProgress(verbosity, start=start)
 
-    def _progress(message: str, start: float, step: Optional[str] = None) -> None:
+    def _progress(message: str, step: Optional[str] = None) -> None:
         """A progress message (shown under -v); `step` also names a step of the quiet display."""
         if quiet:
             return
@@ -115,63 +112,96 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if run.checkpoint is not None:
-        checkpoint = run.checkpoint
-        warning = adapter_warning(checkpoint, "merged")
-        if warning and not quiet:
-            print(warning, file=sys.stderr)
-    elif run.model in FAMILY_VARIANTS:  # a family member: HF's save_pretrained, drawn on the run's device at real size
-        from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint
-
-        where = device if run.model in REAL_FAMILY else torch.device("cpu")
-        _progress(f"building (or reusing) the seeded {run.model} family checkpoint (weights drawn on {where.type})",
-                  start, step=f"checkpoint: seeded {run.model} (built or reused)")
-        checkpoint = build_family_checkpoint(run.model, seed=run.seed, device=where)
-    else:
-        _progress(f"building (or reusing) the seeded {run.model} fixture checkpoint", start,
-                  step=f"checkpoint: seeded {run.model} (built or reused)")
-        checkpoint = build_checkpoint(run.model, seed=run.seed)
-    _progress(f"checkpoint {checkpoint}", start)
+    checkpoint = _checkpoint(run, device, quiet, _progress)
     check_fixture_checkpoint(run, checkpoint)  # a cached fixture's shards, before any model loads
     steps.finish()  # before any note of the memory plan, on a line of its own
-    if run.clips:  # the user's clips: one case (a padded batch when several), generation included
-        names = tuple(name for name, _ in run.clips)
-        cases = (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
-                      instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
-    else:
-        every = member_default_cases(run.checkpoint, run.model)
-        cases = select_cases(run.cases, every)
-        if not cases_for(checkpoint, cases):  # before any model loads
-            raise UsageError(f"--case {' / '.join(run.cases)}: names only inputs of the separate LoRA adapter "
-                             "(lora_mode audio_only), and this checkpoint has no adapter files")
-        if len(cases) < len(every) and not quiet:  # a verdict on part of the inputs: say so up front
-            print(f"--case: {len(cases)} of the {len(every)} default inputs", file=sys.stderr)
-    phases = "one" if run.tp > 1 else run.phases  # every rank holds both models (two phases are refused with --tp)
-    if phases == "auto":  # both models (and HF in float64 for the floors) at once, if they fit
-        needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
-        free = available_bytes(device)
-        phases = "two" if free is not None and needed > free else "one"
-        if phases == "two" and not quiet:  # the checks two phases drop are listed in the verdict; say it up front
-            print(f"memory plan: both models need {needed / 2**30:.1f} GiB, {free / 2**30:.1f} free: two phases, "
-                  "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
-                  "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
+    cases = _cases(run, checkpoint, quiet)
+    phases = _phases(run, checkpoint, device, dtype, quiet)
     try:
         with steps, heap_frozen():  # steps: the last case's line; on an error, the case it stopped in
             report = compare_report(
                 checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
                 device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
                 overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
-                fast_encoder=run.fast_encoder,
-                reference_captures=run.reference_captures, progress=lambda message: _progress(message, start),
+                fast_encoder=run.fast_encoder, reference_captures=run.reference_captures, progress=_progress,
             )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
     except ReferenceMismatch as err:  # another run's reference: the input is wrong, not the port
         raise UsageError(f"--reference-captures does not belong to this run: {one_line(err)}") from err
+    code = VERDICT_EXIT[report["summary"]["verdict"]]
+    if not quiet:
+        _print_and_write(report, run, verbosity)
+        _progress(f"done: {report['summary']['probes']} probes in {len(report['sections'])} sections")
+    return code
+
+
+def _checkpoint(run: CompareRun, device: torch.device, quiet: bool, progress) -> Path:
+    """The checkpoint folder: the user's, or the seeded fixture of --model (built or reused)."""
+    from parity.granite.fixtures import build_checkpoint
+
+    if run.checkpoint is not None:
+        warning = adapter_warning(run.checkpoint, "merged")
+        if warning and not quiet:
+            print(warning, file=sys.stderr)
+        return run.checkpoint
+    if run.model in FAMILY_VARIANTS:  # a family member: HF's save_pretrained, drawn on the run's device at real size
+        from parity.granite.fixtures.family import REAL_FAMILY, build_family_checkpoint
+
+        where = device if run.model in REAL_FAMILY else torch.device("cpu")
+        progress(f"building (or reusing) the seeded {run.model} family checkpoint (weights drawn on {where.type})",
+                 step=f"checkpoint: seeded {run.model} (built or reused)")
+        checkpoint = build_family_checkpoint(run.model, seed=run.seed, device=where)
+    else:
+        progress(f"building (or reusing) the seeded {run.model} fixture checkpoint",
+                 step=f"checkpoint: seeded {run.model} (built or reused)")
+        checkpoint = build_checkpoint(run.model, seed=run.seed)
+    progress(f"checkpoint {checkpoint}")
+    return checkpoint
+
+
+def _cases(run: CompareRun, checkpoint: Path, quiet: bool) -> tuple:
+    """The run's inputs: the user's clips as one case, or the default set narrowed by --case."""
+    from parity.granite.cases import Case, cases_for, select_cases
+
+    if run.clips:  # the user's clips: one case (a padded batch when several), generation included
+        names = tuple(name for name, _ in run.clips)
+        return (Case(f"given audio ({len(names)} clip{'s' * (len(names) > 1)})", names,
+                     instructions=(run.prompt,) * len(names), generate=run.new_tokens),)
+    every = member_default_cases(run.checkpoint, run.model)
+    cases = select_cases(run.cases, every)
+    if not cases_for(checkpoint, cases):  # before any model loads
+        raise UsageError(f"--case {' / '.join(run.cases)}: names only inputs of the separate LoRA adapter "
+                         "(lora_mode audio_only), and this checkpoint has no adapter files")
+    if len(cases) < len(every) and not quiet:  # a verdict on part of the inputs: say so up front
+        print(f"--case: {len(cases)} of the {len(every)} default inputs", file=sys.stderr)
+    return cases
+
+
+def _phases(run: CompareRun, checkpoint: Path, device: torch.device, dtype: torch.dtype, quiet: bool) -> str:
+    """The memory schedule: --phases, or with auto both models at once (and HF in float64) if they fit."""
+    from parity.capture import available_bytes, checkpoint_param_bytes
+
+    if run.tp > 1:  # every rank holds both models (two phases are refused with --tp)
+        return "one"
+    if run.phases != "auto":
+        return run.phases
+    needed = checkpoint_param_bytes(checkpoint, dtype) * 2 * 1.25
+    free = available_bytes(device)
+    if free is None or needed <= free:
+        return "one"
+    if not quiet:  # the checks two phases drop are listed in the verdict; say it up front
+        print(f"memory plan: both models need {needed / 2**30:.1f} GiB, {free / 2**30:.1f} free: two phases, "
+              "which drop generation, transcribe, noise floors, the float64 check and the upcast audit "
+              "(--allow-partial accepts that; --phases two asks for it)", file=sys.stderr)
+    return "two"
+
+
+def _print_and_write(report: dict, run: CompareRun, verbosity: int) -> None:
+    """The verdict (and under -v every section's table) on stdout, then the reports and where they went."""
+    from parity.report import headline, not_run_lines, render_terminal, write_html, write_json
+
     summary = report["summary"]
-    code = VERDICT_EXIT[summary["verdict"]]
-    if quiet:
-        return code
     if verbosity >= 1:
         print(render_terminal(report))
     print(headline(report), flush=True)
@@ -185,8 +215,6 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
     print(f"report: {html_path}\njson: {json_path}")
     if run.save_captures is not None:
         print(f"captures: {run.save_captures}")
-    _progress(f"done: {summary['probes']} probes in {len(report['sections'])} sections", start)
-    return code
 
 
 def _policy(run: CompareRun):
