@@ -149,3 +149,15 @@ def test_the_worker_preload_is_third_party_only():
     from parity.granite.zygote import WORKER_PRELOAD
 
     assert not [m for m in WORKER_PRELOAD if m.split(".")[0] in ("granite_speech", "parity", "fixtures")]
+
+
+def test_a_preloaded_library_that_prints_does_not_garble_the_zygotes_replies(tmp_path):
+    import os
+
+    from parity.granite.zygote import Zygote
+
+    (tmp_path / "noisy_library.py").write_text("print('a line on stdout at import')\n")
+    (tmp_path / "zygote_child.py").write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    with Zygote(["noisy_library"], env=env, start_timeout=30) as warm:
+        assert warm.run(["-m", "zygote_child", "7"], cwd=tmp_path, env=env, timeout=60).returncode == 7

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from parity.granite.mutants import CATALOGUE, PACKAGE_DIR, Mutant, by_name
-from parity.granite.zygote import WORKER_PRELOAD, Zygote
+from parity.granite.zygote import WORKER_PRELOAD, Zygote, ZygoteError
 from parity.verdict import SHARP_RULES
 
 REPO_ROOT = PACKAGE_DIR.parent
@@ -560,7 +560,7 @@ def _run_all(args: argparse.Namespace, mutants: Sequence[Mutant], snapshot: Snap
                   threads=threads, timeout=args.timeout, keep=args.keep_reports, cases=args.case)
     try:
         rows = _mutant_rows(args, mutants, kwargs, start)
-    except IsolationError as err:
+    except (IsolationError, ZygoteError) as err:  # every row of the run would be void
         print(f"error: {err}", file=sys.stderr)
         return 3
     total_s = round(time.monotonic() - start, 1)
@@ -606,7 +606,7 @@ def _mutant_rows(args: argparse.Namespace, mutants: Sequence[Mutant], kwargs: di
             mutant = futures[future]
             try:
                 row = future.result()
-            except IsolationError:
+            except (IsolationError, ZygoteError):
                 raise
             except Exception as err:  # noqa: BLE001 - one broken mutant must not end the run
                 row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),

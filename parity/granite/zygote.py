@@ -75,12 +75,13 @@ def serve(preload: Sequence[str]) -> None:
     import select
     import time
 
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever a preloaded library prints goes to stderr, never into the replies
     for name in preload:
         try:
             importlib.import_module(name)
         except ImportError:  # an optional module (soundfile, torchaudio): the worker reports its absence itself
             pass
-    reply = os.fdopen(os.dup(1), "w", buffering=1)
     reply.write(json.dumps({"ready": os.getpid()}) + "\n")
     children: Dict[int, str] = {}
     pending, open_input = b"", True
@@ -95,9 +96,13 @@ def serve(preload: Sequence[str]) -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 pid = os.fork()
-                if pid == 0:
-                    reply.close()
-                    os._exit(_child(request))
+                if pid == 0:  # the child never returns into this loop, whatever happens in it
+                    code = 1
+                    try:
+                        reply.close()
+                        code = _child(request)
+                    finally:
+                        os._exit(code)
                 children[pid] = request["id"]
                 reply.write(json.dumps({"id": request["id"], "pid": pid}) + "\n")
         elif not open_input:
@@ -128,6 +133,7 @@ class Zygote:
         self._proc = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       text=True, env=env, cwd=tempfile.gettempdir())
         self._lock = threading.Lock()
+        self._next = 0
         self._replies: Dict[str, dict] = {}
         self._arrived = threading.Condition()
         ready = threading.Event()
@@ -136,7 +142,6 @@ class Zygote:
         if not ready.wait(start_timeout) or self._proc.poll() is not None:
             self.close()
             raise ZygoteError(f"the zygote did not start (exit {self._proc.poll()}); see stderr above")
-        self._next = 0
 
     def _read(self, ready: threading.Event) -> None:
         for line in self._proc.stdout:
@@ -173,6 +178,8 @@ class Zygote:
         if started is None:
             raise ZygoteError(f"the zygote (exit {self._proc.poll()}) did not start a child for {argv[1]}")
         ended = self._await(request_id, "exit", timeout)
+        if ended is None and self._proc.poll() is not None:
+            raise ZygoteError(f"the zygote ended (exit {self._proc.poll()}) while {argv[1]} ran")
         if ended is None:
             os.kill(started["pid"], signal.SIGKILL)
             self._await(request_id, "exit", 30)
