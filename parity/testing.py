@@ -94,3 +94,21 @@ def assert_compiled_parity(
             record(f"{name}_{key}", value)
     assert result.passed, f"{name}: compiled vs eager {result.status}: {result.detail}"
     return measured
+
+
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def assert_linear_rounded_once(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               bias: Optional[torch.Tensor] = None) -> None:
+    """`out` is x @ weight.T (+ bias) computed exactly and rounded once to out's dtype, to within fp32 accumulation
+    (what cuBLAS's fp32-accumulating GEMMs give): every element within half an ulp of the float64 value plus
+    (K + 8) fp32 roundings of the summed magnitudes. For kernels that replace `F.linear` (the split-K GEMV)."""
+    x, weight = x.double().reshape(-1, x.size(-1)), weight.double()
+    bias = torch.zeros(weight.size(0), dtype=torch.float64, device=x.device) if bias is None else bias.double()
+    exact = x @ weight.T + bias
+    magnitude = x.abs() @ weight.abs().T + bias.abs()
+    bound = exact.abs() * 2.0 ** -(_MANTISSA_BITS[out.dtype] + 1) + (x.size(-1) + 8) * 2.0 ** -24 * magnitude
+    excess = (out.double().reshape(exact.shape) - exact).abs() - bound
+    assert excess.max() <= 0, (f"{(excess > 0).sum().item()} of {excess.numel()} outputs off by more than one rounding "
+                               f"(worst by {excess.max().item():.3g} beyond the bound)")
