@@ -40,7 +40,7 @@ from granite_speech.audio import AudioInputError, read_audio
 from granite_speech.checkpoint.files import CheckpointFormatError, check_checkpoint_folder
 from granite_speech.cli_errors import UsageError
 from parity.granite.fixtures import SPEECH_DIR, build_checkpoint
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the CLI's contract on the tiny fixture
 
@@ -606,9 +606,7 @@ def _launch_compares(folder: Path):
 EARLY_LAUNCHES = {"compare_launch": _launch_compares}  # started when collection ends (see the plugin)
 
 
-@pytest.fixture(scope="module")
-def compare_launch(request):
-    return early_launch(request)
+compare_launch = launch_fixture("compare_launch")
 
 
 @pytest.fixture(scope="module")

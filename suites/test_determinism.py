@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from granite_speech.features import GraniteSpeechFeatureExtractor
 from parity.granite.fixtures import build_checkpoint
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 from granite_speech.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -140,9 +140,7 @@ def _fresh_process_digest(folder: Path):
 EARLY_LAUNCHES = {"fresh_process": _fresh_process_digest}  # started when collection ends (see the plugin)
 
 
-@pytest.fixture(scope="module")
-def fresh_process(request):
-    return early_launch(request)
+fresh_process = launch_fixture("fresh_process")
 
 
 @FIXED

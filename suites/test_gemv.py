@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 from parity.testing import assert_linear_rounded_once
 
 pytest.importorskip("triton", reason="Triton comes with torch's CUDA wheels; a CPU-only torch has none")
@@ -79,9 +79,7 @@ def _launch_interpreted(folder: Path):
 EARLY_LAUNCHES = {"interpreted_kernel": _launch_interpreted}  # started when collection ends (see the plugin)
 
 
-@pytest.fixture(scope="module")
-def interpreted_kernel(request):
-    return early_launch(request)
+interpreted_kernel = launch_fixture("interpreted_kernel")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from parity.granite.fixtures import build_checkpoint
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # file handling: the tiny fixture
 
@@ -71,14 +71,8 @@ EARLY_LAUNCHES = {  # started when collection ends (see the plugin)
 }
 
 
-@pytest.fixture(scope="module")
-def granite_speech_first(request):
-    return early_launch(request)
-
-
-@pytest.fixture(scope="module")
-def fms_hf_first(request):
-    return early_launch(request)
+granite_speech_first = launch_fixture("granite_speech_first")
+fms_hf_first = launch_fixture("fms_hf_first")
 
 
 def test_import_leaves_fms_hf_unimported_and_hf_pretrained_loads(granite_speech_first):

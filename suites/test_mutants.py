@@ -14,7 +14,7 @@ import pytest
 
 import granite_speech
 from parity.granite.mutants import CATALOGUE, KINDS, matches
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")  # the runner on the tiny fixture
 
@@ -67,9 +67,7 @@ def _run_quick_mutants(folder: Path):
 EARLY_LAUNCHES = {"quick_mutants": _run_quick_mutants}  # started when collection ends (see the plugin)
 
 
-@pytest.fixture(scope="module")
-def quick_mutants(request):
-    return early_launch(request)
+quick_mutants = launch_fixture("quick_mutants")
 
 
 def test_two_cheap_mutants_are_caught_and_localised(quick_mutants):

@@ -13,7 +13,7 @@ import torch
 
 from parity.granite.cli import main as parity_main
 from parity.granite.fixtures import SPEECH_DIR
-from parity.granite.launches import early_launch, launch_logged
+from parity.granite.launches import launch_fixture, launch_logged
 
 pytestmark = pytest.mark.runs_at("tiny", device="cpu", dtype="float32")
 
@@ -124,9 +124,7 @@ def _launch_all_jobs(root: Path) -> subprocess.Popen:
 EARLY_LAUNCHES = {"tp_launch": _launch_all_jobs}  # started when collection ends (see the plugin)
 
 
-@pytest.fixture(scope="module")
-def tp_launch(request):
-    return early_launch(request)
+tp_launch = launch_fixture("tp_launch")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 has it started when collection ends, so that it runs beside the in-process tests instead of after them.
 
 A test module offers its launches as EARLY_LAUNCHES = {fixture name: start(folder) -> subprocess.Popen}, each
-started through `launch_logged` (output to files in `folder`: a pipe nobody reads would stall it); the fixture of
-that name returns `early_launch(request)`, which starts it then if it was not started yet. A launch starts early
+started through `launch_logged` (output to files in `folder`: a pipe nobody reads would stall it), and defines the
+fixture of that name with `name = launch_fixture("name")`: it returns `early_launch(request)`, which starts the
+launch then if it was not started yet. A launch starts early
 only when a selected test uses its fixture.
 
 Under pytest-xdist every worker collects every test: the workers of a run share one folder per launch, the first
@@ -88,6 +89,16 @@ def early_launch(request) -> tuple:
         out, err = ((folder / stream).read_text() for stream in ("stdout", "stderr"))
         entry[2] = done = subprocess.CompletedProcess(json.loads((folder / "argv").read_text()), code, out, err)
     return done, folder
+
+
+def launch_fixture(name: str):
+    """The module-scoped fixture `name` of an EARLY_LAUNCHES entry: (CompletedProcess, folder) of its launch."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(request):
+        return early_launch(request)
+
+    return fixture
 
 
 def _wait_for_exit(folder: Path, proc: Optional[subprocess.Popen]) -> int:
