@@ -29,6 +29,7 @@ q/k/v projections exactly as `ModalityLoRA`'s in_proj hook does, and is on exact
     tokens = generate_static(model, input_ids, input_features, ..., max_new_tokens=128)
 """
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -57,6 +58,8 @@ ENCODERS = ("eager", "compiled", "flex")
 # "max-autotune") are left out, since the generator captures the compiled code in its own graphs.
 # "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against cuBLAS per decode GEMM shape (slow to compile).
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+# the decode step's weight products (`StaticGenerator(gemv=)`): cuBLAS through F.linear, or the split-K GEMV kernel
+GEMVS = ("cublas", "splitk")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ class _DecoderSpec:
     logits_scaling: float
     lora_slots: Tuple[int, ...]  # q/k/v index of each LoRA pair, in ModalityLoRA's order
     lora_scaling: float
+    splitk_rows: int = 0  # products of at most this many rows run `granite_speech.gemv.splitk_linear` (0: none)
+
+
+def _linear(spec: _DecoderSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """F.linear, or the split-K GEMV for a decode step's few rows when the generator was built with gemv="splitk"
+    (a prefill's B x T rows stay cuBLAS GEMMs). Shapes are static per graph, so the choice is too."""
+    if x.numel() <= spec.splitk_rows * x.size(-1):
+        from granite_speech.gemv import splitk_linear  # Triton: imported only when asked for
+
+        return splitk_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class StaticKVCache:
@@ -173,7 +187,7 @@ def _attention_inputs(
     q_dim, kv_dim = spec.nheads * spec.head_dim, spec.kvheads * spec.head_dim
     x = mlp_out * spec.residual_multiplier + x
     h = _rms_norm(x, ln_w, spec.norm_eps)
-    qkv = F.linear(h, qkv_w, qkv_b)
+    qkv = _linear(spec, h, qkv_w, qkv_b)
     q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
     if lora:
         pairs = [(s, lora[2 * i], lora[2 * i + 1]) for i, s in enumerate(spec.lora_slots)]
@@ -199,10 +213,10 @@ def _attention_output_and_mlp(
     w2_b: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """x + r * dense(attn), and the MLP's output (its residual is left to the next layer's `_attention_inputs`)."""
-    x = F.linear(attn, dense_w, dense_b) * spec.residual_multiplier + x
+    x = _linear(spec, attn, dense_w, dense_b) * spec.residual_multiplier + x
     h = _rms_norm(x, ff_ln_w, spec.norm_eps)
-    gate, up = F.linear(h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
-    return x, F.linear(F.silu(gate) * up, w2_w, w2_b)
+    gate, up = _linear(spec, h, wg1_w, wg1_b).split([spec.hidden_dim, spec.hidden_dim], dim=-1)
+    return x, _linear(spec, F.silu(gate) * up, w2_w, w2_b)
 
 
 def _decode_layer(
@@ -310,7 +324,7 @@ def _step_epilogue(
 ) -> None:
     """Last residual, dec_norm, head / logits_scaling; the greedy token into seq[:, slot + 1]; advance slot."""
     x = _rms_norm(mlp_out * spec.residual_multiplier + x, dec_norm_w, spec.norm_eps)
-    logits = (F.linear(x, head_w) / spec.logits_scaling).float()
+    logits = (_linear(spec, x, head_w) / spec.logits_scaling).float()
     logits_out.copy_(logits)
     _pick_next(logits, state_seq, slot + 1, finished, eos, pad)
     slot.add_(1)
@@ -406,6 +420,7 @@ class StaticGenerator:
         static_prefill: bool = False,
         encoder: str = "eager",
         compile_mode: Optional[str] = None,
+        gemv: str = "cublas",
     ):
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -416,6 +431,8 @@ class StaticGenerator:
                              f"encoder='compiled' / 'flex'")
         if compile_mode is not None and compile_backend != "inductor":
             raise ValueError(f"compile_mode is an inductor setting; compile_backend is {compile_backend!r}")
+        if gemv not in GEMVS:
+            raise ValueError(f"gemv must be one of {GEMVS}, got {gemv!r}")
         if not isinstance(model, GraniteSpeech):
             raise TypeError(f"model must be a granite_speech GraniteSpeech, got {type(model).__name__}")
         if max_len < 2:
@@ -442,6 +459,7 @@ class StaticGenerator:
         padding = PREFILL_BUCKET - 1 if static_prefill else 0
         self.capacity = -(-(max_len + padding + _WARMUP_STEPS + 1) // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.gemv = gemv
         self.spec = self._build_spec()
         self._layers = self._collect_layer_weights()
         self._rope_table = self._build_rope_table()
@@ -479,8 +497,19 @@ class StaticGenerator:
             logits_scaling=float(cfg.logits_scaling),
             lora_slots=slots,
             lora_scaling=float(lora.scaling) if lora is not None else 0.0,
+            splitk_rows=self._splitk_rows(),
         )
         return _SPECS.setdefault(spec, spec)
+
+    def _splitk_rows(self) -> int:
+        if self.gemv != "splitk":
+            return 0
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"gemv='splitk' is a Triton kernel for CUDA; the model is on {self.device} (the tests run "
+                             "it on the CPU through Triton's interpreter, TRITON_INTERPRET=1)")
+        from granite_speech.gemv import MAX_ROWS
+
+        return MAX_ROWS
 
     def _collect_layer_weights(self) -> List[dict]:
         layers = []
@@ -838,6 +867,7 @@ def generate_static(
     static_prefill: bool = False,
     encoder: str = "eager",
     compile_mode: Optional[str] = None,
+    gemv: str = "cublas",
 ) -> torch.Tensor:
     """One-shot greedy generation (a `StaticGenerator` sized to this prompt). Returns LongTensor [B, L + new].
 
@@ -852,6 +882,7 @@ def generate_static(
         static_prefill=static_prefill,
         encoder=encoder,
         compile_mode=compile_mode,
+        gemv=gemv,
     )
     return generator.generate(
         input_ids,

@@ -352,6 +352,20 @@ def test_compiled_encoders_give_the_eager_audio_and_hfs_tokens(fms_model, hf_mod
         StaticGenerator(fms_model, 16, encoder="flash")
 
 
+@torch.no_grad()
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_step", [False, True], ids=["graphed", "compiled"])
+def test_splitk_gemv_gives_hfs_tokens(fms_model, hf_model, varied_prompts, compile_step):
+    """`StaticGenerator(gemv="splitk")` on the card: the decode step's weight products by the Triton split-K kernel,
+    replayed from the CUDA graph (and inside the inductor-compiled step): both batches' greedy tokens equal HF's.
+    (The CPU runs the same kernel through Triton's interpreter: suites/test_gemv.py.)"""
+    for name, prompts in varied_prompts.items():
+        generator = StaticGenerator(fms_model, prompts["input_ids"].size(1) + NEW_TOKENS, compile_step=compile_step,
+                                    gemv="splitk")
+        tokens = generator.generate(**prompts, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(tokens, hf_greedy(hf_model, prompts, NEW_TOKENS)), name
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"compile_step": True, "compile_mode": "reduce-overhead"}, "compile_mode must be one of"),
     ({"compile_mode": "max-autotune-no-cudagraphs"}, "needs something compiled"),
@@ -362,6 +376,20 @@ def test_compile_mode_is_refused_where_it_cannot_apply(fms_model, kwargs, messag
     or for a backend that has no modes, would be ignored: each is refused, naming what was wrong."""
     with pytest.raises(ValueError, match=message):
         StaticGenerator(fms_model, 16, **kwargs)
+
+
+def test_gemv_choice_is_refused_where_it_cannot_apply(fms_model, fast_device, monkeypatch):
+    """An unknown gemv, and the Triton split-K kernel off CUDA (outside Triton's interpreter), are refused before
+    anything runs (suites/test_gemv.py runs it on the CPU in an interpreter of its own: TRITON_INTERPRET is read when
+    Triton is first imported, so it is not switched on in this process)."""
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        StaticGenerator(fms_model, 16, gemv="cutlass")
+    if fast_device.type == "cuda":
+        assert StaticGenerator(fms_model, 16, gemv="splitk").spec.splitk_rows == 8
+        return
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="Triton kernel for CUDA; the model is on cpu"):
+        StaticGenerator(fms_model, 16, gemv="splitk")
 
 
 # ----------------------------------------------------------------------------------------------- CUDA graphs

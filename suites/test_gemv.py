@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from parity.granite.launches import launch_fixture, launch_logged
-from parity.testing import assert_linear_rounded_once
+from parity.testing import assert_linear_rounded_once, assert_parity
 
 pytest.importorskip("triton", reason="Triton comes with torch's CUDA wheels; a CPU-only torch has none")
 
@@ -58,15 +58,47 @@ for name, (x_shape, w_shape, transposed) in json.loads(sys.argv[4]).items():
         refusals[name] = None
     except ValueError as err:
         refusals[name] = str(err)
+
+# the fast path's decode with gemv="splitk" beside its cuBLAS twin, the kernel's calls counted
+import granite_speech.gemv as gemv
+from suites.test_gemv import decode_logits
+calls = []
+kernel = gemv.splitk_linear
+gemv.splitk_linear = lambda x, *args, **kwargs: (calls.append(x.numel() // x.size(-1)), kernel(x, *args, **kwargs))[1]
+for name in ("cublas", "splitk"):
+    outputs[f"decode_{name}_logits"], outputs[f"decode_{name}_tokens"] = decode_logits(name)
+refusals["splitk_calls"] = calls
 save_file({k: v.contiguous() for k, v in outputs.items()}, sys.argv[2] + "/outputs.safetensors")
 open(sys.argv[2] + "/refusals.json", "w").write(json.dumps(refusals))
 """
+DECODE_STEPS = 4
+# the batch3 prompt shapes of test_fast_generate (ragged audio and text, left-padded): 3 rows, within MAX_ROWS
 
 
 def inputs(rows, n, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return tuple(t.to(getattr(torch, dtype)) for t in (torch.randn(rows, k, generator=g),
                                                        torch.randn(n, k, generator=g), torch.randn(n, generator=g)))
+
+
+def decode_logits(gemv: str):
+    """(per-step logits [B, 1 + DECODE_STEPS, vocab], tokens) of the fast path on the tiny fixture, eager steps."""
+    from granite_speech.checkpoint import load_model
+    from granite_speech.fast_generate import StaticGenerator
+    from parity.granite.fixtures import build_checkpoint
+    from suites.test_fast_generate import make_prompts
+
+    model = load_model(build_checkpoint("tiny-untied"), lora_mode="audio_only")
+    cfg = model.config
+    prompts = make_prompts([60, 30, 45], [4, 7, 2], cfg.audio_token_index, cfg.text_config.src_vocab_size, seed=0)
+    length = prompts["input_ids"].size(1)
+    generator = StaticGenerator(model, length + DECODE_STEPS + 1, use_cuda_graph=False, gemv=gemv)
+    with torch.no_grad():
+        audio = generator.encode_audio(prompts["input_features"])
+        logits = [generator.prefill(prompts["input_ids"], audio, prompts["input_features_mask"],
+                                    prompts["attention_mask"]).clone()]
+        logits += [generator.decode_step().clone() for _ in range(DECODE_STEPS)]
+    return torch.stack(logits, 1), generator.tokens(length + DECODE_STEPS + 1)
 
 
 def _launch_interpreted(folder: Path):
@@ -106,3 +138,17 @@ def test_splitk_linear_refuses_what_it_is_not_for(kernel_outputs):
     refusals = kernel_outputs[1]
     expected = {"nine_rows": "1..8 rows", "wrong_k": "expects 64", "strided_weight": "contiguous weight"}
     assert {name: (refusals[name] or "").count(part) for name, part in expected.items()} == dict.fromkeys(expected, 1)
+
+
+def test_the_fast_path_with_splitk_gemv_decodes_as_with_cublas(kernel_outputs, record_property):
+    """StaticGenerator(gemv="splitk"): every weight product of every decode step (4 per layer and the head) runs the
+    kernel (the prefill is the model's forward); the tokens are the cuBLAS path's and the logits within the logits
+    tolerance of its (fp32: only the summation order differs)."""
+    from parity.granite.fixtures import load_hf_config
+
+    outputs, calls = kernel_outputs[0], kernel_outputs[1]["splitk_calls"]
+    layers = load_hf_config("tiny-untied")["text_config"]["num_hidden_layers"]
+    assert calls == [3] * (DECODE_STEPS * (4 * layers + 1)), f"split-K calls (rows each): {calls}"
+    assert torch.equal(outputs["decode_splitk_tokens"], outputs["decode_cublas_tokens"])
+    assert_parity("splitk_decode_logits", outputs["decode_cublas_logits"], outputs["decode_splitk_logits"],
+                  dtype=torch.float32, device=torch.device("cpu"), tolerance_class="logits", record=record_property)

@@ -28,9 +28,10 @@ LONGEST_AUDIO_S = 30
 # by itself on CUDA (what an HF user picks for speed); fms: FMS eager `generate`; fast / fast_compiled: the fast path;
 # fast_autotuned: fast_compiled with inductor's GEMM autotuning (max-autotune-no-cudagraphs);
 # fast_static_prefill: the fast path with the static prefill (prompt through the step's layer math, graphed);
-# fast_encoder_compiled / fast_encoder_flex: the fast path with encoder + projector compiled (math / flex attention)
+# fast_encoder_compiled / fast_encoder_flex: the fast path with encoder + projector compiled (math / flex attention);
+# fast_splitk / fast_compiled_splitk: the decode step's weight products by the split-K GEMV (`gemv="splitk"`)
 IMPLS = ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill", "fast_encoder_compiled", "fast_encoder_flex",
-         "hf", "hf_static", "fms")
+         "fast_splitk", "fast_compiled_splitk", "hf", "hf_static", "fms")
 SELECTED_IMPLS = tuple(i for i in os.environ.get("GRANITE_SPEECH_BENCH_IMPLS", ",".join(IMPLS)).split(",") if i)
 
 
@@ -110,7 +111,8 @@ class BenchModels:
         if impl not in self.generators:
             kwargs = {"fast": {}, "fast_compiled": {"compile_step": True}, "fast_eager": {"use_cuda_graph": False},
                       "fast_static_prefill": {"static_prefill": True}, "fast_encoder_compiled": {"encoder": "compiled"},
-                      "fast_encoder_flex": {"encoder": "flex"},
+                      "fast_encoder_flex": {"encoder": "flex"}, "fast_splitk": {"gemv": "splitk"},
+                      "fast_compiled_splitk": {"compile_step": True, "gemv": "splitk"},
                       "fast_autotuned": {"compile_step": True, "compile_mode": "max-autotune-no-cudagraphs"}}
             self.generators[impl] = StaticGenerator(self.fms, self.max_len(), **kwargs[impl])
         return self.generators[impl]

@@ -30,6 +30,8 @@ IMPL_LABELS = {
     "fast_static_prefill": "fast path, static prefill (prompt through the step's layers into the cache, graphed)",
     "fast_encoder_compiled": "fast path, encoder + projector compiled (inductor, math attention) + CUDA graph",
     "fast_encoder_flex": "fast path, encoder + projector compiled, block attention by `flex_attention` + CUDA graph",
+    "fast_splitk": "fast path, decode-step weight products by the split-K GEMV (Triton) + CUDA graph",
+    "fast_compiled_splitk": "fast path, layers compiled (inductor), weight products by the split-K GEMV + CUDA graph",
     "ctc_fms": "FMS `GraniteSpeech5ForCTC.generate` (5.0 CTC)",
     "ctc_fms_compiled": "FMS 5.0 CTC, compiled (inductor)",
 }

@@ -29,7 +29,7 @@ from parity.testing import assert_compiled_parity
 pytestmark = [pytest.mark.benchmark, *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 
 GENERATE_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", "fast_static_prefill",
-                                   "fast_encoder_flex", "hf", "hf_static", "fms")
+                                   "fast_encoder_flex", "fast_splitk", "fast_compiled_splitk", "hf", "hf_static", "fms")
                        if i in SELECTED_IMPLS)
 ENCODER_IMPLS = tuple(i for i in ("fast", "fast_encoder_compiled", "fast_encoder_flex", "hf", "fms")
                       if i in SELECTED_IMPLS)
@@ -38,7 +38,7 @@ THROUGHPUT_IMPLS = tuple(i for i in ("fast", "fast_compiled", "fast_autotuned", 
                          if i in SELECTED_IMPLS)
 AUDIO_SECONDS = (3, 10, 30)
 ROUNDS = {"hf": 3, "hf_static": 3, "fms": 3, "fast": 5, "fast_compiled": 5, "fast_autotuned": 5,
-          "fast_static_prefill": 5, "fast_encoder_flex": 5}
+          "fast_static_prefill": 5, "fast_encoder_flex": 5, "fast_splitk": 5, "fast_compiled_splitk": 5}
 PROFILED_STEPS = 5
 GRAPH_TIMED_STEPS = 64
 
