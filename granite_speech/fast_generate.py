@@ -407,7 +407,8 @@ class StaticGenerator:
     KV), and on GPU replays it from a CUDA graph per (batch size, prompt length rounded up to PREFILL_BUCKET).
     `encoder="compiled"` or `"flex"` compiles encoder + projector (math or flex_attention block attention) once per
     feature shape, inside the audio CUDA graph; past Dynamo's recompile limit (8 shapes) Dynamo warns and runs the
-    further shapes eagerly.
+    further shapes eagerly. `gemv="splitk"` runs the decode step's weight products (up to `gemv.MAX_ROWS` rows)
+    through the Triton split-K GEMV instead of cuBLAS (CUDA only).
     """
 
     def __init__(

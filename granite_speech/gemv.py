@@ -8,8 +8,9 @@ summed in fp32 (a fixed order: the result is deterministic, unlike atomic adds),
 rounded once to the input's dtype, as cuBLAS's fp32 accumulation does.
 
 CUDA only in use (Triton); the tests run the same kernel on the CPU through Triton's interpreter
-(`TRITON_INTERPRET=1` when this module is imported). Not yet timed on a card: `suites/bench/test_gemv_benchmarks.py`
-measures it against `F.linear` per decode GEMM shape of 2b and 8b, for the decision whether the fast path uses it.
+(`TRITON_INTERPRET=1` when this module is imported). The fast path uses it with `StaticGenerator(gemv="splitk")`
+(cuBLAS stays the default until the card's figures say otherwise): `suites/bench/test_gemv_benchmarks.py` times it
+against `F.linear` per decode GEMM shape of 2b and 8b, `test_benchmarks.py::test_decode` (`fast_splitk`) end to end.
 """
 
 from typing import Optional
