@@ -1,5 +1,6 @@
 """`compare --fast-encoder compiled|flex`: the fast path's generation section runs with the compiled audio encoder
-(`StaticGenerator(encoder=)`) and is judged against HF `generate` like the default one. On the CPU the compiled
+(`StaticGenerator(encoder=)`) and is judged against HF `generate` like the default one (`--fast-gemv splitk`, the
+same for the split-K GEMV: suites/test_gemv.py, where Triton's interpreter runs it). On the CPU the compiled
 encoder is traced through aot_eager (the CPU has no inductor flex kernel); on CUDA, inductor.
 
 One case per run keeps this under half a minute on the CPU: the correct port on the ragged batch of three (partial
@@ -68,10 +69,13 @@ def test_flex_fast_encoder_catches_a_distance_sign_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "tiny-5"], "granite-speech-5.0 (CTC) has no fast decode path"),
-    (["--phases", "two"], "--phases two leaves generation out"),
+    (["--fast-encoder", "flex", "--model", "tiny-5"], "--fast-encoder flex: granite-speech-5.0 (CTC) has no fast"),
+    (["--fast-encoder", "flex", "--phases", "two"], "--fast-encoder flex: --phases two leaves generation out"),
+    (["--fast-gemv", "splitk", "--device", "cpu"], "--fast-gemv splitk: the split-K GEMV is a Triton kernel for CUDA"),
 ])
-def test_fast_encoder_is_refused_where_no_fast_path_runs(tmp_path, capsys, args, message):
-    code = main(["compare", "--fast-encoder", "flex", *args, "--json", str(tmp_path / "r.json"), "--report",
-                 str(tmp_path / "r.html")])
+def test_fast_path_options_are_refused_where_they_cannot_apply(tmp_path, capsys, monkeypatch, args, message):
+    """Before any model loads: a fast-path option where no fast path runs, and the Triton split-K GEMV on the CPU
+    (outside Triton's interpreter; suites/test_gemv.py runs that compare in an interpreter of its own)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["compare", *args, "--json", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.html")])
     assert code == 2 and message in capsys.readouterr().err

@@ -68,6 +68,12 @@ gemv.splitk_linear = lambda x, *args, **kwargs: (calls.append(x.numel() // x.siz
 for name in ("cublas", "splitk"):
     outputs[f"decode_{name}_logits"], outputs[f"decode_{name}_tokens"] = decode_logits(name)
 refusals["splitk_calls"] = calls
+gemv.splitk_linear = kernel
+
+# `compare --fast-gemv splitk` on the ragged batch of three, as users run it (default flags)
+from parity.granite.cli import main
+refusals["compare_exit"] = main(["compare", "--fast-gemv", "splitk", "--case", "padded batch of 3", "--json",
+                                 sys.argv[2] + "/compare.json", "--report", sys.argv[2] + "/compare.html"])
 save_file({k: v.contiguous() for k, v in outputs.items()}, sys.argv[2] + "/outputs.safetensors")
 open(sys.argv[2] + "/refusals.json", "w").write(json.dumps(refusals))
 """
@@ -152,3 +158,14 @@ def test_the_fast_path_with_splitk_gemv_decodes_as_with_cublas(kernel_outputs, r
     assert torch.equal(outputs["decode_splitk_tokens"], outputs["decode_cublas_tokens"])
     assert_parity("splitk_decode_logits", outputs["decode_cublas_logits"], outputs["decode_splitk_logits"],
                   dtype=torch.float32, device=torch.device("cpu"), tolerance_class="logits", record=record_property)
+
+
+def test_compare_judges_the_splitk_fast_path_and_passes_a_correct_port(interpreted_kernel, kernel_outputs):
+    """`compare --fast-gemv splitk`: the fast path's generation section runs the split-K GEMV (in place of the cuBLAS
+    one) and a correct port passes it with default flags. Planted kernel faults are the mutation table's
+    (`splitk_*` in parity.granite.mutants: caught there, localised to the decode steps)."""
+    report = json.loads((interpreted_kernel[1] / "compare.json").read_text())
+    verdicts = {s["title"].split(" · ", 1)[1]: s["summary"]["verdict"] for s in report["sections"]}
+    assert kernel_outputs[1]["compare_exit"] == 0 and report["summary"]["verdict"] == "pass", verdicts
+    assert verdicts["generation: fast path, splitk GEMV vs HF generate"] == "pass", verdicts
+    assert "generation: fast path vs HF generate" not in verdicts and report["meta"]["fast_gemv"] == "splitk"

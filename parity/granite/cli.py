@@ -30,7 +30,7 @@ from granite_speech.cli_errors import (
     version_string,
 )
 from granite_speech.config import VARIANTS
-from granite_speech.fast_generate import ENCODERS as FAST_ENCODERS
+from granite_speech.fast_generate import ENCODERS as FAST_ENCODERS, GEMVS as FAST_GEMVS
 from parity.granite.cli_checks import (CompareRun, DiffRun, check_compare_args, check_diff_args,
                                        check_fixture_checkpoint, member_default_cases)
 from parity.granite.fixtures.family import FAMILY_VARIANTS
@@ -123,7 +123,7 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                 checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
                 device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
                 overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
-                fast_encoder=run.fast_encoder, reference_captures=run.reference_captures, progress=_progress,
+                fast_encoder=run.fast_encoder, fast_gemv=run.fast_gemv, reference_captures=run.reference_captures, progress=_progress,
             )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(encoder + projector through torch.compile) or flex (compiled, block attention by "
                           "flex_attention); inductor on CUDA, traced through aot_eager on the CPU (default: "
                           "%(default)s)")
+    cmp.add_argument("--fast-gemv", default="cublas", choices=FAST_GEMVS,
+                     help="the weight products of the fast path's decode steps in its generation section: cublas "
+                          "(F.linear, its default) or splitk (the Triton split-K GEMV; CUDA) (default: %(default)s)")
     cmp.add_argument("--phases", default="auto", choices=("auto", "one", "two"),
                      help="memory schedule: both models at once (one), one at a time with HF captures on disk "
                           "(two), or decide by size (auto, the default)")

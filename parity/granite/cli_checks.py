@@ -61,6 +61,7 @@ class CompareRun:
     tp: int = 1  # ranks the FMS decoder is sharded over (torchrun launched this process)
     cases: Tuple[str, ...] = ()  # --case: run only the default inputs whose names contain one of these
     fast_encoder: str = "eager"  # the audio encoder of the fast path's generation section
+    fast_gemv: str = "cublas"  # the weight products of its decode steps
 
 
 @dataclass(frozen=True)
@@ -189,23 +190,29 @@ def check_compare_args(args: argparse.Namespace) -> CompareRun:
     overrides = {k: v for k in ("atol", "rtol") if (v := getattr(args, k)) is not None}
     check_case_args(args, checkpoint, model)
     check_tensor_parallel_args(args, checkpoint, model, save, reference, device)
-    check_fast_encoder_args(args, checkpoint, model)
+    check_fast_path_args(args, checkpoint, model, device)
     return CompareRun(
         checkpoint=checkpoint, model=model, clips=tuple(clips), prompt=prompt, device=device, dtype=dtype,
         mode=args.mode, phases=args.phases, overrides=overrides, seed=args.seed, report=report, json=json_path,
         save_captures=save, reference_captures=reference, max_audio_seconds=args.max_audio_seconds,
         feed=args.feed, floors=args.floors, lenient=args.lenient, allow_partial=args.allow_partial,
         phases_given=args.phases == "two", new_tokens=args.new_tokens, tp=args.tp, cases=tuple(args.case or ()),
-        fast_encoder=args.fast_encoder,
+        fast_encoder=args.fast_encoder, fast_gemv=args.fast_gemv,
     )
 
 
-def check_fast_encoder_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str) -> None:
-    """`--fast-encoder` picks the encoder of the fast path's generation section: refused where no such section runs,
-    rather than ignored."""
-    if args.fast_encoder == "eager":
+def check_fast_path_args(args: argparse.Namespace, checkpoint: Optional[Path], model: str,
+                         device: torch.device) -> None:
+    """`--fast-encoder` / `--fast-gemv` pick the fast path of the generation section: refused where no such section
+    runs, rather than ignored; the split-K GEMV (Triton) off CUDA too."""
+    flags = [f"--fast-encoder {args.fast_encoder}"] * (args.fast_encoder != "eager") + [
+        f"--fast-gemv {args.fast_gemv}"] * (args.fast_gemv != "cublas")
+    if not flags:
         return
-    flag = f"--fast-encoder {args.fast_encoder}"
+    flag = " ".join(flags)
+    if args.fast_gemv == "splitk" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--fast-gemv splitk: the split-K GEMV is a Triton kernel for CUDA, and --device is {device} "
+                         "(the CPU runs it only through Triton's interpreter, TRITON_INTERPRET=1)")
     if is_ctc_member(checkpoint, model):
         raise UsageError(f"{flag}: granite-speech-5.0 (CTC) has no fast decode path; its encoder is judged by the "
                          "model and CTC sections")

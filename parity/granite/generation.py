@@ -147,12 +147,16 @@ def _hf_generation_floors(case: Case, models: Models, hf_inputs: dict, hf_tokens
 
 def _fast_runs(models: Models) -> Dict[str, dict]:
     """The fast-path loops of a generation section: {label: StaticGenerator keywords}. A non-eager `--fast-encoder`
-    is the first loop's (compiled once per clip shape); the static prefill's loop keeps the eager encoder."""
+    and a non-cuBLAS `--fast-gemv` are the first loop's (the encoder compiled once per clip shape); the static
+    prefill's loop keeps the defaults."""
     label, first = "fast path", {"static_prefill": False}
     if models.fast_encoder != "eager":
-        label = f"fast path, {models.fast_encoder} encoder"
+        label += f", {models.fast_encoder} encoder"
         backend = "inductor" if models.device.type == "cuda" else "aot_eager"  # the CPU has no inductor flex kernel
         first.update(encoder=models.fast_encoder, compile_backend=backend)
+    if models.fast_gemv != "cublas":
+        label += f", {models.fast_gemv} GEMV"
+        first.update(gemv=models.fast_gemv)
     return {label: first, "fast path, static prefill": {"static_prefill": True}}
 
 

@@ -43,6 +43,7 @@ class Models:
     hf_processor: Any = None
     fms_processor: Any = None
     fast_encoder: str = "eager"  # StaticGenerator(encoder=) of the fast path's generation section
+    fast_gemv: str = "cublas"  # StaticGenerator(gemv=) of the same loop
 
     def at(self, dtype: torch.dtype) -> "Models":
         """The same store, working in `dtype` (models are shared, not copied)."""

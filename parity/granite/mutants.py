@@ -33,9 +33,9 @@ class Mutant:
     expect: Tuple[str, ...]  # probe names / prefixes that count as "localised"
     kind: str
     why: str
-    # `compare --fast-encoder` of the mutant's run: code only the compiled audio encoder runs (the flex kernel) is
-    # judged by that section of compare (its baseline is the default run: a section the baseline lacks is new)
-    fast_encoder: str = "eager"
+    # the fast-path options of the mutant's `compare` run: code only one fast variant runs (the flex kernel, the
+    # split-K GEMV) is judged by that variant's section (the baseline is the default run: a section it lacks is new)
+    compare_args: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +88,7 @@ _DECODE_STEP = tuple(f"step.{k}." for k in range(1, 64))
 _PREFILL_STEP = ("step.0.",)
 _FAST_STEP = _PREFILL_STEP + _DECODE_STEP  # code the static prefill and the decode step share
 _LORA_Q = ("decoder.layer.0.attn.q",)
+_FLEX, _SPLITK = ("--fast-encoder", "flex"), ("--fast-gemv", "splitk")  # the compare options of a fast variant
 
 CONFORMER = (
     Mutant("conformer_shaw_bias_unscaled", "conformer.py",
@@ -161,13 +162,13 @@ CONFORMER = (
     Mutant("flex_shaw_distance_sign_swapped", "conformer.py",
            old="score = score + shaw[b, h, q_idx, q_idx - kv_idx + ctx - 1]",
            new="score = score + shaw[b, h, q_idx, kv_idx - q_idx + ctx - 1]",
-           expect=_PREFILL_STEP, kind="formula", fast_encoder="flex",
+           expect=_PREFILL_STEP, kind="formula", compare_args=_FLEX,
            why="the flex kernel's Shaw term read at j - i instead of i - j (the math path, and so every model probe, "
                "is right: only the compiled encoder's section sees it)"),
     Mutant("flex_last_block_padding_keys_unmasked", "conformer.py",
            old="real = (b % nblocks != nblocks - 1) | ((q_idx < remainder) & (kv_idx < remainder))",
            new="real = (b % nblocks != nblocks - 1) | (q_idx < remainder)",
-           expect=_PREFILL_STEP, kind="mask", fast_encoder="flex",
+           expect=_PREFILL_STEP, kind="mask", compare_args=_FLEX,
            why="the flex kernel masks the last block's padded query rows but not its padded keys: the real frames "
                "of a partial last block attend to the padding"),
 )
@@ -415,6 +416,23 @@ FAST_GENERATE = (
            why="a row that emitted end-of-text keeps generating instead of holding pad (HF's rule)"),
 )
 
+# the split-K GEMV of the decode step (`compare --fast-gemv splitk`; on the CPU through Triton's interpreter); its
+# K-slicing is the kernel test's (suites/test_gemv.py): the tiny fixture's K fits one block
+GEMV = (
+    Mutant("splitk_rows_past_two_dropped", "gemv.py",
+           old="BLOCK_M=max(2, triton.next_power_of_2(m))",
+           new="BLOCK_M=2",
+           expect=_DECODE_STEP, kind="generation", compare_args=_SPLITK,
+           why="the kernel's row block fixed at two rows: a batch of three leaves the third row's partial sums "
+               "unwritten"),
+    Mutant("splitk_weight_read_transposed", "gemv.py",
+           old="w = tl.load(w_ptr + cols[:, None] * K + ks[None, :],",
+           new="w = tl.load(w_ptr + ks[None, :] * N + cols[:, None],",
+           expect=_DECODE_STEP, kind="formula", compare_args=_SPLITK,
+           why="the weight read as [K, N] (x @ W) where nn.Linear stores [N, K] (x @ W.T): the layout confusion of "
+               "a hand-written GEMV"),
+)
+
 # the eager decoding loop's per-row end-of-text (compare's rows-end-apart case)
 GENERATION = (
     Mutant("generate_batch_stops_at_first_eos", "generation.py",
@@ -503,7 +521,8 @@ CLI = (
            why="transcribe gives every prompt the first clip's audio"),
 )
 
-CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + GENERATION + CONFIG
+CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + GEMV
+                                 + GENERATION + CONFIG
                                  + CHECKPOINT + CLI)
 
 

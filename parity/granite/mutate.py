@@ -126,6 +126,7 @@ def _worker(args: argparse.Namespace) -> int:
     cases = select_cases(args.case) if args.case else None
     report = compare_report(Path(args.checkpoint), seeded="tiny", cases=cases, dtype=torch.float32, device="cpu",
                             policy=Policy(lenient=args.lenient), seed=0, fast_encoder=args.fast_encoder,
+                            fast_gemv=args.fast_gemv,
                             progress=lambda message: print(message, file=sys.stderr, flush=True))
     record = _compact(report)
     record["granite_speech"] = str(where.parent)
@@ -169,6 +170,9 @@ def _base_environment(threads: int) -> dict:
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
+    # Triton kernels (`--fast-gemv splitk`) run on the CPU through Triton's interpreter, which Triton reads when it is
+    # first imported: by the zygote, with torch._dynamo
+    env["TRITON_INTERPRET"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[key] = str(threads)
@@ -200,12 +204,12 @@ def crash_site(stderr: str, package_dir: Path) -> Optional[str]:
 
 
 def _run_compare(zygote: Zygote, snapshot: Snapshot, workdir: Path, checkpoint: Path, lenient: bool, threads: int,
-                 timeout: float, cases: Sequence[str] = (), fast_encoder: str = "eager") -> dict:
+                 timeout: float, cases: Sequence[str] = (), compare_args: Sequence[str] = ()) -> dict:
     """compare on the package copy in `workdir`, in a fork of the zygote: {"record": compact report} or
     {"crash": why, "stderr": tail}."""
     out = workdir / "report.json"
     cmd = ["-m", "parity.granite.mutate", "--worker", "--checkpoint", str(checkpoint),
-           "--out", str(out), "--fast-encoder", fast_encoder] + (["--lenient"] if lenient else [])
+           "--out", str(out), *compare_args] + (["--lenient"] if lenient else [])
     for case in cases:
         cmd += ["--case", case]
     try:
@@ -360,7 +364,7 @@ def run_mutant(mutant: Mutant, *, zygote: Zygote, snapshot: Snapshot, checkpoint
         package = _copy_package(snapshot, workdir)
         mutant.apply(package)
         outcome = _run_compare(zygote, snapshot, workdir, checkpoint, lenient, threads, timeout, cases,
-                               mutant.fast_encoder)
+                               mutant.compare_args)
         compare_s = time.monotonic() - start
         row = {"name": mutant.name, "file": mutant.file, "kind": mutant.kind, "expect": list(mutant.expect),
                "why": mutant.why}
@@ -498,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--fast-encoder", default="eager", help=argparse.SUPPRESS)
+    parser.add_argument("--fast-gemv", default="cublas", help=argparse.SUPPRESS)
     return parser
 
 

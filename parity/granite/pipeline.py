@@ -425,14 +425,16 @@ def run_pipeline(
     reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
     fast_encoder: str = "eager",
+    fast_gemv: str = "cublas",
 ) -> Tuple[List[Section], dict]:
     """Every case through preprocessing, model and generation; returns (report sections, run extras). With
     `phases="two"` (a model too large for two copies in memory) the model sections load one model at a time and
     generation, which needs both side by side, is left out (said in the section's extras). `save_captures` writes
     every HF-side value (model probes, floors, generation) to a folder; `reference_captures` reads such a folder
     instead of running HF here (another process, another machine): only the HF processor is used locally.
-    `fast_encoder`: the fast path's audio encoder (`StaticGenerator(encoder=)`) in its generation section."""
-    from granite_speech.fast_generate import ENCODERS
+    `fast_encoder`, `fast_gemv`: the fast path's audio encoder and weight products (`StaticGenerator(encoder=,
+    gemv=)`) in its generation section."""
+    from granite_speech.fast_generate import ENCODERS, GEMVS
 
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
@@ -440,9 +442,11 @@ def run_pipeline(
         raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
     if fast_encoder not in ENCODERS:
         raise ValueError(f"fast_encoder must be one of {ENCODERS}, got {fast_encoder!r}")
+    if fast_gemv not in GEMVS:
+        raise ValueError(f"fast_gemv must be one of {GEMVS}, got {fast_gemv!r}")
     own_models = models is None  # then models no later case uses are freed as the cases go
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
-    models.fast_encoder = fast_encoder
+    models.fast_encoder, models.fast_gemv = fast_encoder, fast_gemv
     store = ReferenceStore(save_captures, reference_captures, checkpoint=models.checkpoint)  # checked before loading
     sections: List[Section] = []
     inputs_meta = []
@@ -514,6 +518,7 @@ def compare_report(
     reference_captures: Optional[Path] = None,
     progress: Callable[[str], None] = lambda message: None,
     fast_encoder: str = "eager",
+    fast_gemv: str = "cublas",
 ) -> dict:
     """The `compare` job: every case through the pipeline, one report (JSON-able dict). `seeded` names the fixture
     variant when the weights are the seeded random fixture rather than a real checkpoint. `policy` is how the
@@ -524,7 +529,7 @@ def compare_report(
     sections, extra = run_pipeline(checkpoint, cases=cases, dtype=dtype, device=device, mode=mode, feed=feed,
                                    floors=floors, phases=phases, overrides=overrides, progress=progress,
                                    save_captures=save_captures, reference_captures=reference_captures,
-                                   fast_encoder=fast_encoder)
+                                   fast_encoder=fast_encoder, fast_gemv=fast_gemv)
     for _, _, result, _ in sections:
         result.lenient = policy.lenient
     meta = run_metadata(
@@ -534,6 +539,6 @@ def compare_report(
         saved_captures=extra["saved_captures"], reference_captures=extra["reference_captures"],
         title=f"Granite Speech parity · {seeded or Path(checkpoint).name}", **member_metadata(checkpoint),
         tensor_parallel_ranks=_ranks(), **({"transcribe": extra["transcribe"]} if "transcribe" in extra else {}),
-        not_run=extra["not_run"], fast_encoder=fast_encoder,
+        not_run=extra["not_run"], fast_encoder=fast_encoder, fast_gemv=fast_gemv,
     )
     return build_multi_report(sections, meta, policy=policy)
