@@ -62,6 +62,15 @@ COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 GEMVS = ("cublas", "splitk")
 
 
+def splitk_refusal(device: torch.device) -> Optional[str]:
+    """Why gemv="splitk" cannot run on `device` (None where it can): a Triton kernel, CUDA's, or the CPU's only through
+    Triton's interpreter (TRITON_INTERPRET=1, read when Triton is first imported: how the tests run it)."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the split-K GEMV is a Triton kernel for CUDA, and the model is on {device} (the CPU runs it only "
+            "through Triton's interpreter, TRITON_INTERPRET=1)")
+
+
 @dataclass(frozen=True)
 class _DecoderSpec:
     """The Python constants of one decode step (baked into the compiled function and the CUDA graph)."""
@@ -505,9 +514,9 @@ class StaticGenerator:
     def _splitk_rows(self) -> int:
         if self.gemv != "splitk":
             return 0
-        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"gemv='splitk' is a Triton kernel for CUDA; the model is on {self.device} (the tests run "
-                             "it on the CPU through Triton's interpreter, TRITON_INTERPRET=1)")
+        refusal = splitk_refusal(self.device)
+        if refusal:
+            raise ValueError(f"gemv='splitk': {refusal}")
         from granite_speech.gemv import MAX_ROWS
 
         return MAX_ROWS

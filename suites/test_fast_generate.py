@@ -388,7 +388,7 @@ def test_gemv_choice_is_refused_where_it_cannot_apply(fms_model, fast_device, mo
         assert StaticGenerator(fms_model, 16, gemv="splitk").spec.splitk_rows == 8
         return
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="Triton kernel for CUDA; the model is on cpu"):
+    with pytest.raises(ValueError, match="Triton kernel for CUDA, and the model is on cpu"):
         StaticGenerator(fms_model, 16, gemv="splitk")
 
 

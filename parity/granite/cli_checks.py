@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from granite_speech.audio import read_audio
+from granite_speech.fast_generate import splitk_refusal
 from granite_speech.cli_errors import (
     UsageError,
     check_device,
@@ -210,9 +211,9 @@ def check_fast_path_args(args: argparse.Namespace, checkpoint: Optional[Path], m
     if not flags:
         return
     flag = " ".join(flags)
-    if args.fast_gemv == "splitk" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError(f"--fast-gemv splitk: the split-K GEMV is a Triton kernel for CUDA, and --device is {device} "
-                         "(the CPU runs it only through Triton's interpreter, TRITON_INTERPRET=1)")
+    refusal = splitk_refusal(device) if args.fast_gemv == "splitk" else None
+    if refusal:
+        raise UsageError(f"--fast-gemv splitk: {refusal}")
     if is_ctc_member(checkpoint, model):
         raise UsageError(f"{flag}: granite-speech-5.0 (CTC) has no fast decode path; its encoder is judged by the "
                          "model and CTC sections")
