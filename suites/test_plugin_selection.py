@@ -3,8 +3,15 @@ repeats the CPU gate (`pytest suites/ --model tiny`) exactly at any other option
 its reason; a test that follows --model/--device/--dtype, or whose fixed size runs on the session's device, stays.
 
 Checked on stand-in configs, so the GPU gate's selection (--model 2b --device cuda) is proven on a machine
-without a GPU.
+without a GPU. Also how a session's early launches start once per run and end with it (`parity.granite.launches`).
 """
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +142,9 @@ def test_family_members_follow_the_model_option(model, members):
     assert family_variants_for(model) == members
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _worker(uid: str):
     """A stand-in config of one pytest-xdist worker of the run `uid`."""
     from types import SimpleNamespace
@@ -176,3 +186,75 @@ def test_an_early_launch_runs_once_for_every_worker_of_an_xdist_run(code):
     controller = SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(testrunuid=uid, numprocesses=2))
     launches.finish(controller)
     assert not starts[0].parent.exists()
+
+
+SLEEPING_SUITE = '''
+import sys, time
+from pathlib import Path
+from parity.granite.launches import launch_fixture, launch_logged
+
+MARKS = Path({marks!r})
+
+
+def _start(folder):
+    return launch_logged([sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+                          "time.sleep(300)", str(MARKS / "launch.pid")], folder)
+
+
+EARLY_LAUNCHES = {{"sleeper": _start}}
+sleeper = launch_fixture("sleeper")
+
+
+def test_runs_while_the_launch_does():
+    (MARKS / "test.started").write_text("")
+    time.sleep(300)
+
+
+def test_waits_for_the_launch(sleeper):
+    pass
+'''
+
+
+def _ended(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped yet (a container's init may not reap)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" in status.read_text()
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(path: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} did not appear within {seconds:g} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads a process's state from /proc (Linux)")
+def test_a_terminated_session_ends_its_early_launches(tmp_path):
+    """SIGTERM to a pytest session (a cancelled CI job, `timeout`) ends its early launches too: they run in sessions of
+    their own, which the signal does not reach, and would otherwise run on for minutes after the session is gone."""
+    suite = tmp_path / "test_sleeping.py"
+    suite.write_text(SLEEPING_SUITE.format(marks=str(tmp_path)))
+    nested = subprocess.Popen([sys.executable, "-m", "pytest", str(suite), "-p", "parity.granite.plugin", "-q",
+                               "-p", "no:cacheprovider", "--rootdir", str(tmp_path)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        _wait_for(tmp_path / "test.started")
+        _wait_for(tmp_path / "launch.pid")
+        pid = int((tmp_path / "launch.pid").read_text())
+        assert not _ended(pid)
+        nested.send_signal(signal.SIGTERM)
+        out, _ = nested.communicate(timeout=60)
+    finally:
+        nested.kill()
+    deadline = time.monotonic() + 10
+    while not _ended(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    outlived = not _ended(pid)
+    if outlived:
+        os.kill(pid, signal.SIGKILL)
+    assert not outlived, f"the launch (pid {pid}) outlived its session:\n{out[-2000:]}"
+    assert nested.returncode == 2, out[-2000:]  # pytest's "interrupted"

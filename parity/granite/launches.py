@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -76,7 +77,21 @@ def _launch(config, module, name: str) -> list:
                 launched[key] = [None, folder, None]
                 return launched[key]
         launched[key] = [getattr(module, EARLY_LAUNCHES)[name](folder), folder, None]
+        _interrupt_on_sigterm()
     return launched[key]
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a cancelled CI job, `timeout`) would end this process at once and leave its launches, which run in
+    sessions of their own, running on beside whatever comes next (torchrun ranks, compares, for minutes): it is made
+    a KeyboardInterrupt, so that the session ends as interrupted and `finish` ends them. A handler someone else set is
+    left alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def early_launch(request) -> tuple:
