@@ -232,21 +232,23 @@ def _wait_for(path: Path, seconds: float = 60) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads a process's state from /proc (Linux)")
-def test_a_terminated_session_ends_its_early_launches(tmp_path):
-    """SIGTERM to a pytest session (a cancelled CI job, `timeout`) ends its early launches too: they run in sessions of
-    their own, which the signal does not reach, and would otherwise run on for minutes after the session is gone."""
+@pytest.mark.parametrize("workers", [["-p", "no:xdist"], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_terminated_session_ends_its_early_launches(tmp_path, workers):
+    """SIGTERM to a pytest session's process group (a cancelled CI job, `timeout`) ends its early launches too: they
+    run in sessions of their own, which the signal does not reach, and would otherwise run on for minutes after the
+    session is gone."""
     suite = tmp_path / "test_sleeping.py"
     suite.write_text(SLEEPING_SUITE.format(marks=str(tmp_path)))
     nested = subprocess.Popen([sys.executable, "-m", "pytest", str(suite), "-p", "parity.granite.plugin", "-q",
-                               "-p", "no:cacheprovider", "--rootdir", str(tmp_path)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               "-p", "no:cacheprovider", "--rootdir", str(tmp_path), *workers], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
         _wait_for(tmp_path / "test.started")
         _wait_for(tmp_path / "launch.pid")
         pid = int((tmp_path / "launch.pid").read_text())
         assert not _ended(pid)
-        nested.send_signal(signal.SIGTERM)
+        os.killpg(nested.pid, signal.SIGTERM)  # as `timeout` and CI runners signal: the whole group
         out, _ = nested.communicate(timeout=60)
     finally:
         nested.kill()
@@ -257,4 +259,4 @@ def test_a_terminated_session_ends_its_early_launches(tmp_path):
     if outlived:
         os.kill(pid, signal.SIGKILL)
     assert not outlived, f"the launch (pid {pid}) outlived its session:\n{out[-2000:]}"
-    assert nested.returncode == 2, out[-2000:]  # pytest's "interrupted"
+    assert nested.returncode != 0, out[-2000:]

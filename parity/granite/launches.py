@@ -10,6 +10,9 @@ only when a selected test uses its fixture.
 Under pytest-xdist every worker collects every test: the workers of a run share one folder per launch, the first
 to create it (an atomic mkdir) starts the launch, and every worker reads the exit status the launch writes there
 itself when it ends. So a launch runs once per run, whichever worker its test lands on.
+
+A session that stops early (-x, Ctrl-C) ends the launches nobody waited for; so does a SIGTERM (a cancelled CI job,
+`timeout`), which would otherwise end the session at once and leave them running in their own process groups.
 """
 
 import json
@@ -31,6 +34,7 @@ EARLY_LAUNCH_TIMEOUT_S = 900
 INTERRUPTED = 2  # pytest.ExitCode.INTERRUPTED
 _LAUNCHED = pytest.StashKey[dict]()  # (module, name) -> [Popen or None (another worker's), folder, result or None]
 _EXIT = pytest.StashKey[int]()
+_STARTED_HERE: list = []  # the Popen of every launch this process started (what a SIGTERM ends)
 
 
 def share_under_xdist(config) -> None:
@@ -77,20 +81,25 @@ def _launch(config, module, name: str) -> list:
                 launched[key] = [None, folder, None]
                 return launched[key]
         launched[key] = [getattr(module, EARLY_LAUNCHES)[name](folder), folder, None]
-        _interrupt_on_sigterm()
+        _STARTED_HERE.append(launched[key][0])
+        _end_launches_on_sigterm()
     return launched[key]
 
 
-def _interrupt_on_sigterm() -> None:
+def _end_launches_on_sigterm() -> None:
     """SIGTERM (a cancelled CI job, `timeout`) would end this process at once and leave its launches, which run in
-    sessions of their own, running on beside whatever comes next (torchrun ranks, compares, for minutes): it is made
-    a KeyboardInterrupt, so that the session ends as interrupted and `finish` ends them. A handler someone else set is
+    sessions of their own, running on beside whatever comes next (torchrun ranks, compares, for minutes): the
+    handler ends them first, then raises KeyboardInterrupt so that the session ends as interrupted (an xdist worker's
+    own teardown cannot be relied on then: its channel to the controller may be gone). A handler someone else set is
     left alone."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, _end_and_interrupt)
 
 
-def _raise_interrupt(signum, frame):
+def _end_and_interrupt(signum, frame):
+    for proc in _STARTED_HERE:
+        if proc.poll() is None:
+            _end(proc)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
