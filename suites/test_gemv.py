@@ -44,7 +44,7 @@ sys.path.insert(0, sys.argv[3])
 from suites.test_gemv import inputs
 from granite_speech.gemv import splitk_linear
 
-outputs, refusals = {}, {}
+outputs, refusals, notes = {}, {}, {}
 for name, (rows, n, k, split, dtype, seed) in json.loads(sys.argv[1]).items():
     x, w, b = inputs(rows, n, k, dtype, seed)
     outputs[name] = splitk_linear(x, w, b, split_k=split, block_n=32, block_k=64)
@@ -67,18 +67,17 @@ kernel = gemv.splitk_linear
 gemv.splitk_linear = lambda x, *args, **kwargs: (calls.append(x.numel() // x.size(-1)), kernel(x, *args, **kwargs))[1]
 for name in ("cublas", "splitk"):
     outputs[f"decode_{name}_logits"], outputs[f"decode_{name}_tokens"] = decode_logits(name)
-refusals["splitk_calls"] = calls
+notes["splitk_calls"] = calls
 gemv.splitk_linear = kernel
 
 # `compare --fast-gemv splitk` on the ragged batch of three, as users run it (default flags)
 from parity.granite.cli import main
-refusals["compare_exit"] = main(["compare", "--fast-gemv", "splitk", "--case", "padded batch of 3", "--json",
+notes["compare_exit"] = main(["compare", "--fast-gemv", "splitk", "--case", "padded batch of 3", "--json",
                                  sys.argv[2] + "/compare.json", "--report", sys.argv[2] + "/compare.html"])
 save_file({k: v.contiguous() for k, v in outputs.items()}, sys.argv[2] + "/outputs.safetensors")
-open(sys.argv[2] + "/refusals.json", "w").write(json.dumps(refusals))
+open(sys.argv[2] + "/notes.json", "w").write(json.dumps({"refusals": refusals, **notes}))
 """
 DECODE_STEPS = 4
-# the batch3 prompt shapes of test_fast_generate (ragged audio and text, left-padded): 3 rows, within MAX_ROWS
 
 
 def inputs(rows, n, k, dtype, seed):
@@ -96,6 +95,7 @@ def decode_logits(gemv: str):
 
     model = load_model(build_checkpoint("tiny-untied"), lora_mode="audio_only")
     cfg = model.config
+    # test_fast_generate's batch3 shapes: ragged audio and text, left-padded, 3 rows (within gemv.MAX_ROWS)
     prompts = make_prompts([60, 30, 45], [4, 7, 2], cfg.audio_token_index, cfg.text_config.src_vocab_size, seed=0)
     length = prompts["input_ids"].size(1)
     generator = StaticGenerator(model, length + DECODE_STEPS + 1, use_cuda_graph=False, gemv=gemv)
@@ -124,7 +124,7 @@ interpreted_kernel = launch_fixture("interpreted_kernel")
 def kernel_outputs(interpreted_kernel):
     proc, folder = interpreted_kernel
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(str(folder / "outputs.safetensors")), json.loads((folder / "refusals.json").read_text())
+    return load_file(str(folder / "outputs.safetensors")), json.loads((folder / "notes.json").read_text())
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -141,7 +141,7 @@ def test_splitk_linear_gives_the_same_bits_twice_and_with_leading_dims(kernel_ou
 
 
 def test_splitk_linear_refuses_what_it_is_not_for(kernel_outputs):
-    refusals = kernel_outputs[1]
+    refusals = kernel_outputs[1]["refusals"]
     expected = {"nine_rows": "1..8 rows", "wrong_k": "expects 64", "strided_weight": "contiguous weight"}
     assert {name: (refusals[name] or "").count(part) for name, part in expected.items()} == dict.fromkeys(expected, 1)
 
