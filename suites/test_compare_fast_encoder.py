@@ -79,3 +79,11 @@ def test_fast_path_options_are_refused_where_they_cannot_apply(tmp_path, capsys,
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     code = main(["compare", *args, "--json", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.html")])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_api_refuses_the_splitk_gemv_on_the_cpu_before_anything_loads(tmp_path, monkeypatch):
+    from parity.granite.pipeline import compare_report
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="fast_gemv='splitk': the split-K GEMV is a Triton kernel for CUDA"):
+        compare_report(tmp_path / "no-checkpoint-here", device="cpu", fast_gemv="splitk")

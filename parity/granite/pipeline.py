@@ -434,7 +434,7 @@ def run_pipeline(
     instead of running HF here (another process, another machine): only the HF processor is used locally.
     `fast_encoder`, `fast_gemv`: the fast path's audio encoder and weight products (`StaticGenerator(encoder=,
     gemv=)`) in its generation section."""
-    from granite_speech.fast_generate import ENCODERS, GEMVS
+    from granite_speech.fast_generate import ENCODERS, GEMVS, splitk_refusal
 
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
@@ -444,6 +444,9 @@ def run_pipeline(
         raise ValueError(f"fast_encoder must be one of {ENCODERS}, got {fast_encoder!r}")
     if fast_gemv not in GEMVS:
         raise ValueError(f"fast_gemv must be one of {GEMVS}, got {fast_gemv!r}")
+    refusal = splitk_refusal(torch.device(device)) if fast_gemv == "splitk" else None
+    if refusal:
+        raise ValueError(f"fast_gemv='splitk': {refusal}")
     own_models = models is None  # then models no later case uses are freed as the cases go
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
     models.fast_encoder, models.fast_gemv = fast_encoder, fast_gemv
