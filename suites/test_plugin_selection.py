@@ -232,7 +232,7 @@ def _wait_for(path: Path, seconds: float = 60) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads a process's state from /proc (Linux)")
-@pytest.mark.parametrize("workers", [["-p", "no:xdist"], ["-n", "2"]], ids=["one-process", "xdist"])
+@pytest.mark.parametrize("workers", [["-p", "no:xdist"], ["-n", "1"]], ids=["one-process", "xdist"])
 def test_a_terminated_session_ends_its_early_launches(tmp_path, workers):
     """SIGTERM to a pytest session's process group (a cancelled CI job, `timeout`) ends its early launches too: they
     run in sessions of their own, which the signal does not reach, and would otherwise run on for minutes after the
