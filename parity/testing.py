@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 
 from parity.diff import Comparison, apply_row_floor_gate, compare, row_floors
-from parity.tolerances import Tolerance, dtype_name, regression_bound, tolerance_for
+from parity.tolerances import Tolerance, dtype_name, regression_bound, tolerance_for, ulp
 from parity.verdict import FLOOR_FACTOR
 
 
@@ -96,9 +96,6 @@ def assert_compiled_parity(
     return measured
 
 
-_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-
-
 def assert_linear_rounded_once(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor] = None) -> None:
     """`out` is x @ weight.T (+ bias) computed exactly and rounded once to out's dtype, to within fp32 accumulation
@@ -108,7 +105,8 @@ def assert_linear_rounded_once(out: torch.Tensor, x: torch.Tensor, weight: torch
     bias = torch.zeros(weight.size(0), dtype=torch.float64, device=x.device) if bias is None else bias.double()
     exact = x @ weight.T + bias
     magnitude = x.abs() @ weight.abs().T + bias.abs()
-    bound = exact.abs() * 2.0 ** -(_MANTISSA_BITS[out.dtype] + 1) + (x.size(-1) + 8) * 2.0 ** -24 * magnitude
+    fp32_rounding = torch.finfo(torch.float32).eps / 2
+    bound = ulp(exact.abs(), out.dtype) / 2 + (x.size(-1) + 8) * fp32_rounding * magnitude
     excess = (out.double().reshape(exact.shape) - exact).abs() - bound
     assert excess.max() <= 0, (f"{(excess > 0).sum().item()} of {excess.numel()} outputs off by more than one rounding "
                                f"(worst by {excess.max().item():.3g} beyond the bound)")
