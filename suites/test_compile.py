@@ -4,7 +4,7 @@ Covered: the Conformer encoder, the Q-Former projector, the whole audio path (en
 with audio merged at the placeholders, and one decoder step ([B, 1] token on the KV cache of an eager prefill).
 Each is compiled with `fullgraph=True`, under which Dynamo raises at the first graph break (naming its reason)
 instead of splitting the graph; a separate `torch._dynamo.explain` pass would trace the model a second time to find
-the same. The inductor-compiled function is then compared with eager by `parity.testing.assert_compiled_parity` (the
+the same. The compiled function is then compared with eager by `parity.testing.assert_compiled_parity` (the
 documented gate and the tight regression bound beside it; the measured error is recorded). Runs on the session
 checkpoint, device and dtype (`model:...` in the test id). At real dimensions the session model is cut, for this
 module only, to its first SHALLOW_ENCODER encoder blocks (CTC self-conditioning after the middle one) and
@@ -12,12 +12,17 @@ SHALLOW_DECODER decoder layers: graph breaks and compiled-vs-eager agreement dep
 not the depth, while inductor's compile time grows with it (the 2b full forward took 193 s). The tiny model is
 already that shallow: unchanged.
 
+Backend: inductor on CUDA, where users compile; aot_eager on the CPU (`_backend`). Both run Dynamo's whole trace
+(graph breaks, guards, what runs differently while compiling) and AOTAutograd's functionalization and
+decompositions; inductor's CPU code generation adds a C++ compile that cost the CPU gate 108 s with a cold kernel
+cache (30 s warm) and tests inductor, not the port (results/ci-time/README.md).
+
 The eager reference always runs first: it also warms FMS's per-device RoPE cache, whose cold start is a known
 data-dependent graph break on CUDA (fms.md §5). Inputs are small so that CPU compiles stay short.
 
 16-bit runs: inductor keeps fused intermediates in fp32 where eager rounds every op's output to 16 bits, so compiled
-and eager differ by eager's own rounding error (tiny encoder in bf16 on CPU: 0.06 apart, yet compiled is the closer
-of the two to the fp32 value); `assert_compiled_parity` then applies compare's rule: every element outside the table
+and eager differ by eager's own rounding error (tiny encoder in bf16 on CPU, inductor: 0.06 apart, yet compiled is
+the closer of the two to the fp32 value); `assert_compiled_parity` then applies compare's rule: every element outside the table
 within 8x eager's own rounding error, per row, measured against the fp32 eager value.
 (`torch._inductor.config.emulate_precision_casts`, made for this, crashes the CPU backend of torch 2.9.1.)
 """
@@ -35,6 +40,10 @@ from parity.testing import assert_compiled_parity
 pytestmark = pytest.mark.runs_at("session")
 
 SHALLOW_ENCODER, SHALLOW_DECODER = 4, 2  # the tiny fixture's depths
+
+
+def _backend(device: torch.device) -> str:
+    return "inductor" if device.type == "cuda" else "aot_eager"
 
 
 @contextlib.contextmanager
@@ -119,16 +128,15 @@ def _fp32_copy(module):
 def test_encoder_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property, kernel):
     """The encoder with each attention kernel (`ConformerEncoder.set_attention_kernel`), traced whole and compiled,
     against the default math kernel run eagerly. "flex" is the fast encoder's candidate for issue 26, not yet its
-    default: inductor fuses it on CUDA; on the CPU, where inductor finds no flex_attention template for these shapes
-    (NoValidChoicesError, torch 2.9.1), its traced graph runs through aot_eager."""
-    backend = "aot_eager" if kernel == "flex" and device.type != "cuda" else "inductor"
+    default: inductor fuses it on CUDA (on the CPU inductor has no flex_attention template for these shapes either:
+    NoValidChoicesError, torch 2.9.1)."""
     name = "encoder" if kernel == "math" else f"encoder_{kernel}"
     features = audio_inputs["input_features"]
     encoder = compile_model.encoder
     eager = encoder(features)
     encoder.set_attention_kernel(kernel)
     try:
-        compiled = torch.compile(encoder, fullgraph=True, backend=backend)(features)
+        compiled = torch.compile(encoder, fullgraph=True, backend=_backend(device))(features)
     finally:
         encoder.set_attention_kernel("math")
     _judge(name, compiled, eager, lambda: _fp32_copy(encoder)(features.float()), dtype, device, record_property)
@@ -155,7 +163,7 @@ def test_flex_encoder_compiles_in_bfloat16(compile_model, audio_inputs, device, 
 def test_projector_compiles_fullgraph(compile_model, audio_inputs, dtype, device, record_property):
     encoded = compile_model.encoder(audio_inputs["input_features"])
     eager = compile_model.projector(encoded)
-    compiled = torch.compile(compile_model.projector, fullgraph=True)(encoded)
+    compiled = torch.compile(compile_model.projector, fullgraph=True, backend=_backend(device))(encoded)
     _judge("projector", compiled, eager, lambda: _fp32_copy(compile_model.projector)(encoded.float()), dtype, device,
            record_property)
 
@@ -168,7 +176,7 @@ def test_full_forward_with_audio_compiles_fullgraph(compile_model, fp32_model, a
 
     args = (audio_inputs["input_ids"], audio_inputs["input_features"], audio_inputs["input_features_mask"])
     eager = forward(*args)
-    compiled = torch.compile(forward, fullgraph=True)(*args)
+    compiled = torch.compile(forward, fullgraph=True, backend=_backend(device))(*args)
     reference = lambda: forward(args[0], args[1].float(), args[2], model=fp32_model())  # noqa: E731
     _judge("full_forward_logits", compiled, eager, reference, dtype, device, record_property, "logits")
 
@@ -196,7 +204,7 @@ def test_decoder_step_on_kv_cache_compiles_fullgraph(compile_model, fp32_model, 
 
     next_token, args = _prefill_then_step(compile_model, audio_inputs)
     eager_logits, eager_cache = decode_step(*args)
-    compiled_logits, compiled_cache = torch.compile(decode_step, fullgraph=True)(*args)
+    compiled_logits, compiled_cache = torch.compile(decode_step, fullgraph=True, backend=_backend(device))(*args)
 
     @functools.cache
     def fp32_step():
