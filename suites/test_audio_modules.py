@@ -267,7 +267,7 @@ def test_encoder_compiles_fullgraph_and_matches_eager(record_property):
         eager = ours(x)
         # fullgraph=True raises at the first graph break, naming it. The traced graph runs through AOTAutograd
         # without inductor's code generation: inductor's numerics are test_compile.py's (the session model's
-        # encoder), which the CPU gate runs too
+        # encoder) under --device cuda, where users compile
         compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
         _check(record_property, "encoder compiled vs eager", compiled, eager)
         _check(record_property, "encoder compiled vs HF", compiled, _hf_encode(hf, x))
