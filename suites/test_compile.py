@@ -22,8 +22,8 @@ data-dependent graph break on CUDA (fms.md §5). Inputs are small so that CPU co
 
 16-bit runs: inductor keeps fused intermediates in fp32 where eager rounds every op's output to 16 bits, so compiled
 and eager differ by eager's own rounding error (tiny encoder in bf16 on CPU, inductor: 0.06 apart, yet compiled is
-the closer of the two to the fp32 value); `assert_compiled_parity` then applies compare's rule: every element outside the table
-within 8x eager's own rounding error, per row, measured against the fp32 eager value.
+the closer of the two to the fp32 value); `assert_compiled_parity` then applies compare's rule: every element outside
+the table within 8x eager's own rounding error, per row, measured against the fp32 eager value.
 (`torch._inductor.config.emulate_precision_casts`, made for this, crashes the CPU backend of torch 2.9.1.)
 """
 
