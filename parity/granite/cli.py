@@ -123,7 +123,8 @@ def _compare(run: CompareRun, device: torch.device, dtype: torch.dtype, start: f
                 checkpoint, seeded=None if run.checkpoint is not None else run.model, cases=cases, dtype=dtype,
                 device=device, mode=run.mode, feed=run.feed, floors=run.floors, phases=phases, policy=_policy(run),
                 overrides=run.overrides or None, seed=run.seed, save_captures=run.save_captures,
-                fast_encoder=run.fast_encoder, fast_gemv=run.fast_gemv, reference_captures=run.reference_captures, progress=_progress,
+                fast_encoder=run.fast_encoder, fast_gemv=run.fast_gemv, reference_captures=run.reference_captures,
+                progress=_progress,
             )
     except CheckpointCoverageError as err:
         raise UsageError(f"checkpoint {checkpoint} does not fit its config.json: {one_line(err)}") from err

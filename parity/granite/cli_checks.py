@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from granite_speech.audio import read_audio
-from granite_speech.fast_generate import splitk_refusal
 from granite_speech.cli_errors import (
     UsageError,
     check_device,
@@ -27,6 +26,7 @@ from granite_speech.cli_errors import (
     check_utf8_path,
     one_line,
 )
+from granite_speech.fast_generate import splitk_refusal
 from parity.store import REFERENCE_FILE, ReferenceMismatch, read_fingerprint
 
 DEFAULT_SAMPLING_RATE = 16000

@@ -11,8 +11,9 @@ starts with it). The generation probes are `step.N.token` / `step.N.logits`: in 
 from its static prefill, steps >= 1 from its decode step (`_DECODE_STEP` matches any of those; `_FAST_STEP` any step,
 for code the two share).
 
-Missing-upcast mutants are no-ops in float32: only the bf16 case of compare's default inputs can see them. The catalogue is data; `suites/test_mutants.py` checks that every `old` still occurs
-exactly once, so the catalogue cannot rot silently while the sources move.
+Missing-upcast mutants are no-ops in float32: only the bf16 case of compare's default inputs can see them. The
+catalogue is data; `suites/test_mutants.py` checks that every `old` still occurs exactly once, so the catalogue
+cannot rot silently while the sources move.
 """
 
 from dataclasses import dataclass
@@ -521,9 +522,8 @@ CLI = (
            why="transcribe gives every prompt the first clip's audio"),
 )
 
-CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE + GEMV
-                                 + GENERATION + CONFIG
-                                 + CHECKPOINT + CLI)
+CATALOGUE: Tuple[Mutant, ...] = (CONFORMER + PROJECTOR + MODEL + LORA + FEATURES + PROCESSOR + AUDIO + FAST_GENERATE
+                                 + GEMV + GENERATION + CONFIG + CHECKPOINT + CLI)
 
 
 def by_name(names: Iterable[str]) -> List[Mutant]:
