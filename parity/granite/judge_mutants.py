@@ -92,10 +92,10 @@ CATALOGUE = (
     _judge("diff_bound_from_the_new_floor", "report_diff.py",
            'bound = _bound(old_abs, _float(o["noise_floor"]),', 'bound = _bound(old_abs, _float(n.get("noise_floor")),',
            "`diff`: the bound taken from the new report's floor, which a regression can itself inflate"),
-    _judge("masked_elements_compared_as_zeros", "diff.py",
-           "finite = torch.isfinite(a) & torch.isfinite(b) & in_mask", "finite = torch.isfinite(a) & torch.isfinite(b)",
-           "masked positions compared as the zeros they were replaced by: a fully masked probe passes instead of "
-           "'empty', and every masked element counts as a match"),
+    _judge("masked_elements_compared", "diff.py",
+           "        finite &= in_mask\n", "",
+           "masked positions compared like any other: a fully masked probe passes instead of 'empty', and padding "
+           "that matches counts as a match"),
 )
 
 
