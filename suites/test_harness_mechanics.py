@@ -453,6 +453,32 @@ def test_metrics_match_their_definitions_over_masked_and_nonfinite_elements(seed
     assert empty.status == Status.EMPTY and "all 210 elements masked out" in empty.detail
 
 
+@pytest.mark.parametrize("tol", [FP32, Tolerance(atol=0.0, rtol=0.0), Tolerance(1e-2, 1e-2, ulps=1.0),
+                                 Tolerance(1e-4, 1e-3, max_outside_fraction=0.1)], ids=["fp32", "zero", "ulp", "frac"])
+def test_the_whole_tensor_path_equals_the_element_wise_one(tol):
+    """`compare` skips the element-wise exclusions where nothing is masked or non-finite (two finite sums say so);
+    the same tensors with a masked-out row appended (NaN and a large error in it) take the element-wise path: every
+    metric but the masked count, and the verdict, must be the same. Sums that overflow though every element is
+    finite take the element-wise path and still count no NaN/Inf."""
+    g = torch.Generator().manual_seed(7)
+    hf = torch.randn(4, 9, 16, generator=g).bfloat16()
+    hf[0, 0, :4] = 0.0  # zeros in the reference: relative error skips them
+    fms = (hf.double() + 3e-3 * torch.randn(4, 9, 16, generator=g, dtype=torch.float64)).bfloat16()
+    junk = torch.randn(1, 9, 16, generator=g).bfloat16()
+    junk[0, 0, 0] = math.nan
+    whole = compare(hf, fms, tol).to_dict()
+    padded = compare(torch.cat([hf, junk]), torch.cat([fms, junk + 1]), tol,
+                     valid=torch.tensor([True] * 4 + [False])).to_dict()
+    assert (whole["metrics"].pop("masked_out"), padded["metrics"].pop("masked_out")) == (0, 9 * 16)
+    for side in ("hf_shape", "fms_shape"):
+        assert (whole.pop(side), padded.pop(side)) == ([4, 9, 16], [5, 9, 16])
+    assert whole == padded and whole["metrics"]["numel"] == hf.numel()
+    huge = torch.full((8,), 1e308, dtype=torch.float64)
+    overflowing = compare(huge, huge.clone(), FP32)
+    assert overflowing.status == Status.PASS and overflowing.metrics.numel == 8
+    assert (overflowing.metrics.nonfinite_hf, overflowing.metrics.nonfinite_fms) == (0, 0)
+
+
 @pytest.mark.parametrize("scale", [1e-4, 1e-3, 3e-3, 1e-2])
 def test_error_to_tolerance_ratio_agrees_with_the_verdict(scale):
     g = torch.Generator().manual_seed(11)
