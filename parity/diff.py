@@ -554,16 +554,14 @@ def diff_captures(
     `floors` with the float64 table (the formula check). The verdict itself is `parity.verdict`'s."""
     masks = dict(masks or {})
     probes = tuple(probes if probes is not None else pair.probes)
-    teacher_mode = pair.mode == "teacher_forced"
     work = Workspace.for_run(device)
     results = []
     for index, probe in enumerate(probes):
         key = value_key(probe.name)
         hf_tensor = pair.hf.get(key)
-        if dtype is not None:
-            run_dtype = dtype_name(dtype)
-        else:  # the reference's own dtype sizes the tolerance
-            run_dtype = _dtype_str(hf_tensor) if hf_tensor is not None else "float32"
+        # the run's dtype, else the reference's own, sizes the tolerance
+        run_dtype = dtype_name(dtype) if dtype is not None else (
+            _dtype_str(hf_tensor) if hf_tensor is not None else "float32")
         if tolerances is not None and probe.tolerance_class in tolerances:
             tol = tolerances[probe.tolerance_class]
         else:
@@ -574,38 +572,16 @@ def diff_captures(
                 raise ValueError(f"probe {probe.name} needs validity mask {probe.valid!r}; given {sorted(masks)}")
             valid = masks[probe.valid]
         propagated = _compare_keys(pair.hf, pair.fms, key, key, probe, tol, run_dtype, valid, work=work)
-        if not teacher_mode:
-            teacher = Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
-        elif not probe.teacher:
-            teacher = Comparison(Status.NOT_APPLICABLE, probe.note or "probe declares no teacher inputs")
-        elif pair.fms.error_kind(key) == "unresolved":
-            teacher = Comparison(Status.MISSING, "FMS module path did not resolve")
-        else:
-            teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype,
-                                    valid, work=work)
-            note = pair.fms.note(teacher_output_key(probe.name))
-            if note:
-                teacher.detail = f"{teacher.detail}; {note}" if teacher.detail else note
+        teacher = _teacher_comparison(pair, probe, tol, run_dtype, valid, work)
         floor = floor_ratio = own_ratio = None
         if floors is not None and probe.tolerance_class != "exact" and propagated.metrics is not None:
-            # the rounding-only reference against the reference: both through the HF adapter
-            spread = _compare_keys(pair.hf, floors, key, key, probe, tol, run_dtype, valid,
-                                   fms_adapter=probe.hf_adapter, work=work)
-            if spread.metrics is not None and spread.metrics.numel:
-                floor = spread.metrics.max_abs
-                effective = _effective_floor(floor, propagated.metrics.ref_absmax, run_dtype)
-                floor_ratio = propagated.metrics.max_abs / effective if effective > 0 else math.inf
-                if teacher.metrics is not None and teacher.metrics.numel:
-                    own_ratio = teacher.metrics.max_abs / effective if effective > 0 else math.inf
-                if run_dtype in FLOOR_GATED_DTYPES:
-                    _gate_by_row_floors(pair, floors, probe, (propagated, teacher), tol, run_dtype, floor_gate,
-                                        valid, work)
+            floor, floor_ratio, own_ratio = _floor_ratios(pair, floors, probe, (propagated, teacher), tol, run_dtype,
+                                                          floor_gate, valid, work)
         float64 = None
         if floors is not None and candidate64 is not None and probe.name in candidate64.resolved:
             float64 = _compare_keys(floors, candidate64, key, key, probe,
                                     tolerance_for("float64", device, probe.tolerance_class), "float64", valid,
                                     work=work)
-        missing = list((upcasts or {}).get(probe.name, ()))
         hf_order, fms_order = pair.hf.order(key), pair.fms.order(key)
         results.append(ProbeResult(
             index=index, name=probe.name,
@@ -616,7 +592,7 @@ def diff_captures(
             calls_hf=pair.hf.calls(key), calls_fms=pair.fms.calls(key),
             propagated=propagated, teacher=teacher, attribution=_attribution(propagated, teacher), note=probe.note,
             noise_floor=floor, floor_ratio=floor_ratio, own_floor_ratio=own_ratio, valid=probe.valid,
-            float64=float64, missing_upcast=missing,
+            float64=float64, missing_upcast=list((upcasts or {}).get(probe.name, ())),
         ))
         rules = probe_rules(results[-1].to_dict(), Policy(floor_factor=floor_factor))
         results[-1].suspect = "gate" not in rules and any(rule in SHARP_RULES for rule in rules)
@@ -625,6 +601,45 @@ def diff_captures(
                         pair.plan.to_dict(), first_suspect=next((r.name for r in _execution_sorted(results)
                                                                  if r.suspect), None),
                         lenient=lenient, floor_factor=factor)
+
+
+def _teacher_comparison(pair, probe: Probe, tol: Tolerance, run_dtype: str, valid, work: Workspace) -> Comparison:
+    """The probe's own error: HF against FMS's module re-run on HF's inputs (teacher-forced runs only)."""
+    key = value_key(probe.name)
+    if pair.mode != "teacher_forced":
+        return Comparison(Status.NOT_RUN, "propagated run (no teacher forcing)")
+    if not probe.teacher:
+        return Comparison(Status.NOT_APPLICABLE, probe.note or "probe declares no teacher inputs")
+    if pair.fms.error_kind(key) == "unresolved":
+        return Comparison(Status.MISSING, "FMS module path did not resolve")
+    teacher = _compare_keys(pair.hf, pair.fms, key, teacher_output_key(probe.name), probe, tol, run_dtype, valid,
+                            work=work)
+    note = pair.fms.note(teacher_output_key(probe.name))
+    if note:
+        teacher.detail = f"{teacher.detail}; {note}" if teacher.detail else note
+    return teacher
+
+
+def _floor_ratios(pair, floors, probe: Probe, comparisons, tol: Tolerance, run_dtype: str, floor_gate: float, valid,
+                  work: Workspace) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """(noise floor, propagated error / floor, own error / floor) of one probe against `floors`, the captures of a
+    run differing only in rounding; in 16 bits the row floor gate is applied to both comparisons on the way."""
+    key = value_key(probe.name)
+    propagated, teacher = comparisons
+    # the rounding-only reference against the reference: both through the HF adapter
+    spread = _compare_keys(pair.hf, floors, key, key, probe, tol, run_dtype, valid, fms_adapter=probe.hf_adapter,
+                           work=work)
+    if spread.metrics is None or not spread.metrics.numel:
+        return None, None, None
+    floor = spread.metrics.max_abs
+    effective = _effective_floor(floor, propagated.metrics.ref_absmax, run_dtype)
+    floor_ratio = propagated.metrics.max_abs / effective if effective > 0 else math.inf
+    own_ratio = None
+    if teacher.metrics is not None and teacher.metrics.numel:
+        own_ratio = teacher.metrics.max_abs / effective if effective > 0 else math.inf
+    if run_dtype in FLOOR_GATED_DTYPES:
+        _gate_by_row_floors(pair, floors, probe, comparisons, tol, run_dtype, floor_gate, valid, work)
+    return floor, floor_ratio, own_ratio
 
 
 def _gate_by_row_floors(pair, floors, probe: Probe, comparisons, tol: Tolerance, run_dtype: str, factor: float,
