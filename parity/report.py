@@ -747,7 +747,40 @@ def _plot(probes: Sequence[Mapping], summary: Mapping, teacher_mode: bool, *,
         if values and max(values) > 0:
             top = y(max(values))
             envelope.append(f"M{round(_LEFT + plot_w * start / n, 2)},{top} H{round(_LEFT + plot_w * stop / n, 2)}")
-    # x ticks at every group start; labels where they fit: component starts first, then layers in between
+    ticks, labels = _x_axis(probes, groups, plot_w, n)
+    bands = _component_bands(probes, plot_w, n)
+    markers = []
+    by_name = {p["name"]: i for i, p in enumerate(probes)}
+    for key, shape, label in (("first_divergence", "tri", "first divergence"), ("first_own_error", "diamond",
+                              "first own error"), ("first_suspect", "square", "first suspect")):
+        brief = summary.get(key)
+        if brief and brief["name"] in by_name:
+            i = by_name[brief["name"]]
+            markers.append({"x": x(i), "y": y(ratios[i]), "shape": shape, "label": label,
+                            "tip": f"{label}: #{brief['index']} {brief['name']} ({_pct(brief['tol_ratio'])})"})
+    grid_label = grid_label or (lambda d: f"{100 * 10.0 ** d:g}%" if d >= -4 else f"1e{d + 2}%")
+    step = max(1, math.ceil((hi - lo) / 8))  # decades multiple of `step`, so the tolerance line (1e0) is one
+    grid = [{"y": y(10.0 ** d), "label": grid_label(d)} for d in range(lo, hi + 1) if d % step == 0]
+    legend = [(names["pass"], "circle-pass"), (names["fail"], "circle-fail"), (names["layer max"], "envelope"),
+              (names["tolerance"], "tolerance")]
+    if teacher_points:
+        legend.append(("teacher-forced", "teacher"))
+    if floor_path:
+        legend.append(("noise floor", "floor"))
+    legend += [(m["label"], m["shape"]) for m in markers]
+    entries = _legend(legend, lane + 70)
+    return {
+        "w": _PLOT_W, "h": round(entries[-1]["y"] + 12), "left": _LEFT, "right": _PLOT_W - _RIGHT, "top": _TOP, "bottom": _TOP + plot_h,
+        "plot_w": plot_w, "plot_h": plot_h, "lane": lane, "one": y(1.0), "grid": grid, "points": points,
+        "teacher": teacher_points, "floor_path": floor_path, "envelope": " ".join(envelope), "ticks": ticks,
+        "labels": labels, "bands": bands, "markers": markers, "r": 3.4 if n <= 80 else 2.4,
+        "legend": entries, "y_title": y_title,
+    }
+
+
+def _x_axis(probes: Sequence[Mapping], groups, plot_w: float, n: int) -> Tuple[List[dict], List[dict]]:
+    """The x axis of the plot: a tick at every layer group's start, and the labels that fit (component names first,
+    the big components before the small; then layers at a round stride per component, so they do not collide)."""
     ticks, candidates = [], []
     for k, (key, start, stop) in enumerate(groups):
         gx = round(_LEFT + plot_w * start / n, 2)
@@ -784,39 +817,18 @@ def _plot(probes: Sequence[Mapping], summary: Mapping, teacher_mode: bool, *,
             if all(c["x"] + _CHAR * len(c["text"]) + 8 <= o["x"] or o["x"] + _CHAR * len(o["text"]) + 8 <= c["x"]
                    for o in labels):
                 labels.append(c)
+    return ticks, labels
+
+
+def _component_bands(probes: Sequence[Mapping], plot_w: float, n: int) -> List[dict]:
+    """The shaded band behind each component's probes, with its name where it fits."""
     bands = []
     for k, key in enumerate(dict.fromkeys(_component(p["name"]) for p in probes)):
         idx = [i for i, p in enumerate(probes) if _component(p["name"]) == key]
         x0, x1 = _LEFT + plot_w * idx[0] / n, _LEFT + plot_w * (idx[-1] + 1) / n
         bands.append({"x": round(x0, 2), "w": round(x1 - x0, 2), "label": key if x1 - x0 >= 9 * len(key) else "",
                       "cx": round((x0 + x1) / 2, 2), "shade": k % 2 == 0})
-    markers = []
-    by_name = {p["name"]: i for i, p in enumerate(probes)}
-    for key, shape, label in (("first_divergence", "tri", "first divergence"), ("first_own_error", "diamond",
-                              "first own error"), ("first_suspect", "square", "first suspect")):
-        brief = summary.get(key)
-        if brief and brief["name"] in by_name:
-            i = by_name[brief["name"]]
-            markers.append({"x": x(i), "y": y(ratios[i]), "shape": shape, "label": label,
-                            "tip": f"{label}: #{brief['index']} {brief['name']} ({_pct(brief['tol_ratio'])})"})
-    grid_label = grid_label or (lambda d: f"{100 * 10.0 ** d:g}%" if d >= -4 else f"1e{d + 2}%")
-    step = max(1, math.ceil((hi - lo) / 8))  # decades multiple of `step`, so the tolerance line (1e0) is one
-    grid = [{"y": y(10.0 ** d), "label": grid_label(d)} for d in range(lo, hi + 1) if d % step == 0]
-    legend = [(names["pass"], "circle-pass"), (names["fail"], "circle-fail"), (names["layer max"], "envelope"),
-              (names["tolerance"], "tolerance")]
-    if teacher_points:
-        legend.append(("teacher-forced", "teacher"))
-    if floor_path:
-        legend.append(("noise floor", "floor"))
-    legend += [(m["label"], m["shape"]) for m in markers]
-    entries = _legend(legend, lane + 70)
-    return {
-        "w": _PLOT_W, "h": round(entries[-1]["y"] + 12), "left": _LEFT, "right": _PLOT_W - _RIGHT, "top": _TOP, "bottom": _TOP + plot_h,
-        "plot_w": plot_w, "plot_h": plot_h, "lane": lane, "one": y(1.0), "grid": grid, "points": points,
-        "teacher": teacher_points, "floor_path": floor_path, "envelope": " ".join(envelope), "ticks": ticks,
-        "labels": labels, "bands": bands, "markers": markers, "r": 3.4 if n <= 80 else 2.4,
-        "legend": entries, "y_title": y_title,
-    }
+    return bands
 
 
 def _probe_view(probe: Mapping, anchor: str) -> dict:
