@@ -137,28 +137,14 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     regime = None if member == CTC5 else regime_of(models.checkpoint, case.lora_mode)
     lora = {} if regime is None else {"lora_mode": case.lora_mode, "lora_regime": regime["regime"],
                                       "hf_adapter": has_audio and regime["adapter_files"]}
+    if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
+        return _model_section_from_reference(case, models, hf_inputs, fms_inputs, probes, masks, lora, mode=mode,
+                                             overrides=overrides, store=store, title=title)
 
     def hf_forward(model):
         set_adapter(model, has_audio)  # HF's forward never toggles the adapter; its generate does, with audio
         return model(**hf_inputs, **forward_kwargs)
 
-    if store.reading:  # HF captures recorded elsewhere: the HF model is never loaded here
-        reference = store.get(title, hf_inputs)  # checked against this run's inputs before anything loads
-        pair = capture_against(probes, reference, ModelRun(models.fms_model(case.lora_mode),
-                                                                  lambda m: m(**fms_inputs), gather=tp_gather()), mode=mode,
-                               on_raise="record")
-        floor_captures = store.get(f"{title} #floors", hf_inputs, optional=True)
-        extra = {**lora, "reference": str(store.path),
-                 "floors": "read with the reference" if floor_captures is not None else "not in the reference"}
-        note_not_run(extra, "noise floors", extra["floors"], None if floor_captures is not None else "reference")
-        candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes, floor_captures,
-                                                            "reference", store.made_from(f"{title} #floors"))
-        note_not_run(extra, "float64 formula check", extra["float64"], cause)
-        if models.dtype in LOW_PRECISION:
-            note_not_run(extra, "upcast audit", "needs the HF model here (--reference-captures)", "reference")
-        result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
-                               masks=masks, floors=floor_captures, candidate64=candidate64)
-        return result, extra
     if phases == "two":  # one model in memory at a time: factories, HF captures on disk in between
         hf = lambda: load_hf_family_model(models.checkpoint, models.dtype, str(models.device))  # noqa: E731
         fms = lambda: load_fms_family_model(models.checkpoint, models.dtype, models.device,  # noqa: E731
@@ -166,8 +152,7 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     else:
         hf, fms = models.reference(), models.fms_model(case.lora_mode)
     pair = capture_pair(probes, ModelRun(hf, hf_forward), ModelRun(fms, lambda m: m(**fms_inputs), gather=tp_gather()),
-                        mode=mode,
-                        phases=phases, hf_aliases=HF_LAYOUT_ALIASES, on_raise="record")
+                        mode=mode, phases=phases, hf_aliases=HF_LAYOUT_ALIASES, on_raise="record")
     extra = {**lora, "phases": pair.plan.reason}
     floor_captures = None
     if phases == "two":
@@ -202,6 +187,27 @@ def _model_section(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict
     store.put(title, pair.hf, hf_inputs)
     result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides, masks=masks,
                            floors=floor_captures, candidate64=candidate64, upcasts=upcasts)
+    return result, extra
+
+
+def _model_section_from_reference(case: Case, models: Models, hf_inputs: dict, fms_inputs: dict, probes, masks,
+                                  lora: dict, *, mode: str, overrides, store: "ReferenceStore",
+                                  title: str) -> Tuple[ParityResult, dict]:
+    """The model section against HF captures another run saved (`--reference-captures`): FMS alone runs here."""
+    reference = store.get(title, hf_inputs)  # checked against this run's inputs before anything loads
+    fms = ModelRun(models.fms_model(case.lora_mode), lambda m: m(**fms_inputs), gather=tp_gather())
+    pair = capture_against(probes, reference, fms, mode=mode, on_raise="record")
+    floor_captures = store.get(f"{title} #floors", hf_inputs, optional=True)
+    extra = {**lora, "reference": str(store.path),
+             "floors": "read with the reference" if floor_captures is not None else "not in the reference"}
+    note_not_run(extra, "noise floors", extra["floors"], None if floor_captures is not None else "reference")
+    candidate64, extra["float64"], cause = _candidate64(case, models, fms_inputs, probes, floor_captures,
+                                                        "reference", store.made_from(f"{title} #floors"))
+    note_not_run(extra, "float64 formula check", extra["float64"], cause)
+    if models.dtype in LOW_PRECISION:
+        note_not_run(extra, "upcast audit", "needs the HF model here (--reference-captures)", "reference")
+    result = diff_captures(pair, dtype=models.dtype, device=models.device, overrides=overrides,
+                           masks=masks, floors=floor_captures, candidate64=candidate64)
     return result, extra
 
 
