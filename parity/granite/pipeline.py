@@ -414,6 +414,19 @@ def _models_used(cases: Sequence[Case], dtype: torch.dtype, transcribed: Optiona
     return fms, hf
 
 
+def _check_options(feed: str, floors: str, fast_encoder: str, fast_gemv: str, device: torch.device) -> None:
+    """A ValueError naming the option and its choices, before anything loads."""
+    from granite_speech.fast_generate import ENCODERS, GEMVS, splitk_refusal
+
+    for name, value, choices in (("feed", feed, FEEDS), ("floors", floors, FLOORS),
+                                 ("fast_encoder", fast_encoder, ENCODERS), ("fast_gemv", fast_gemv, GEMVS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    refusal = splitk_refusal(device) if fast_gemv == "splitk" else None
+    if refusal:
+        raise ValueError(f"fast_gemv='splitk': {refusal}")
+
+
 def run_pipeline(
     checkpoint: Union[str, Path],
     *,
@@ -440,19 +453,7 @@ def run_pipeline(
     instead of running HF here (another process, another machine): only the HF processor is used locally.
     `fast_encoder`, `fast_gemv`: the fast path's audio encoder and weight products (`StaticGenerator(encoder=,
     gemv=)`) in its generation section."""
-    from granite_speech.fast_generate import ENCODERS, GEMVS, splitk_refusal
-
-    if feed not in FEEDS:
-        raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
-    if floors not in FLOORS:
-        raise ValueError(f"floors must be one of {FLOORS}, got {floors!r}")
-    if fast_encoder not in ENCODERS:
-        raise ValueError(f"fast_encoder must be one of {ENCODERS}, got {fast_encoder!r}")
-    if fast_gemv not in GEMVS:
-        raise ValueError(f"fast_gemv must be one of {GEMVS}, got {fast_gemv!r}")
-    refusal = splitk_refusal(torch.device(device)) if fast_gemv == "splitk" else None
-    if refusal:
-        raise ValueError(f"fast_gemv='splitk': {refusal}")
+    _check_options(feed, floors, fast_encoder, fast_gemv, torch.device(device))
     own_models = models is None  # then models no later case uses are freed as the cases go
     models = models or Models(Path(checkpoint), dtype, torch.device(device))
     models.fast_encoder, models.fast_gemv = fast_encoder, fast_gemv
