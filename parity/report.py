@@ -770,7 +770,8 @@ def _plot(probes: Sequence[Mapping], summary: Mapping, teacher_mode: bool, *,
     legend += [(m["label"], m["shape"]) for m in markers]
     entries = _legend(legend, lane + 70)
     return {
-        "w": _PLOT_W, "h": round(entries[-1]["y"] + 12), "left": _LEFT, "right": _PLOT_W - _RIGHT, "top": _TOP, "bottom": _TOP + plot_h,
+        "w": _PLOT_W, "h": round(entries[-1]["y"] + 12), "left": _LEFT, "right": _PLOT_W - _RIGHT, "top": _TOP,
+        "bottom": _TOP + plot_h,
         "plot_w": plot_w, "plot_h": plot_h, "lane": lane, "one": y(1.0), "grid": grid, "points": points,
         "teacher": teacher_points, "floor_path": floor_path, "envelope": " ".join(envelope), "ticks": ticks,
         "labels": labels, "bands": bands, "markers": markers, "r": 3.4 if n <= 80 else 2.4,
