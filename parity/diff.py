@@ -331,9 +331,9 @@ def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: O
 
 def _compared_elements(a: torch.Tensor, b: torch.Tensor, in_mask: Optional[torch.Tensor]):
     """(the elements compared: a bool mask, or None for every one; (masked out, HF non-finite, FMS non-finite,
-    compared) counts; whether the non-finite patterns differ). A CUDA run judges ~7,300 tensors and each host sync
-    costs more than its arithmetic: the usual case (no mask, all finite) takes one sync, as two sums are finite only
-    when every element is (a sum that overflows takes the element-wise path)."""
+    compared) counts; whether the non-finite patterns differ), in one host sync (a CUDA run judges ~7,300 tensors:
+    each sync costs more than its arithmetic). The usual case (no mask, all finite) reads back two sums only: they
+    are finite only when every element is (a sum that overflows takes the element-wise path)."""
     if in_mask is None and all(math.isfinite(v) for v in torch.stack([a.sum(), b.sum()]).tolist()):
         return None, (0, 0, 0, a.numel()), False
     finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
