@@ -18,7 +18,9 @@ from bench_models import DEVICE, synchronize
 from parity.diff import Status, Workspace, compare
 from parity.tolerances import tolerance_for
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(
+    DEVICE.type == "cuda" and not torch.cuda.is_available(),
+    reason="benchmarks need a CUDA device (GRANITE_SPEECH_BENCH_DEVICE=cpu times the host's judge)")]
 
 SIZES = {"tiny-probe": (1, 37, 64), "2b-hidden-state": (1, 330, 2048)}
 ROUNDS = 30
