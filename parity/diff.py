@@ -329,7 +329,8 @@ def compare(hf: torch.Tensor, fms: torch.Tensor, tol: Tolerance, *, ulp_dtype: O
     return Comparison(status, "; ".join(details), metrics, **shapes)
 
 
-def _compared_elements(a: torch.Tensor, b: torch.Tensor, in_mask: Optional[torch.Tensor]):
+def _compared_elements(a: torch.Tensor, b: torch.Tensor, in_mask: Optional[torch.Tensor]
+                       ) -> Tuple[Optional[torch.Tensor], Tuple[int, int, int, int], bool]:
     """(the elements compared: a bool mask, or None for every one; (masked out, HF non-finite, FMS non-finite,
     compared) counts; whether the non-finite patterns differ), in one host sync (a CUDA run judges ~7,300 tensors:
     each sync costs more than its arithmetic). The usual case (no mask, all finite) reads back two sums only: they
