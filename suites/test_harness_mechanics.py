@@ -505,6 +505,23 @@ def test_min_passing_atol_is_exact(fraction):
             torch.testing.assert_close(fms.double(), hf.double(), atol=need * 0.999, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype, bits, width", [(torch.float64, torch.int64, 64), (torch.float32, torch.int32, 32),
+                                                (torch.float16, torch.int16, 16), (torch.bfloat16, torch.int16, 16)])
+def test_ulp_is_the_gap_to_the_next_representable_value(dtype, bits, width):
+    """`ulp(v, dtype)` (read off float64's exponent bits) against its definition, measured in the dtype itself: the
+    gap from v to the next value up (the bit pattern plus one), over random bit patterns of every positive finite
+    magnitude, subnormals and zero included."""
+    g = torch.Generator().manual_seed(width)
+    patterns = torch.randint(0, 2 ** (width - 1) - 1, (20000,), generator=g, dtype=torch.int64)
+    patterns = torch.cat([patterns, torch.tensor([0, 1])]).to(bits)  # zero and the smallest subnormal
+    values = patterns.view(dtype)
+    values, patterns = values[torch.isfinite(values)], patterns[torch.isfinite(values)]
+    up = (patterns + 1).view(dtype)
+    keep = torch.isfinite(up)  # the largest finite value has no finite neighbour above
+    gap = up[keep].double() - values[keep].double()  # exact: both are float64 values this close
+    assert torch.equal(ulp(values[keep].double(), dtype), gap)
+
+
 def test_ulp_term_accepts_adjacent_bfloat16_values():
     assert ulp(torch.tensor(16.0), torch.bfloat16).item() == 0.125
     assert ulp(torch.tensor(31.9), "bf16").item() / 2 == 0.0625  # half an ulp at |v| in [16, 32)
