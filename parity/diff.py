@@ -339,12 +339,12 @@ def _compared_elements(a: torch.Tensor, b: torch.Tensor, in_mask: Optional[torch
         return None, (0, 0, 0, a.numel()), False
     finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
     finite = finite_a & finite_b
+    outside = finite.new_zeros(()) if in_mask is None else ~in_mask
     if in_mask is not None:
         finite &= in_mask
-        finite_a, finite_b = finite_a | ~in_mask, finite_b | ~in_mask  # outside the mask counts as nothing
+        finite_a, finite_b = finite_a | outside, finite_b | outside  # outside the mask counts as nothing
     counts = tuple(int(v) for v in torch.stack([
-        (~in_mask).sum() if in_mask is not None else finite.new_zeros((), dtype=torch.int64),
-        (~finite_b).sum(), (~finite_a).sum(), finite.sum()]).tolist())
+        outside.sum(), (~finite_b).sum(), (~finite_a).sum(), finite.sum()]).tolist())
     patterns_differ = False
     if counts[1] or counts[2]:  # patterns can differ only where something is non-finite
         differ = _nonfinite_patterns_differ(a, b)
@@ -359,7 +359,7 @@ def _nonfinite_patterns_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    return values.max() if k == 1 else torch.topk(values, k).values[-1]  # k = 1 by default: max is ~15x faster
+    return values.max() if k == 1 else torch.topk(values, k).values[-1]  # k = 1 by default: max is ~10x faster
 
 
 def _metrics(a, b, finite: Optional[torch.Tensor], n: int, tol: Tolerance, ulp_dtype: str, shape) -> Metrics:
